@@ -1,0 +1,25 @@
+"""Use cases and the ports they depend on."""
+
+from qna.application.ports import LLM, Completion, PageKey, QnARepository, UnitOfWork
+from qna.application.use_cases import (
+    AskQuestion,
+    GetQnA,
+    InvalidArgument,
+    InvalidCursor,
+    ListQnA,
+    Page,
+)
+
+__all__ = [
+    "LLM",
+    "AskQuestion",
+    "Completion",
+    "GetQnA",
+    "InvalidArgument",
+    "InvalidCursor",
+    "ListQnA",
+    "Page",
+    "PageKey",
+    "QnARepository",
+    "UnitOfWork",
+]

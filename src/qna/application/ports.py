@@ -1,0 +1,92 @@
+"""What the use cases need from the outside world, named for the need, not the vendor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol, Self
+from uuid import UUID
+
+from qna.domain.model import QnA
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer from an LLM."""
+
+    text: str
+    model: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class LLM(Protocol):
+    """An LLM that answers a question with one completion.
+
+    Callers depend on `complete` only; a streaming variant would be a second method
+    (yielding text pieces, then a `Completion`) on adapters that can stream, so
+    nothing that calls `complete` changes when it arrives.
+    """
+
+    @property
+    def model(self) -> str:
+        """The model asked for, recorded on a question before it is answered."""
+        ...
+
+    def complete(self, question: str) -> Completion:
+        """Answer, or raise a subclass of `qna.domain.LLMError`."""
+        ...
+
+
+@dataclass(frozen=True)
+class PageKey:
+    """Where a page of history starts: strictly older than this (created_at, id)."""
+
+    created_at: datetime
+    id: UUID
+
+
+class QnARepository(Protocol):
+    def add(self, qna: QnA) -> None: ...
+
+    def save(self, qna: QnA) -> None:
+        """Write back the changes made to a record got from `get` or `add`."""
+        ...
+
+    def get(self, qna_id: UUID) -> QnA | None: ...
+
+    def list(self, *, limit: int, before: PageKey | None = None) -> Sequence[QnA]:
+        """Newest first, by (created_at, id)."""
+        ...
+
+    def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
+        """The newest answered record of this normalised question and model, not older
+        than `since`, that was itself answered by the LLM."""
+        ...
+
+    def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]: ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction. Leaving the block without `commit()` rolls everything back."""
+
+    qnas: QnARepository
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    def __call__(self) -> UnitOfWork: ...

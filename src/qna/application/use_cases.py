@@ -1,0 +1,174 @@
+"""The things a person can do with qna: ask, read one record, read the history."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+from qna.application.ports import LLM, PageKey, QnARepository, UnitOfWorkFactory
+from qna.domain.errors import LLMError, NotFound, QnAError
+from qna.domain.model import DEFAULT_MAX_QUESTION_LENGTH, QnA, normalise_for_cache, parse_question
+
+Clock = Callable[[], datetime]
+Timer = Callable[[], float]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class InvalidArgument(QnAError):
+    """A request parameter other than the question is out of range or malformed."""
+
+    code = "invalid_argument"
+
+
+class InvalidCursor(InvalidArgument):
+    code = "invalid_cursor"
+
+
+class AskQuestion:
+    """Record the question, ask the LLM, record the outcome.
+
+    No database connection is held while the LLM thinks: the question is committed in
+    one short transaction, the LLM is called with no transaction open, and the outcome
+    is committed in a second one. A failed call is recorded as failed, then raised.
+    """
+
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        llm: LLM,
+        *,
+        max_question_length: int = DEFAULT_MAX_QUESTION_LENGTH,
+        cache_ttl: timedelta | None = None,
+        clock: Clock = utc_now,
+        timer: Timer = time.perf_counter,
+    ) -> None:
+        self._uow = uow
+        self._llm = llm
+        self._max_question_length = max_question_length
+        self._cache_ttl = cache_ttl
+        self._clock = clock
+        self._timer = timer
+
+    def __call__(self, question: str, *, fresh: bool = False) -> QnA:
+        text = parse_question(question, max_length=self._max_question_length)
+        qna = QnA.ask(text, model=self._llm.model, now=self._clock())
+
+        with self._uow() as uow:
+            source = None if fresh else self._cached_source(uow.qnas, qna)
+            if source is not None:
+                qna.record_cached(source, now=self._clock())
+            uow.qnas.add(qna)
+            uow.commit()
+        if source is not None:
+            return qna
+
+        started = self._timer()
+        try:
+            completion = self._llm.complete(text)
+        except LLMError as error:
+            qna.record_failure(error, latency_ms=self._elapsed_ms(started), now=self._clock())
+            self._save(qna)
+            error.qna_id = qna.id
+            raise
+        qna.record_answer(
+            answer=completion.text,
+            model=completion.model,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            latency_ms=self._elapsed_ms(started),
+            now=self._clock(),
+        )
+        self._save(qna)
+        return qna
+
+    def _cached_source(self, repository: QnARepository, qna: QnA) -> QnA | None:
+        if self._cache_ttl is None:
+            return None
+        return repository.find_answered(
+            normalised=normalise_for_cache(qna.question),
+            model=qna.model,
+            since=qna.created_at - self._cache_ttl,
+        )
+
+    def _save(self, qna: QnA) -> None:
+        with self._uow() as uow:
+            uow.qnas.save(qna)
+            uow.commit()
+
+    def _elapsed_ms(self, started: float) -> int:
+        return round((self._timer() - started) * 1000)
+
+
+class GetQnA:
+    def __init__(self, uow: UnitOfWorkFactory) -> None:
+        self._uow = uow
+
+    def __call__(self, qna_id: UUID | str) -> QnA:
+        key = _parse_id(qna_id)
+        with self._uow() as uow:
+            qna = uow.qnas.get(key) if key is not None else None
+        if qna is None:
+            raise NotFound(f"No question with id {qna_id}.")
+        return qna
+
+
+@dataclass(frozen=True)
+class Page:
+    items: Sequence[QnA]
+    #: Pass back as `cursor` to get the next (older) page; None on the last page.
+    next_cursor: str | None
+
+
+class ListQnA:
+    """The history, newest first, a page at a time (keyset pagination)."""
+
+    MAX_LIMIT = 100
+
+    def __init__(self, uow: UnitOfWorkFactory) -> None:
+        self._uow = uow
+
+    def __call__(self, *, limit: int = 20, cursor: str | None = None) -> Page:
+        if not 1 <= limit <= self.MAX_LIMIT:
+            raise InvalidArgument(f"limit must be between 1 and {self.MAX_LIMIT}.")
+        before = decode_cursor(cursor) if cursor else None
+        with self._uow() as uow:
+            # One extra row tells whether another page follows without a COUNT.
+            rows = list(uow.qnas.list(limit=limit + 1, before=before))
+        items = rows[:limit]
+        has_more = len(rows) > limit
+        return Page(items=items, next_cursor=encode_cursor(items[-1]) if has_more else None)
+
+
+def encode_cursor(qna: QnA) -> str:
+    raw = json.dumps([qna.created_at.isoformat(), str(qna.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> PageKey:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, qna_id = json.loads(raw)
+        key = PageKey(created_at=datetime.fromisoformat(created_at), id=UUID(qna_id))
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise InvalidCursor("The cursor is not one this service gave out.") from exc
+    if key.created_at.tzinfo is None:
+        raise InvalidCursor("The cursor is not one this service gave out.")
+    return key
+
+
+def _parse_id(qna_id: UUID | str) -> UUID | None:
+    if isinstance(qna_id, UUID):
+        return qna_id
+    try:
+        return UUID(qna_id)
+    except (ValueError, TypeError, AttributeError):
+        return None

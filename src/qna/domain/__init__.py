@@ -1,0 +1,32 @@
+"""The heart of qna: the QnA record, the rules about questions, and the errors. No I/O."""
+
+from qna.domain.errors import (
+    InvalidQuestion,
+    LLMBadResponse,
+    LLMError,
+    LLMRateLimited,
+    LLMRefused,
+    LLMTimeout,
+    LLMUnavailable,
+    NotFound,
+    QnAError,
+    StorageUnavailable,
+)
+from qna.domain.model import DEFAULT_MAX_QUESTION_LENGTH, QnA, Status, parse_question
+
+__all__ = [
+    "DEFAULT_MAX_QUESTION_LENGTH",
+    "InvalidQuestion",
+    "LLMBadResponse",
+    "LLMError",
+    "LLMRateLimited",
+    "LLMRefused",
+    "LLMTimeout",
+    "LLMUnavailable",
+    "NotFound",
+    "QnA",
+    "QnAError",
+    "Status",
+    "StorageUnavailable",
+    "parse_question",
+]

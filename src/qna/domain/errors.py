@@ -1,0 +1,75 @@
+"""Errors the core raises. Entry points map each class to an HTTP status or an exit code."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+
+class QnAError(Exception):
+    """Base of every error the core raises on purpose."""
+
+    #: A stable, machine-readable name; stored with failed asks and sent to clients.
+    code: str = "qna_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidQuestion(QnAError):
+    code = "invalid_question"
+
+
+class NotFound(QnAError):
+    code = "not_found"
+
+
+class StorageUnavailable(QnAError):
+    """The database could not be reached or refused the work."""
+
+    code = "database_unavailable"
+
+
+class LLMError(QnAError):
+    """The LLM did not produce an answer. Subclasses say why."""
+
+    code = "llm_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: Seconds the provider asked us to wait, when it said so.
+        self.retry_after = retry_after
+        #: The stored (failed) record, once the ask has been recorded.
+        self.qna_id: UUID | None = None
+
+
+class LLMUnavailable(LLMError):
+    """Connection refused or reset, or the provider answered 5xx."""
+
+    code = "llm_unavailable"
+
+
+class LLMTimeout(LLMError):
+    code = "llm_timeout"
+
+
+class LLMRateLimited(LLMError):
+    code = "llm_rate_limited"
+
+
+class LLMRefused(LLMError):
+    """The provider rejected the request itself: bad key, unknown model, bad request."""
+
+    code = "llm_refused"
+
+
+class LLMBadResponse(LLMError):
+    """The provider answered, but not with a usable completion."""
+
+    code = "llm_bad_response"
+
+
+LLM_ERRORS: dict[str, type[LLMError]] = {
+    cls.code: cls
+    for cls in (LLMError, LLMUnavailable, LLMTimeout, LLMRateLimited, LLMRefused, LLMBadResponse)
+}

@@ -1,0 +1,127 @@
+"""The QnA record and the rules about questions. Plain Python, no I/O."""
+
+from __future__ import annotations
+
+import enum
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID, uuid4
+
+from qna.domain.errors import InvalidQuestion, LLMError
+
+DEFAULT_MAX_QUESTION_LENGTH = 4000
+
+# Newline and tab are how people format questions; every other control character
+# (NUL above all) is a sign of a broken or hostile client.
+_ALLOWED_CONTROLS = frozenset("\n\t")
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    ANSWERED = "answered"
+    FAILED = "failed"
+
+
+def parse_question(text: str, *, max_length: int = DEFAULT_MAX_QUESTION_LENGTH) -> str:
+    """Return the question as it is stored, or raise InvalidQuestion saying what is wrong."""
+    if not isinstance(text, str):
+        raise InvalidQuestion("The question must be a string.")
+    question = text.strip()
+    if not question:
+        raise InvalidQuestion("The question is empty.")
+    if len(question) > max_length:
+        raise InvalidQuestion(
+            f"The question is {len(question)} characters long; the limit is {max_length}."
+        )
+    for position, char in enumerate(question):
+        if char in _ALLOWED_CONTROLS:
+            continue
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise InvalidQuestion(
+                f"The question contains a control character (U+{ord(char):04X}) "
+                f"at position {position}."
+            )
+        if category == "Cs":
+            raise InvalidQuestion(f"The question contains a lone surrogate at position {position}.")
+    return question
+
+
+def normalise_for_cache(question: str) -> str:
+    """The form under which two questions count as the same: case and spacing ignored."""
+    return " ".join(question.casefold().split())
+
+
+@dataclass
+class QnA:
+    """One question and what became of it."""
+
+    question: str
+    model: str
+    created_at: datetime
+    id: UUID = field(default_factory=uuid4)
+    status: Status = Status.PENDING
+    answer: str | None = None
+    error_kind: str | None = None
+    error_message: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: int | None = None
+    answered_at: datetime | None = None
+    #: Set when the answer was served from an earlier record instead of the LLM.
+    source_id: UUID | None = None
+
+    @classmethod
+    def ask(cls, question: str, *, model: str, now: datetime) -> QnA:
+        return cls(question=question, model=model, created_at=now)
+
+    def record_answer(
+        self,
+        *,
+        answer: str,
+        model: str,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        latency_ms: int,
+        now: datetime,
+    ) -> None:
+        self._require_pending()
+        self.status = Status.ANSWERED
+        self.answer = answer
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.latency_ms = latency_ms
+        self.answered_at = now
+
+    def record_cached(self, source: QnA, *, now: datetime) -> None:
+        self._require_pending()
+        self.status = Status.ANSWERED
+        self.answer = source.answer
+        self.model = source.model
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.latency_ms = 0
+        self.answered_at = now
+        self.source_id = source.id
+
+    def record_failure(self, error: LLMError, *, latency_ms: int | None, now: datetime) -> None:
+        self._require_pending()
+        self.status = Status.FAILED
+        self.error_kind = error.code
+        self.error_message = error.message
+        self.latency_ms = latency_ms
+        self.answered_at = now
+
+    def abandon(self, *, now: datetime) -> None:
+        """Close a record whose asker died before the LLM answered."""
+        self._require_pending()
+        self.status = Status.FAILED
+        self.error_kind = "abandoned"
+        self.error_message = "The process handling this question stopped before it was answered."
+        self.answered_at = now
+
+    def _require_pending(self) -> None:
+        if self.status is not Status.PENDING:
+            raise ValueError(f"QnA {self.id} is already {self.status.value}")
