@@ -153,15 +153,27 @@ def encode_cursor(qna: QnA) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_MAX_CURSOR_LENGTH = 200
+
+
 def decode_cursor(cursor: str) -> PageKey:
+    refused = InvalidCursor("The cursor is not one this service gave out.")
+    if len(cursor) > _MAX_CURSOR_LENGTH:
+        raise refused
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, qna_id = json.loads(raw)
-        key = PageKey(created_at=datetime.fromisoformat(created_at), id=UUID(qna_id))
+        decoded = json.loads(raw)
+        if not (
+            isinstance(decoded, list)
+            and len(decoded) == 2
+            and all(isinstance(part, str) for part in decoded)
+        ):
+            raise refused
+        key = PageKey(created_at=datetime.fromisoformat(decoded[0]), id=UUID(decoded[1]))
     except (binascii.Error, ValueError, TypeError) as exc:
-        raise InvalidCursor("The cursor is not one this service gave out.") from exc
+        raise refused from exc
     if key.created_at.tzinfo is None:
-        raise InvalidCursor("The cursor is not one this service gave out.")
+        raise refused
     return key
 
 

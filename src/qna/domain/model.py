@@ -27,8 +27,9 @@ def parse_question(text: str, *, max_length: int = DEFAULT_MAX_QUESTION_LENGTH) 
     """Return the question as it is stored, or raise InvalidQuestion saying what is wrong."""
     if not isinstance(text, str):
         raise InvalidQuestion("The question must be a string.")
-    question = text.strip()
-    if not question:
+    # Browsers send textarea line breaks as CRLF; store one convention.
+    question = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not any(_is_visible(char) for char in question):
         raise InvalidQuestion("The question is empty.")
     if len(question) > max_length:
         raise InvalidQuestion(
@@ -48,6 +49,11 @@ def parse_question(text: str, *, max_length: int = DEFAULT_MAX_QUESTION_LENGTH) 
     return question
 
 
+def _is_visible(char: str) -> bool:
+    # Zero-width and other format characters (U+200B, U+FEFF) alone are not a question.
+    return not char.isspace() and unicodedata.category(char) not in {"Cf", "Zs", "Zl", "Zp"}
+
+
 def normalise_for_cache(question: str) -> str:
     """The form under which two questions count as the same: case and spacing ignored."""
     return " ".join(question.casefold().split())
@@ -58,11 +64,14 @@ class QnA:
     """One question and what became of it."""
 
     question: str
+    #: The model asked for; answers are cached per requested model.
     model: str
     created_at: datetime
     id: UUID = field(default_factory=uuid4)
     status: Status = Status.PENDING
     answer: str | None = None
+    #: The model the provider says answered (often a dated snapshot of `model`).
+    response_model: str | None = None
     error_kind: str | None = None
     error_message: str | None = None
     prompt_tokens: int | None = None
@@ -89,7 +98,7 @@ class QnA:
         self._require_pending()
         self.status = Status.ANSWERED
         self.answer = answer
-        self.model = model
+        self.response_model = model
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.latency_ms = latency_ms
@@ -99,7 +108,7 @@ class QnA:
         self._require_pending()
         self.status = Status.ANSWERED
         self.answer = source.answer
-        self.model = source.model
+        self.response_model = source.response_model
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.latency_ms = 0

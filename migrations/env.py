@@ -1,0 +1,50 @@
+"""Alembic environment: runs on the connection the application hands over.
+
+`qna db upgrade` and application start-up call Alembic in code with
+`config.attributes["connection"]` set. Running the `alembic` command directly
+(for `alembic revision --autogenerate` during development) uses DATABASE_URL.
+No `fileConfig()` here: it would replace the application's logging set-up.
+"""
+
+from __future__ import annotations
+
+import os
+
+from alembic import context
+from sqlalchemy import Connection
+
+from qna.adapters.sqlalchemy.database import create_engine
+from qna.adapters.sqlalchemy.orm import metadata
+
+target_metadata = metadata
+
+
+def run_migrations(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        # SQLite cannot ALTER most things; batch mode rebuilds tables instead.
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = context.config.attributes.get("connection")
+    if connection is not None:
+        run_migrations(connection)
+        return
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        raise SystemExit("Set DATABASE_URL to run the alembic command directly.")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        run_migrations(connection)
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("Offline (--sql) migrations are not supported; run them online.")
+run_migrations_online()

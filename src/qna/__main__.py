@@ -1,0 +1,3 @@
+from qna.entrypoints.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Implementations of the application's ports: OpenAI for the LLM, SQLAlchemy for storage."""

@@ -1,0 +1,86 @@
+"""Engines for PostgreSQL and the embedded SQLite default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, sessionmaker
+
+from qna.domain.errors import StorageUnavailable
+
+# Errors that mean "the database is not there right now", as opposed to a bug.
+UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+
+
+def storage_unavailable(exc: BaseException) -> StorageUnavailable:
+    """The domain error for a driver failure, with the driver's first line as the reason."""
+    original = getattr(exc, "orig", None) or exc
+    lines = str(original).strip().splitlines()
+    reason = lines[0] if lines else type(original).__name__
+    return StorageUnavailable(f"The database is unavailable: {reason}")
+
+
+def normalise_url(url: str) -> str:
+    """Accept the URLs people actually write and pin PostgreSQL to psycopg2.
+
+    `postgres://` (Heroku, many PaaS) is not a SQLAlchemy dialect name, and since
+    SQLAlchemy 2.1 a bare `postgresql://` means psycopg 3, which we do not ship.
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed.render_as_string(hide_password=False)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+pysqlite:///{path}"
+
+
+def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> Engine:
+    url = normalise_url(url)
+    backend = make_url(url).get_backend_name()
+    options: dict[str, Any] = {}
+    if backend == "sqlite":
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        options["connect_args"] = {"timeout": connect_timeout, "check_same_thread": False}
+    else:
+        options.update(
+            pool_size=pool_size,
+            max_overflow=pool_size // 2,
+            # A request waits at most this long for a connection before it is told
+            # the database is unavailable, instead of hanging.
+            pool_timeout=connect_timeout,
+            # A PostgreSQL restart kills every pooled connection; pinging on checkout
+            # replaces dead ones so the first request after the restart succeeds.
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={"connect_timeout": max(1, round(connect_timeout))},
+        )
+    engine = sa_create_engine(url, **options)
+    if backend == "sqlite":
+        event.listen(engine, "connect", _configure_sqlite)
+    return engine
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets `qna history` read while `qna serve` writes; the busy timeout makes
+    # concurrent writers queue instead of failing with "database is locked".
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)

@@ -1,0 +1,69 @@
+"""Alembic, configured in code so it uses the application's own engine and URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, text
+
+from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS, storage_unavailable
+
+# An arbitrary constant: the key of the PostgreSQL advisory lock that serialises
+# concurrent upgrades (several workers or CLI processes starting at once).
+_MIGRATION_LOCK_KEY = 0x716E615F6D6967  # "qna_mig"
+
+
+def migrations_dir() -> Path:
+    """The migration scripts: inside the installed wheel, or at the repository top."""
+    package_dir = Path(__file__).resolve().parents[2]
+    shipped = package_dir / "_migrations"
+    if (shipped / "env.py").is_file():
+        return shipped
+    return package_dir.parents[1] / "migrations"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    # set_main_option interpolates '%'; a path could contain one.
+    cfg.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    try:
+        _upgrade(engine, revision)
+    except UNAVAILABLE_ERRORS as exc:
+        raise storage_unavailable(exc) from exc
+
+
+def _upgrade(engine: Engine, revision: str) -> None:
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Held until this transaction ends; a second process waits, then finds
+            # the schema already at head and does nothing.
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+            )
+        command.upgrade(alembic_config(connection), revision)
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def is_at_head(engine: Engine) -> bool:
+    try:
+        return current_revision(engine) == head_revision()
+    except UNAVAILABLE_ERRORS as exc:
+        raise storage_unavailable(exc) from exc

@@ -1,0 +1,80 @@
+"""Every setting qna reads, with its default. Only the container reads these.
+
+Values come from the environment, then from a `.env` file in the working directory.
+The README's settings table is this class, in words; keep them together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "gpt-5-mini"
+
+
+def default_database_path() -> Path:
+    """The embedded SQLite file: ~/.local/share/qna/qna.db on Linux (XDG),
+    ~/Library/Application Support/qna/qna.db on macOS, %LOCALAPPDATA%\\qna on Windows."""
+    return Path(platformdirs.user_data_dir("qna", appauthor=False)) / "qna.db"
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
+    db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("QNA_DB_POOL_SIZE"))
+    db_connect_timeout_s: float = Field(
+        5.0, gt=0, validation_alias=_env("QNA_DB_CONNECT_TIMEOUT_S")
+    )
+
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
+    model: str = Field(DEFAULT_MODEL, min_length=1, validation_alias=_env("QNA_MODEL"))
+    llm_connect_timeout_s: float = Field(
+        5.0, gt=0, validation_alias=_env("QNA_LLM_CONNECT_TIMEOUT_S")
+    )
+    llm_timeout_s: float = Field(60.0, gt=0, validation_alias=_env("QNA_LLM_TIMEOUT_S"))
+    llm_deadline_s: float = Field(120.0, gt=0, validation_alias=_env("QNA_LLM_DEADLINE_S"))
+    llm_max_attempts: int = Field(4, ge=1, le=20, validation_alias=_env("QNA_LLM_MAX_ATTEMPTS"))
+
+    max_question_length: int = Field(
+        4000, ge=1, le=1_000_000, validation_alias=_env("QNA_MAX_QUESTION_LENGTH")
+    )
+    cache_ttl_s: float = Field(0.0, ge=0, validation_alias=_env("QNA_CACHE_TTL"))
+
+    max_body_bytes: int = Field(65536, ge=1024, validation_alias=_env("QNA_MAX_BODY_BYTES"))
+    log_level: str = Field("INFO", validation_alias=_env("QNA_LOG_LEVEL"))
+
+    @field_validator("database_url", "openai_base_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `DATABASE_URL=` in a .env file means "not set", not "the empty URL".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("openai_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+pysqlite:///{default_database_path()}"
+
+
+class ConfigurationError(Exception):
+    """A setting is missing or wrong. The message names the variable to fix."""

@@ -1,0 +1,115 @@
+"""The composition root: the one place that reads settings and builds things."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+from dependency_injector import containers, providers
+from sqlalchemy import Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from qna.adapters.openai_llm import OpenAILLM
+from qna.adapters.sqlalchemy import migrate
+from qna.adapters.sqlalchemy.database import create_engine, create_session_factory
+from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
+from qna.application.use_cases import AskQuestion, GetQnA, ListQnA
+from qna.config import ConfigurationError, Settings
+
+
+def engine_resource(url: str, pool_size: int, connect_timeout: float) -> Iterator[Engine]:
+    """The engine and its pool, disposed of by `container.shutdown_resources()`."""
+    try:
+        engine = create_engine(url, pool_size=pool_size, connect_timeout=connect_timeout)
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise ConfigurationError(
+            "DATABASE_URL is not a database URL qna can use "
+            "(expected postgresql://… or sqlite:///…)."
+        ) from exc
+    yield engine
+    engine.dispose()
+
+
+def build_llm(
+    api_key: str | None,
+    base_url: str | None,
+    model: str,
+    connect_timeout: float,
+    request_timeout: float,
+    deadline: float,
+    max_attempts: int,
+) -> OpenAILLM:
+    if api_key is None and base_url is None:
+        raise ConfigurationError(
+            "OPENAI_API_KEY is not set: export it, put it in .env, "
+            "or set OPENAI_BASE_URL to an OpenAI-compatible server."
+        )
+    return OpenAILLM(
+        api_key=api_key,
+        base_url=base_url,
+        model=model,
+        connect_timeout=connect_timeout,
+        request_timeout=request_timeout,
+        deadline=deadline,
+        max_attempts=max_attempts,
+    )
+
+
+def cache_ttl(seconds: float) -> timedelta | None:
+    return timedelta(seconds=seconds) if seconds > 0 else None
+
+
+class Container(containers.DeclarativeContainer):
+    config = providers.Configuration(strict=True)
+
+    engine = providers.Resource(
+        engine_resource,
+        url=config.database_url,
+        pool_size=config.db_pool_size,
+        connect_timeout=config.db_connect_timeout_s,
+    )
+    session_factory = providers.Singleton(create_session_factory, engine)
+    unit_of_work = providers.Factory(SqlAlchemyUnitOfWork, session_factory=session_factory)
+
+    llm = providers.Singleton(
+        build_llm,
+        api_key=config.openai_api_key,
+        base_url=config.openai_base_url,
+        model=config.model,
+        connect_timeout=config.llm_connect_timeout_s,
+        request_timeout=config.llm_timeout_s,
+        deadline=config.llm_deadline_s,
+        max_attempts=config.llm_max_attempts,
+    )
+
+    ask_question = providers.Factory(
+        AskQuestion,
+        uow=unit_of_work.provider,
+        llm=llm,
+        max_question_length=config.max_question_length,
+        cache_ttl=providers.Callable(cache_ttl, config.cache_ttl_s),
+    )
+    get_qna = providers.Factory(GetQnA, uow=unit_of_work.provider)
+    list_qna = providers.Factory(ListQnA, uow=unit_of_work.provider)
+
+
+def create_container(settings: Settings | None = None) -> Container:
+    """Build the container from `settings`, or from the environment and `.env`."""
+    settings = settings if settings is not None else Settings()
+    container = Container()
+    values = settings.model_dump()
+    values["database_url"] = settings.effective_database_url
+    values["openai_api_key"] = (
+        settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    )
+    container.config.from_dict(values)
+    return container
+
+
+def upgrade_database(container: Container) -> None:
+    """Bring the schema to the newest migration (safe to call from many processes)."""
+    migrate.upgrade(container.engine())
+
+
+def shutdown(container: Container) -> None:
+    container.shutdown_resources()

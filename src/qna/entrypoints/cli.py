@@ -1,0 +1,270 @@
+"""The `qna` command: ask, read the history, migrate, serve."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from importlib.metadata import version
+from typing import Any, ParamSpec, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from qna.application.use_cases import InvalidArgument
+from qna.config import ConfigurationError, Settings
+from qna.container import Container, create_container, shutdown, upgrade_database
+from qna.domain.errors import (
+    InvalidQuestion,
+    LLMBadResponse,
+    LLMError,
+    LLMRateLimited,
+    LLMRefused,
+    LLMTimeout,
+    LLMUnavailable,
+    NotFound,
+    StorageUnavailable,
+)
+from qna.domain.model import QnA, Status
+from qna.entrypoints.presenters import qna_to_dict
+
+# Documented in the README ("Exit codes"); scripts may rely on them.
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_CODES: list[tuple[type[Exception], int]] = [
+    (ConfigurationError, 3),
+    (InvalidQuestion, 4),
+    (InvalidArgument, 4),
+    (NotFound, 5),
+    (StorageUnavailable, 6),
+    (LLMUnavailable, 7),
+    (LLMRateLimited, 8),
+    (LLMTimeout, 9),
+    (LLMRefused, 10),
+    (LLMBadResponse, 11),
+    (LLMError, 7),
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exit_code_for(error: Exception) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return EXIT_INTERNAL
+
+
+def fail(message: str, code: int) -> None:
+    # One line, never a traceback: the message is for a person at a terminal.
+    click.echo(f"qna: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def _settings_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    name = str(first["loc"][0]).upper() if first["loc"] else "a setting"
+    return f"{name} is invalid: {first['msg']}."
+
+
+def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn every expected failure into one line on stderr and its exit code."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except ValidationError as exc:
+            fail(_settings_error(exc), exit_code_for(ConfigurationError()))
+        except (ConfigurationError, InvalidQuestion, InvalidArgument, NotFound) as exc:
+            fail(str(exc), exit_code_for(exc))
+        except (StorageUnavailable, LLMError) as exc:
+            qna_id = exc.qna_id if isinstance(exc, LLMError) else None
+            suffix = f" (recorded as {qna_id})" if qna_id else ""
+            fail(f"{exc}{suffix}", exit_code_for(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as exc:
+            fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class AppContext:
+    """Builds the container on first use, so `--help` works with no settings at all."""
+
+    def __init__(self) -> None:
+        self._container: Container | None = None
+
+    def container(self, *, migrate: bool = True) -> Container:
+        if self._container is None:
+            self._container = create_container(Settings())
+            if migrate:
+                upgrade_database(self._container)
+        return self._container
+
+    def close(self) -> None:
+        if self._container is not None:
+            shutdown(self._container)
+
+
+pass_app = click.make_pass_decorator(AppContext)
+
+
+@contextmanager
+def progress(message: str) -> Iterator[None]:
+    """A spinner on stderr while waiting, only when a person is watching it."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    done = threading.Event()
+
+    def spin() -> None:
+        for frame in itertools.cycle("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"):
+            sys.stderr.write(f"\r{frame} {message}")
+            sys.stderr.flush()
+            if done.wait(0.1):
+                break
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        yield
+    finally:
+        done.set()
+        spinner.join()
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def describe(qna: QnA) -> str:
+    if qna.status is Status.ANSWERED:
+        return qna.answer or ""
+    if qna.status is Status.FAILED:
+        return f"[failed: {qna.error_kind}] {qna.error_message}"
+    return "[pending]"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version("qna"), "--version", "-V", prog_name="qna")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Ask an LLM a question; every question, answer and failure is kept.
+
+    Settings come from the environment or a .env file (see the README's settings
+    table): OPENAI_API_KEY, OPENAI_BASE_URL, QNA_MODEL, DATABASE_URL, ...
+    Without DATABASE_URL, records go to an embedded SQLite file.
+    """
+    app = AppContext()
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+@cli.command()
+@click.argument("question")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole stored record as JSON.")
+@click.option("--fresh", is_flag=True, help="Always ask the LLM, even when the cache is on.")
+@pass_app
+@handles_errors
+def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
+    """Ask QUESTION and print the answer. Use - to read the question from stdin.
+
+    \b
+    Exit codes: 0 answered, 3 configuration, 4 invalid question,
+    6 database unavailable, 7 LLM unavailable, 8 LLM rate-limited,
+    9 LLM timed out, 10 LLM refused the request, 11 unusable LLM response.
+    """
+    if question == "-":
+        question = sys.stdin.read()
+    container = app.container()
+    ask_question = container.ask_question()
+    with progress(f"Asking {container.config.model()}…"):
+        qna = ask_question(question, fresh=fresh)
+    if as_json:
+        emit_json(qna_to_dict(qna))
+    else:
+        click.echo(qna.answer)
+
+
+@cli.command()
+@click.option(
+    "-n",
+    "--limit",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="How many records to show.",
+)
+@click.option("--cursor", help="Continue from the `next` cursor of an earlier --json page.")
+@click.option("--json", "as_json", is_flag=True, help="Print records and the next cursor as JSON.")
+@pass_app
+@handles_errors
+def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> None:
+    """List recent questions, newest first."""
+    page = app.container().list_qna()(limit=limit, cursor=cursor)
+    if as_json:
+        emit_json({"items": [qna_to_dict(q) for q in page.items], "next": page.next_cursor})
+        return
+    for qna in page.items:
+        stamp = qna.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{qna.id}  {stamp}  {qna.status.value:<8}  {_one_line(qna.question, 60)}")
+        click.echo(f"    {_one_line(describe(qna), 100)}")
+    if page.next_cursor:
+        click.echo(f"(more: qna history --cursor {page.next_cursor})")
+
+
+@cli.command()
+@click.argument("qna_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole stored record as JSON.")
+@pass_app
+@handles_errors
+def show(app: AppContext, qna_id: str, as_json: bool) -> None:
+    """Show one stored question and its answer."""
+    qna = app.container().get_qna()(qna_id)
+    if as_json:
+        emit_json(qna_to_dict(qna))
+        return
+    click.echo(f"id:       {qna.id}")
+    click.echo(f"asked:    {qna.created_at.isoformat()}")
+    click.echo(f"status:   {qna.status.value}")
+    click.echo(f"model:    {qna.model}")
+    if qna.latency_ms is not None:
+        click.echo(f"latency:  {qna.latency_ms} ms")
+    if qna.prompt_tokens is not None or qna.completion_tokens is not None:
+        click.echo(f"tokens:   {qna.prompt_tokens} prompt, {qna.completion_tokens} completion")
+    click.echo(f"question: {qna.question}")
+    click.echo(f"answer:   {describe(qna)}")
+
+
+@cli.group()
+def db() -> None:
+    """Manage the database schema."""
+
+
+@db.command("upgrade")
+@pass_app
+@handles_errors
+def db_upgrade(app: AppContext) -> None:
+    """Apply every pending migration (also done automatically on start)."""
+    app.container(migrate=False)
+    upgrade_database(app.container())
+    click.echo("database is up to date")
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def main() -> None:
+    cli(prog_name="qna")

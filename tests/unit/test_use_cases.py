@@ -1,0 +1,512 @@
+"""AskQuestion, GetQnA and ListQnA against in-memory fakes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+from uuid import UUID, uuid4
+
+import pytest
+
+from qna.application import AskQuestion, GetQnA, InvalidArgument, InvalidCursor, ListQnA
+from qna.application.ports import Completion
+from qna.application.use_cases import encode_cursor
+from qna.domain import (
+    InvalidQuestion,
+    LLMError,
+    LLMRateLimited,
+    LLMUnavailable,
+    NotFound,
+    QnA,
+    Status,
+)
+from qna.domain.errors import LLM_ERRORS
+from tests.fakes import START, FakeClock, FakeLLM, FakeTimer, FakeUnitOfWorkFactory
+
+TTL = timedelta(hours=1)
+
+
+class World:
+    """One store, one clock, one timer; use cases built over them on demand."""
+
+    def __init__(self) -> None:
+        self.uow = FakeUnitOfWorkFactory()
+        self.clock = FakeClock()
+        self.timer = FakeTimer()
+
+    def ask(self, llm: FakeLLM, *, cache_ttl: timedelta | None = None) -> AskQuestion:
+        return AskQuestion(self.uow, llm, cache_ttl=cache_ttl, clock=self.clock, timer=self.timer)
+
+    def stored(self, qna_id: UUID | None) -> QnA:
+        assert qna_id is not None
+        with self.uow() as uow:
+            qna = uow.qnas.get(qna_id)
+        assert qna is not None, f"QnA {qna_id} was not committed"
+        return qna
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def _thinking_takes(world: World, seconds: float) -> FakeLLM:
+    """An LLM whose call moves both the timer and the wall clock by `seconds`."""
+
+    def think(_question: str) -> None:
+        world.timer.advance(seconds)
+        world.clock.advance(timedelta(seconds=seconds))
+
+    return FakeLLM(
+        "Forty-two.",
+        model="gpt-test",
+        answered_by="gpt-test-2025-01-01",
+        prompt_tokens=13,
+        completion_tokens=4,
+        on_call=think,
+    )
+
+
+# --- AskQuestion: the LLM answers ----------------------------------------------------
+
+
+def test_an_answer_is_stored_with_model_tokens_and_exact_latency(world: World) -> None:
+    llm = _thinking_takes(world, 1.25)
+
+    qna = world.ask(llm)("  What is six times seven?\n")
+
+    assert llm.questions == ["What is six times seven?"]
+    assert qna.status is Status.ANSWERED
+    assert qna.question == "What is six times seven?"
+    assert qna.answer == "Forty-two."
+    assert qna.model == "gpt-test"
+    assert qna.response_model == "gpt-test-2025-01-01"
+    assert (qna.prompt_tokens, qna.completion_tokens) == (13, 4)
+    assert qna.latency_ms == 1250
+    assert qna.created_at == START
+    assert qna.answered_at == START + timedelta(seconds=1.25)
+    assert qna.source_id is None
+    assert world.stored(qna.id) == qna
+
+
+def test_the_question_is_committed_before_the_llm_is_called(world: World) -> None:
+    seen: list[QnA] = []
+
+    def look_from_another_transaction(question: str) -> None:
+        with world.uow() as uow:
+            seen.extend(uow.qnas.list(limit=10))
+
+    llm = FakeLLM(on_call=look_from_another_transaction)
+    world.uow.watch(llm)
+
+    qna = world.ask(llm)("Is it stored yet?")
+
+    assert len(seen) == 1
+    assert seen[0].id == qna.id
+    assert seen[0].status is Status.PENDING
+    assert seen[0].question == "Is it stored yet?"
+    assert seen[0].answer is None
+
+
+def test_no_transaction_is_open_while_the_llm_thinks(world: World) -> None:
+    llm = FakeLLM()
+    world.uow.watch(llm)
+
+    world.ask(llm)("Anything open?")
+
+    assert world.uow.open_during_llm_calls == [0]
+    # One short transaction before the call, one after; both committed, none left open.
+    assert [u.commits for u in world.uow.units] == [1, 1]
+    assert world.uow.max_open == 1
+    assert world.uow.open_count == 0
+
+
+def test_the_answer_is_stored_as_a_single_record(world: World) -> None:
+    qna = world.ask(FakeLLM())("One record please")
+
+    assert [r.id for r in world.uow.committed_records()] == [qna.id]
+
+
+def test_completion_from_a_script_is_returned_verbatim(world: World) -> None:
+    scripted = Completion(text="scripted", model="other", prompt_tokens=None)
+
+    qna = world.ask(FakeLLM(script=[scripted]))("Script?")
+
+    assert (qna.answer, qna.response_model, qna.prompt_tokens, qna.completion_tokens) == (
+        "scripted",
+        "other",
+        None,
+        None,
+    )
+
+
+# --- AskQuestion: the LLM fails ------------------------------------------------------
+
+
+@pytest.mark.parametrize("error_class", LLM_ERRORS.values(), ids=lambda cls: cls.code)
+def test_a_failure_is_stored_then_the_same_error_is_raised_with_the_record_id(
+    world: World, error_class: type[LLMError]
+) -> None:
+    error = error_class("the provider said no")
+
+    def fail_slowly(_question: str) -> None:
+        world.timer.advance(0.25)
+
+    llm = FakeLLM(script=[error], on_call=fail_slowly)
+
+    with pytest.raises(error_class) as raised:
+        world.ask(llm)("Will this work?")
+
+    assert raised.value is error
+    assert [u.commits for u in world.uow.units] == [1, 1]
+    stored = world.stored(raised.value.qna_id)
+    assert stored.status is Status.FAILED
+    assert stored.error_kind == error_class.code
+    assert stored.error_message == "the provider said no"
+    assert stored.latency_ms == 250
+    assert stored.answer is None
+    assert stored.question == "Will this work?"
+
+
+def test_retry_after_survives_the_reraise(world: World) -> None:
+    error = LLMRateLimited("slow down", retry_after=7.5)
+
+    with pytest.raises(LLMRateLimited) as raised:
+        world.ask(FakeLLM(script=[error]))("Again?")
+
+    assert raised.value.retry_after == 7.5
+    assert raised.value.qna_id is not None
+
+
+# --- AskQuestion: invalid questions --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["", "   ", "\u3000\n", "nul\x00inside", "bell\x07", "x" * 4001],
+    ids=["empty", "blank", "unicode-blank", "nul", "control", "too-long"],
+)
+def test_an_invalid_question_is_refused_before_anything_happens(
+    world: World, question: str
+) -> None:
+    llm = FakeLLM()
+
+    with pytest.raises(InvalidQuestion):
+        world.ask(llm)(question)
+
+    assert llm.calls == 0
+    assert world.uow.opened == 0
+    assert world.uow.committed_records() == []
+
+
+def test_the_configured_maximum_length_is_used(world: World) -> None:
+    llm = FakeLLM()
+    ask = AskQuestion(world.uow, llm, max_question_length=10, clock=world.clock)
+
+    assert ask("1234567890").status is Status.ANSWERED
+    with pytest.raises(InvalidQuestion):
+        ask("12345678901")
+    assert llm.calls == 1
+
+
+# --- AskQuestion: the answer cache ---------------------------------------------------
+
+
+def test_an_equal_question_is_answered_from_the_store(world: World) -> None:
+    llm = FakeLLM("Paris.", model="gpt-test")
+    ask = world.ask(llm, cache_ttl=TTL)
+    first = ask("What is the capital of France?")
+    world.clock.advance(timedelta(minutes=10))
+
+    second = ask("  what IS the   capital of\tFRANCE?  ")
+
+    # The cache hit needs one transaction only, and commits it.
+    assert world.uow.opened == 3
+    assert world.uow.units[-1].commits == 1
+    assert llm.calls == 1
+    assert second.id != first.id
+    assert second.status is Status.ANSWERED
+    assert second.source_id == first.id
+    assert second.answer == "Paris."
+    assert second.model == first.model
+    assert (second.prompt_tokens, second.completion_tokens, second.latency_ms) == (0, 0, 0)
+    assert second.question == "what IS the   capital of\tFRANCE?"
+    assert second.created_at == START + timedelta(minutes=10)
+    assert world.stored(second.id) == second
+    assert world.stored(first.id) == first
+
+
+def test_fresh_bypasses_the_cache(world: World) -> None:
+    llm = FakeLLM(script=["Old answer.", "New answer."])
+    ask = world.ask(llm, cache_ttl=TTL)
+    ask("Tell me the news")
+
+    second = ask("tell me the news", fresh=True)
+
+    assert llm.calls == 2
+    assert second.answer == "New answer."
+    assert second.source_id is None
+
+
+def test_a_different_model_misses_the_cache(world: World) -> None:
+    world.ask(FakeLLM("from a", model="model-a"), cache_ttl=TTL)("Same question")
+    other = FakeLLM("from b", model="model-b")
+
+    second = world.ask(other, cache_ttl=TTL)("Same question")
+
+    assert other.calls == 1
+    assert second.answer == "from b"
+    assert second.source_id is None
+
+
+def test_an_answer_older_than_the_ttl_misses_the_cache(world: World) -> None:
+    llm = FakeLLM(script=["stale", "fresh"])
+    ask = world.ask(llm, cache_ttl=TTL)
+    ask("How old is this?")
+    world.clock.advance(TTL + timedelta(microseconds=1))
+
+    second = ask("How old is this?")
+
+    assert llm.calls == 2
+    assert second.answer == "fresh"
+    assert second.source_id is None
+
+
+def test_an_answer_exactly_ttl_old_still_serves(world: World) -> None:
+    llm = FakeLLM(script=["only once"])
+    ask = world.ask(llm, cache_ttl=TTL)
+    first = ask("Borderline?")
+    world.clock.advance(TTL)
+
+    second = ask("Borderline?")
+
+    assert llm.calls == 1
+    assert second.source_id == first.id
+
+
+def test_a_failed_record_never_serves_as_a_cache_source(world: World) -> None:
+    llm = FakeLLM(script=[LLMUnavailable("down"), "up again"])
+    ask = world.ask(llm, cache_ttl=TTL)
+    with pytest.raises(LLMUnavailable):
+        ask("Are you there?")
+
+    second = ask("Are you there?")
+
+    assert llm.calls == 2
+    assert second.answer == "up again"
+    assert second.source_id is None
+
+
+def test_a_cached_record_is_not_itself_a_source_and_the_newest_answer_wins(
+    world: World,
+) -> None:
+    llm = FakeLLM(script=["first", "second"])
+    ask = world.ask(llm, cache_ttl=TTL)
+    ask("Which one?")
+    world.clock.advance(timedelta(minutes=1))
+    newest_llm_answer = ask("Which one?", fresh=True)
+    world.clock.advance(timedelta(minutes=1))
+    ask("Which one?")  # cached, from newest_llm_answer
+    world.clock.advance(timedelta(minutes=1))
+
+    latest = ask("which one?")
+
+    assert llm.calls == 2
+    assert latest.source_id == newest_llm_answer.id
+    assert latest.answer == "second"
+
+
+def test_the_cache_is_off_by_default(world: World) -> None:
+    llm = FakeLLM(script=["one", "two"])
+    ask = world.ask(llm)
+    ask("Cache me")
+
+    second = ask("Cache me")
+
+    assert llm.calls == 2
+    assert second.answer == "two"
+    assert second.source_id is None
+
+
+def test_the_cache_hits_when_the_provider_reports_a_dated_model_snapshot(
+    world: World,
+) -> None:
+    llm = FakeLLM(model="gpt-4o", answered_by="gpt-4o-2024-08-06")
+    ask = world.ask(llm, cache_ttl=TTL)
+    first = ask("Snapshot?")
+
+    second = ask("Snapshot?")
+
+    assert llm.calls == 1
+    assert second.source_id == first.id
+
+
+# --- GetQnA --------------------------------------------------------------------------
+
+
+def test_get_returns_the_stored_record(world: World) -> None:
+    asked = world.ask(FakeLLM())("Find me")
+    get = GetQnA(world.uow)
+
+    assert get(asked.id) == asked
+    assert get(str(asked.id)) == asked
+    assert get(str(asked.id).upper()) == asked
+
+
+def test_get_of_an_unknown_id_is_not_found(world: World) -> None:
+    world.ask(FakeLLM())("Something else")
+    missing = uuid4()
+
+    with pytest.raises(NotFound, match=str(missing)):
+        GetQnA(world.uow)(missing)
+
+
+@pytest.mark.parametrize("qna_id", ["", "nope", "123", "00000000-0000-0000-0000", "' OR 1=1"])
+def test_get_of_a_malformed_id_is_not_found(world: World, qna_id: str) -> None:
+    world.ask(FakeLLM())("A record that must not match")
+
+    with pytest.raises(NotFound) as raised:
+        GetQnA(world.uow)(qna_id)
+
+    assert raised.value.code == "not_found"
+    assert f"id {qna_id}." in raised.value.message
+
+
+# --- ListQnA -------------------------------------------------------------------------
+
+
+def _seed_history(world: World, count: int, *, per_instant: int = 1) -> list[QnA]:
+    """`count` records, `per_instant` sharing each created_at; newest first by (created_at, id)."""
+    records = []
+    for index in range(count):
+        created_at = START + timedelta(seconds=index // per_instant)
+        records.append(QnA.ask(f"question {index}", model="m", now=created_at))
+    world.uow.seed(*records)
+    return sorted(records, key=lambda q: (q.created_at, q.id), reverse=True)
+
+
+def _walk(list_qna: ListQnA, *, limit: int) -> list[list[QnA]]:
+    pages = []
+    cursor = None
+    while True:
+        page = list_qna(limit=limit, cursor=cursor)
+        pages.append(list(page.items))
+        if page.next_cursor is None:
+            return pages
+        assert len(pages) < 100, "pagination does not end"
+        cursor = page.next_cursor
+
+
+def test_list_is_newest_first(world: World) -> None:
+    expected = _seed_history(world, 5)
+
+    page = ListQnA(world.uow)()
+
+    assert [q.question for q in page.items] == [f"question {i}" for i in (4, 3, 2, 1, 0)]
+    assert [q.id for q in page.items] == [q.id for q in expected]
+    assert page.next_cursor is None
+
+
+def test_list_of_an_empty_history_is_one_empty_page(world: World) -> None:
+    page = ListQnA(world.uow)()
+
+    assert list(page.items) == []
+    assert page.next_cursor is None
+
+
+@pytest.mark.parametrize(
+    ("count", "per_instant", "limit", "sizes"),
+    [
+        (7, 1, 3, [3, 3, 1]),
+        (6, 1, 3, [3, 3]),  # an exact multiple: the last full page says so
+        (12, 4, 5, [5, 5, 2]),  # ties on created_at straddle page boundaries
+        (9, 9, 2, [2, 2, 2, 2, 1]),  # every record created at the same instant
+        (3, 1, 1, [1, 1, 1]),
+    ],
+)
+def test_walking_the_cursor_visits_every_record_once_in_order(
+    world: World, count: int, per_instant: int, limit: int, sizes: list[int]
+) -> None:
+    expected = _seed_history(world, count, per_instant=per_instant)
+
+    pages = _walk(ListQnA(world.uow), limit=limit)
+
+    assert [len(p) for p in pages] == sizes
+    assert [q.id for p in pages for q in p] == [q.id for q in expected]
+
+
+def test_a_record_added_while_paging_does_not_shift_the_pages(world: World) -> None:
+    expected = _seed_history(world, 6)
+    list_qna = ListQnA(world.uow)
+    first = list_qna(limit=3)
+    world.uow.seed(QnA.ask("brand new", model="m", now=START + timedelta(days=1)))
+
+    second = list_qna(limit=3, cursor=first.next_cursor)
+
+    assert [q.id for q in [*first.items, *second.items]] == [q.id for q in expected]
+    assert second.next_cursor is None
+
+
+@pytest.mark.parametrize("limit", [1, 100])
+def test_limit_bounds_are_inclusive(world: World, limit: int) -> None:
+    _seed_history(world, 101)
+
+    page = ListQnA(world.uow)(limit=limit)
+
+    assert len(page.items) == limit
+    assert page.next_cursor is not None
+
+
+@pytest.mark.parametrize("limit", [0, -1, 101])
+def test_limit_out_of_bounds_is_refused(world: World, limit: int) -> None:
+    with pytest.raises(InvalidArgument, match="between 1 and 100"):
+        ListQnA(world.uow)(limit=limit)
+
+
+def _b64(payload: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+GARBAGE_CURSORS = {
+    "not-base64": "!!!not a cursor!!!",
+    "non-ascii": "curs\u00f6r",
+    "not-json": base64.urlsafe_b64encode(b"hello there").decode(),
+    "json-object": _b64({"created_at": "2025-01-01T00:00:00+00:00", "id": str(uuid4())}),
+    "json-number": _b64(7),
+    "three-items": _b64(["2025-01-01T00:00:00+00:00", str(uuid4()), "x"]),
+    "bad-date": _b64(["yesterday", str(uuid4())]),
+    "naive-date": _b64(["2025-01-01T00:00:00", str(uuid4())]),
+    "bad-uuid": _b64(["2025-01-01T00:00:00+00:00", "not-a-uuid"]),
+    "null-uuid": _b64(["2025-01-01T00:00:00+00:00", None]),
+}
+
+
+@pytest.mark.parametrize("cursor", GARBAGE_CURSORS.values(), ids=GARBAGE_CURSORS.keys())
+def test_a_garbage_cursor_is_refused(world: World, cursor: str) -> None:
+    _seed_history(world, 3)
+
+    with pytest.raises(InvalidCursor):
+        ListQnA(world.uow)(cursor=cursor)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _b64(["2025-01-01T00:00:00+00:00", 5]),
+        _b64(["2025-01-01T00:00:00+00:00", ["x"]]),
+        base64.urlsafe_b64encode(b"[" * 3000).decode(),
+    ],
+    ids=["int-id", "list-id", "deep-nesting"],
+)
+def test_a_cursor_of_the_wrong_json_shape_is_refused(world: World, cursor: str) -> None:
+    with pytest.raises(InvalidCursor):
+        ListQnA(world.uow)(cursor=cursor)
+
+
+def test_next_cursor_points_past_the_last_item_of_the_page(world: World) -> None:
+    expected = _seed_history(world, 4)
+
+    page = ListQnA(world.uow)(limit=2)
+
+    assert page.next_cursor == encode_cursor(expected[1])
