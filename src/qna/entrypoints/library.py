@@ -1,0 +1,73 @@
+"""qna from Python: `qna.connect()` builds the service and returns a `Client`.
+
+import qna
+
+with qna.connect() as client:           # settings from the environment / .env
+    record = client.ask("What is the capital of France?")
+    print(record.answer)
+    for past in client.history(limit=10).items:
+        print(past.question, "->", past.answer)
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self
+from uuid import UUID
+
+from qna.application.use_cases import Page
+from qna.config import Settings
+from qna.container import Container, create_container, shutdown, upgrade_database
+from qna.domain.model import QnA
+
+
+class Client:
+    """Ask questions and read the history. Thread-safe; close it (or use `with`) when done."""
+
+    def __init__(self, container: Container) -> None:
+        self._container = container
+
+    def ask(self, question: str, *, fresh: bool = False) -> QnA:
+        """Ask, store and return the answered record.
+
+        Raises `qna.InvalidQuestion` before anything is stored, or a subclass of
+        `qna.LLMError` (after the failure is stored) when the LLM does not answer.
+        """
+        return self._container.ask_question()(question, fresh=fresh)
+
+    def get(self, qna_id: UUID | str) -> QnA:
+        """One stored record; raises `qna.NotFound`."""
+        return self._container.get_qna()(qna_id)
+
+    def history(self, *, limit: int = 20, cursor: str | None = None) -> Page:
+        """Newest first; pass `page.next_cursor` back as `cursor` for older records."""
+        return self._container.list_qna()(limit=limit, cursor=cursor)
+
+    def close(self) -> None:
+        shutdown(self._container)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
+    """Build qna from `settings` (default: the environment and `.env`), migrate, return a Client.
+
+    Keyword overrides use the settings' names, e.g.
+    `connect(database_url="sqlite:///qna.db", openai_base_url="http://localhost:11434/v1")`.
+    """
+    if settings is None:
+        settings = Settings(**overrides)
+    elif overrides:
+        settings = settings.model_copy(update=overrides)
+    container = create_container(settings)
+    upgrade_database(container)
+    return Client(container)
