@@ -30,7 +30,7 @@ def engine_resource(url: str, pool_size: int, connect_timeout: float) -> Iterato
     engine.dispose()
 
 
-def build_llm(
+def llm_resource(
     api_key: str | None,
     base_url: str | None,
     model: str,
@@ -38,13 +38,14 @@ def build_llm(
     request_timeout: float,
     deadline: float,
     max_attempts: int,
-) -> OpenAILLM:
+) -> Iterator[OpenAILLM]:
+    """The LLM client and its connection pool, closed by `shutdown_resources()`."""
     if api_key is None and base_url is None:
         raise ConfigurationError(
             "OPENAI_API_KEY is not set: export it, put it in .env, "
             "or set OPENAI_BASE_URL to an OpenAI-compatible server."
         )
-    return OpenAILLM(
+    llm = OpenAILLM(
         api_key=api_key,
         base_url=base_url,
         model=model,
@@ -53,6 +54,8 @@ def build_llm(
         deadline=deadline,
         max_attempts=max_attempts,
     )
+    yield llm
+    llm.close()
 
 
 def cache_ttl(seconds: float) -> timedelta | None:
@@ -71,8 +74,8 @@ class Container(containers.DeclarativeContainer):
     session_factory = providers.Singleton(create_session_factory, engine)
     unit_of_work = providers.Factory(SqlAlchemyUnitOfWork, session_factory=session_factory)
 
-    llm = providers.Singleton(
-        build_llm,
+    llm = providers.Resource(
+        llm_resource,
         api_key=config.openai_api_key,
         base_url=config.openai_base_url,
         model=config.model,

@@ -1,34 +1,96 @@
-"""How a QnA record looks from outside: one JSON shape for the CLI, HTTP and Python."""
+"""How qna looks from outside: one set of schemas for the CLI's --json, the HTTP API
+and its OpenAPI document, so the three can never disagree."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from qna.domain.model import QnA
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+class AskRequest(BaseModel):
+    """The body of POST /ask. Unknown fields are ignored."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"question": "What is the capital of France?"}]},
+    )
+
+    question: StrictStr = Field(
+        description="The question. Surrounding whitespace is stripped; it must not be empty, "
+        "longer than QNA_MAX_QUESTION_LENGTH (default 4000) characters, or contain control "
+        "characters other than newline and tab."
+    )
+    fresh: StrictBool = Field(
+        False, description="Ask the LLM even when the answer cache (QNA_CACHE_TTL) has it."
+    )
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable name, e.g. invalid_question.")
+    message: str = Field(description="What went wrong, for a person.")
+
+
+class StoredError(ErrorInfo):
+    """Why a stored ask failed."""
+
+
+class QnAOut(BaseModel):
+    """One stored question and what became of it."""
+
+    id: UUID
+    question: str
+    answer: str | None = Field(description="Null unless status is answered.")
+    model: str = Field(description="The model asked for.")
+    response_model: str | None = Field(description="The model the provider says answered.")
+    status: Literal["pending", "answered", "failed"]
+    error: StoredError | None = Field(description="Why it failed; null unless status is failed.")
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: int | None = Field(description="Time spent waiting for the LLM, retries included.")
+    created_at: datetime
+    answered_at: datetime | None
+    source_id: UUID | None = Field(
+        description="Set when the answer came from the cache: the record it was copied from."
+    )
+
+    @classmethod
+    def from_domain(cls, qna: QnA) -> QnAOut:
+        return cls(
+            id=qna.id,
+            question=qna.question,
+            answer=qna.answer,
+            model=qna.model,
+            response_model=qna.response_model,
+            status=qna.status.value,
+            error=(
+                StoredError(code=qna.error_kind, message=qna.error_message or "")
+                if qna.error_kind is not None
+                else None
+            ),
+            prompt_tokens=qna.prompt_tokens,
+            completion_tokens=qna.completion_tokens,
+            latency_ms=qna.latency_ms,
+            created_at=qna.created_at,
+            answered_at=qna.answered_at,
+            source_id=qna.source_id,
+        )
+
+
+class QnAPage(BaseModel):
+    items: list[QnAOut]
+    next: str | None = Field(description="Cursor of the next (older) page; null on the last.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every route."""
+
+    error: ErrorInfo
 
 
 def qna_to_dict(qna: QnA) -> dict[str, Any]:
-    return {
-        "id": str(qna.id),
-        "question": qna.question,
-        "answer": qna.answer,
-        "model": qna.model,
-        "response_model": qna.response_model,
-        "status": qna.status.value,
-        "error": (
-            {"code": qna.error_kind, "message": qna.error_message}
-            if qna.error_kind is not None
-            else None
-        ),
-        "prompt_tokens": qna.prompt_tokens,
-        "completion_tokens": qna.completion_tokens,
-        "latency_ms": qna.latency_ms,
-        "created_at": _iso(qna.created_at),
-        "answered_at": _iso(qna.answered_at),
-        "source_id": str(qna.source_id) if qna.source_id is not None else None,
-    }
+    return QnAOut.from_domain(qna).model_dump(mode="json")

@@ -1,0 +1,488 @@
+"""OpenAILLM through the real SDK, over real HTTP, against a local OpenAI-compatible server.
+
+Nothing in the SDK is patched: the fake server misbehaves on cue, and the adapter's sleep
+and clock are replaced so retries cost no time and deadlines are checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+from tests.support.fake_openai import (
+    DEFAULT_ANSWER,
+    Delay,
+    Drop,
+    FakeOpenAI,
+    Raw,
+    Reply,
+    Status,
+    chat_completion,
+)
+
+from qna.adapters.openai_llm import OpenAILLM
+from qna.application.ports import Completion
+from qna.domain.errors import (
+    LLMBadResponse,
+    LLMRateLimited,
+    LLMRefused,
+    LLMTimeout,
+    LLMUnavailable,
+)
+
+MODEL = "gpt-4o-mini"
+API_KEY = "sk-test-0123456789abcdefSECRET"
+
+
+class FakeTime:
+    """A clock that only moves when the adapter sleeps, and a record of the sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(server: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    server.reset()
+    yield server
+    server.reset()
+    server.latency = 0.0
+    server.answer = DEFAULT_ANSWER
+
+
+@pytest.fixture
+def fake_time() -> FakeTime:
+    return FakeTime()
+
+
+MakeLLM = Callable[..., OpenAILLM]
+
+
+@pytest.fixture
+def make_llm(fake: FakeOpenAI, fake_time: FakeTime) -> Iterator[MakeLLM]:
+    made: list[OpenAILLM] = []
+
+    def make(**overrides: Any) -> OpenAILLM:
+        options: dict[str, Any] = {
+            "api_key": API_KEY,
+            "base_url": fake.base_url,
+            "model": MODEL,
+            "request_timeout": 5.0,
+            "deadline": 30.0,
+            "max_attempts": 3,
+            "sleep": fake_time.sleep,
+            "clock": fake_time.clock,
+        }
+        options.update(overrides)
+        llm = OpenAILLM(**options)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        llm.close()
+
+
+def raw_json(body: object) -> Raw:
+    return Raw(200, json.dumps(body).encode())
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+def test_answers_with_text_model_and_tokens(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.script(Reply(model="gpt-4o-mini-2024-07-18", prompt_tokens=12, completion_tokens=7))
+
+    completion = make_llm().complete("What is the capital of France?")
+
+    assert completion == Completion(
+        text=DEFAULT_ANSWER,
+        model="gpt-4o-mini-2024-07-18",
+        prompt_tokens=12,
+        completion_tokens=7,
+    )
+    assert fake.calls == 1
+    assert fake.requests == [
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        }
+    ]
+
+
+def test_falls_back_to_its_own_model_and_no_tokens_when_the_server_omits_them(
+    fake: FakeOpenAI, make_llm: MakeLLM
+) -> None:
+    body = chat_completion(text="Forty-two.", model="")
+    del body["usage"]
+    fake.script(raw_json(body))
+
+    completion = make_llm().complete("Meaning?")
+
+    assert completion == Completion(text="Forty-two.", model=MODEL)
+
+
+def test_needs_no_api_key_for_a_local_server(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    assert make_llm(api_key=None).complete("Hi?").text == DEFAULT_ANSWER
+
+
+def test_refuses_to_start_without_a_key_for_the_openai_api() -> None:
+    with pytest.raises(ValueError, match="API key"):
+        OpenAILLM(api_key=None, base_url=None, model=MODEL)
+
+
+def test_serves_many_threads_at_once_with_one_instance(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.latency = 0.3
+    llm = make_llm(clock=time.monotonic)
+    results: list[Completion] = []
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            results.append(llm.complete(f"Question {i}?"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(30)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert len(results) == 30
+    assert fake.calls == 30
+    # In series this would take 9 s; concurrently, about one latency.
+    assert time.monotonic() - started < 5
+
+
+# -- retries -----------------------------------------------------------------------------
+
+
+def test_waits_as_retry_after_says_then_succeeds(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime
+) -> None:
+    fake.script(Status(429, headers={"Retry-After": "2"}))
+
+    completion = make_llm().complete("Q?")
+
+    assert completion.text == DEFAULT_ANSWER
+    assert fake.calls == 2
+    assert fake_time.sleeps == [2.0]
+
+
+@pytest.mark.parametrize(
+    ("headers", "low", "high"),
+    [
+        ({"retry-after-ms": "1500"}, 1.5, 1.5),
+        ({"retry-after-ms": "250", "Retry-After": "9"}, 0.25, 0.25),
+        ({"Retry-After": "0.75"}, 0.75, 0.75),
+        ({"Retry-After": formatdate(time.time() + 20, usegmt=True)}, 10.0, 20.0),
+    ],
+    ids=["ms", "ms-first", "seconds", "http-date"],
+)
+def test_understands_every_form_of_retry_after(
+    fake: FakeOpenAI,
+    make_llm: MakeLLM,
+    fake_time: FakeTime,
+    headers: dict[str, str],
+    low: float,
+    high: float,
+) -> None:
+    fake.script(Status(503, headers=headers))
+
+    make_llm().complete("Q?")
+
+    assert len(fake_time.sleeps) == 1
+    assert low <= fake_time.sleeps[0] <= high
+
+
+def test_retries_5xx_with_jittered_exponential_backoff(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime
+) -> None:
+    fake.script(Status(500), Status(503))
+
+    completion = make_llm(backoff_base=0.5, backoff_max=8.0).complete("Q?")
+
+    assert completion.text == DEFAULT_ANSWER
+    assert fake.calls == 3
+    assert len(fake_time.sleeps) == 2
+    assert 0 <= fake_time.sleeps[0] <= 0.5
+    assert 0 <= fake_time.sleeps[1] <= 1.0
+
+
+def test_backoff_never_exceeds_its_cap(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime
+) -> None:
+    fake.script(*[Status(503)] * 5)
+
+    make_llm(max_attempts=6, backoff_base=10.0, backoff_max=0.25).complete("Q?")
+
+    assert len(fake_time.sleeps) == 5
+    assert all(0 <= delay <= 0.25 for delay in fake_time.sleeps)
+
+
+@pytest.mark.parametrize("status", [408, 409, 500, 502, 503, 504])
+def test_retries_transient_statuses(fake: FakeOpenAI, make_llm: MakeLLM, status: int) -> None:
+    fake.script(Status(status))
+
+    assert make_llm().complete("Q?").text == DEFAULT_ANSWER
+    assert fake.calls == 2
+
+
+def test_gives_up_as_unavailable_when_every_attempt_fails(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime
+) -> None:
+    fake.script(*[Status(503)] * 4)
+
+    with pytest.raises(LLMUnavailable) as caught:
+        make_llm(max_attempts=4).complete("Q?")
+
+    assert fake.calls == 4
+    assert len(fake_time.sleeps) == 3
+    assert "HTTP 503 after 4 attempts" in caught.value.message
+    assert "overloaded" in caught.value.message
+
+
+def test_persistent_rate_limiting_is_reported_with_the_wait_asked_for(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime
+) -> None:
+    fake.script(*[Status(429, headers={"Retry-After": "1"})] * 3)
+
+    with pytest.raises(LLMRateLimited) as caught:
+        make_llm(max_attempts=3).complete("Q?")
+
+    assert fake.calls == 3
+    assert fake_time.sleeps == [1.0, 1.0]
+    assert caught.value.retry_after == 1.0
+    assert "429" in caught.value.message
+
+
+# -- refusals: never retried ---------------------------------------------------------------
+
+
+def test_a_bad_key_is_refused_at_once_without_showing_the_key(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime
+) -> None:
+    fake.script(
+        Status(
+            401,
+            body={
+                "error": {
+                    "message": f"Incorrect API key provided: {API_KEY}. You can find your "
+                    "API key at https://platform.openai.com/account/api-keys.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            },
+        )
+    )
+
+    with pytest.raises(LLMRefused) as caught:
+        make_llm().complete("Q?")
+
+    assert fake.calls == 1
+    assert fake_time.sleeps == []
+    message = str(caught.value)
+    assert API_KEY not in message
+    assert "HTTP 401" in message
+    assert "Incorrect API key provided" in message
+    assert API_KEY not in repr(caught.value.args)
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 422])
+def test_other_client_errors_are_refused_at_once(
+    fake: FakeOpenAI, make_llm: MakeLLM, status: int
+) -> None:
+    fake.script(Status(status))
+
+    with pytest.raises(LLMRefused, match=f"HTTP {status}"):
+        make_llm().complete("Q?")
+
+    assert fake.calls == 1
+
+
+def test_a_long_provider_message_is_truncated(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.script(Status(400, body={"error": {"message": "x" * 5000, "type": "invalid"}}))
+
+    with pytest.raises(LLMRefused) as caught:
+        make_llm().complete("Q?")
+
+    assert len(caught.value.message) < 450
+
+
+# -- timeouts, dropped and refused connections -------------------------------------------
+
+
+def test_a_slow_server_times_out_on_every_attempt(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.script(Delay(2.0), Delay(2.0))
+
+    with pytest.raises(LLMTimeout) as caught:
+        make_llm(request_timeout=0.3, max_attempts=2).complete("Q?")
+
+    assert fake.calls == 2
+    assert "did not answer within 0.3 s after 2 attempts" in caught.value.message
+
+
+def test_a_timeout_is_retried(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.script(Delay(2.0))
+
+    assert make_llm(request_timeout=0.3).complete("Q?").text == DEFAULT_ANSWER
+    assert fake.calls == 2
+
+
+def test_an_attempt_never_outlives_the_deadline(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.script(Delay(3.0))
+    llm = make_llm(request_timeout=10.0, deadline=0.3, clock=time.monotonic)
+
+    started = time.monotonic()
+    with pytest.raises(LLMTimeout) as caught:
+        llm.complete("Q?")
+
+    assert time.monotonic() - started < 2.5
+    assert fake.calls == 1
+    assert "0.3 s deadline" in caught.value.message
+
+
+def test_a_dropped_connection_is_retried(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.script(Drop())
+
+    assert make_llm().complete("Q?").text == DEFAULT_ANSWER
+    assert fake.calls == 2
+
+
+def test_connections_dropped_every_time_make_the_llm_unavailable(
+    fake: FakeOpenAI, make_llm: MakeLLM
+) -> None:
+    fake.script(Drop(), Drop())
+
+    with pytest.raises(LLMUnavailable, match="could not be reached after 2 attempts"):
+        make_llm(max_attempts=2).complete("Q?")
+
+    assert fake.calls == 2
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_a_closed_port_makes_the_llm_unavailable(
+    make_llm: MakeLLM, fake_time: FakeTime, closed_port_url: str
+) -> None:
+    with pytest.raises(LLMUnavailable) as caught:
+        make_llm(base_url=closed_port_url, max_attempts=2).complete("Q?")
+
+    assert caught.value.message == (
+        f"The LLM at {closed_port_url} could not be reached after 2 attempts."
+    )
+    assert len(fake_time.sleeps) == 1
+
+
+def test_credentials_in_the_base_url_stay_out_of_messages(
+    make_llm: MakeLLM, closed_port_url: str
+) -> None:
+    url = closed_port_url.replace("http://", "http://user:hunter2@")
+
+    with pytest.raises(LLMUnavailable) as caught:
+        make_llm(base_url=url, max_attempts=1).complete("Q?")
+
+    assert "hunter2" not in caught.value.message
+    assert closed_port_url in caught.value.message
+
+
+# -- the deadline ---------------------------------------------------------------------------
+
+
+def test_a_retry_after_beyond_the_deadline_fails_at_once(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime
+) -> None:
+    fake.script(Status(429, headers={"Retry-After": "60"}))
+
+    with pytest.raises(LLMRateLimited) as caught:
+        make_llm(deadline=10.0).complete("Q?")
+
+    assert fake.calls == 1
+    assert fake_time.sleeps == []
+    assert caught.value.retry_after == 60.0
+    assert "10 s deadline" in caught.value.message
+
+
+def test_retries_stop_when_the_next_wait_would_pass_the_deadline(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime
+) -> None:
+    fake.script(*[Status(503, headers={"Retry-After": "4"})] * 5)
+
+    with pytest.raises(LLMUnavailable):
+        make_llm(deadline=10.0, max_attempts=5).complete("Q?")
+
+    # Waits at 0 and 4 fit in 10 s; a third, from 8 to 12, would not.
+    assert fake_time.sleeps == [4.0, 4.0]
+    assert fake.calls == 3
+
+
+# -- bodies that are not answers: never retried -------------------------------------------
+
+_NULL_CONTENT = chat_completion(text=None, model=MODEL)
+_EMPTY_CONTENT = chat_completion(text="  ", model=MODEL)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        Raw(200, b"not json"),
+        Raw(200, b"not json", content_type="text/plain"),
+        Raw(200, b"[1, 2]"),
+        raw_json({"object": "chat.completion"}),
+        raw_json({**_NULL_CONTENT, "choices": []}),
+        raw_json({**_NULL_CONTENT, "choices": "many"}),
+        raw_json(_NULL_CONTENT),
+        raw_json(_EMPTY_CONTENT),
+    ],
+    ids=[
+        "not-json",
+        "text-plain",
+        "json-list",
+        "no-choices-key",
+        "empty-choices",
+        "choices-not-a-list",
+        "null-content",
+        "blank-content",
+    ],
+)
+def test_a_malformed_answer_is_a_bad_response(
+    fake: FakeOpenAI, make_llm: MakeLLM, fake_time: FakeTime, step: Raw
+) -> None:
+    fake.script(step)
+
+    with pytest.raises(LLMBadResponse) as caught:
+        make_llm().complete("Q?")
+
+    assert fake.calls == 1
+    assert fake_time.sleeps == []
+    assert caught.value.message.startswith(f"The LLM at {fake.base_url} ")
