@@ -13,6 +13,7 @@ from qna.adapters.openai_llm import OpenAILLM
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, create_session_factory
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
+from qna.adapters.structured_logging import configure_logging
 from qna.application.use_cases import AskQuestion, GetQnA, ListQnA
 from qna.config import ConfigurationError, Settings
 
@@ -65,6 +66,8 @@ def cache_ttl(seconds: float) -> timedelta | None:
 class Container(containers.DeclarativeContainer):
     config = providers.Configuration(strict=True)
 
+    logging = providers.Resource(configure_logging, level=config.log_level)
+
     engine = providers.Resource(
         engine_resource,
         url=config.database_url,
@@ -93,6 +96,8 @@ class Container(containers.DeclarativeContainer):
         cache_ttl=providers.Callable(cache_ttl, config.cache_ttl_s),
     )
     get_qna = providers.Factory(GetQnA, uow=unit_of_work.provider)
+    #: True when the database answers and its schema is at the newest migration.
+    schema_ready = providers.Callable(migrate.is_at_head, engine)
     list_qna = providers.Factory(ListQnA, uow=unit_of_work.provider)
 
 

@@ -261,6 +261,41 @@ def db_upgrade(app: AppContext) -> None:
     click.echo("database is up to date")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Worker processes (gunicorn gthread workers).",
+)
+@click.option(
+    "--threads",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Threads per worker: how many asks one worker can have waiting on the LLM.",
+)
+@click.option(
+    "--graceful-timeout",
+    default=30,
+    show_default=True,
+    type=click.IntRange(0),
+    help="On SIGTERM, seconds to let in-flight asks finish.",
+)
+@handles_errors
+def serve(host: str, port: int, workers: int, threads: int, graceful_timeout: int) -> None:
+    """Serve the HTTP API under gunicorn (migrates the database first)."""
+    from qna.entrypoints.http import server
+
+    server.prepare_multiprocess_metrics(workers)
+    server.serve(
+        host=host, port=port, workers=workers, threads=threads, graceful_timeout=graceful_timeout
+    )
+
+
 def _one_line(text: str, width: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"

@@ -30,13 +30,21 @@ class AskRequest(BaseModel):
     )
 
 
+class StoredError(BaseModel):
+    """Why a stored ask failed."""
+
+    code: str = Field(description="The kind of failure, e.g. llm_timeout.")
+    message: str
+
+
 class ErrorInfo(BaseModel):
     code: str = Field(description="Stable machine-readable name, e.g. invalid_question.")
     message: str = Field(description="What went wrong, for a person.")
-
-
-class StoredError(ErrorInfo):
-    """Why a stored ask failed."""
+    qna_id: UUID | None = Field(
+        None,
+        description="When the LLM failed after the question was recorded: the stored "
+        "(failed) record. Omitted otherwise.",
+    )
 
 
 class QnAOut(BaseModel):
@@ -90,6 +98,10 @@ class ErrorResponse(BaseModel):
     """Every error, on every route."""
 
     error: ErrorInfo
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready"]
 
 
 def qna_to_dict(qna: QnA) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -53,6 +54,7 @@ def _upgrade(engine: Engine, revision: str) -> None:
         command.upgrade(alembic_config(connection), revision)
 
 
+@functools.cache
 def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 

@@ -1,0 +1,138 @@
+"""One error contract for every failure: JSON `{"error": {"code", "message"}}`, never HTML."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from qna.application.use_cases import InvalidArgument
+from qna.config import ConfigurationError
+from qna.domain.errors import (
+    InvalidQuestion,
+    LLMBadResponse,
+    LLMError,
+    LLMRateLimited,
+    LLMRefused,
+    LLMTimeout,
+    LLMUnavailable,
+    NotFound,
+    QnAError,
+    StorageUnavailable,
+)
+from qna.entrypoints.http import metrics
+from qna.entrypoints.presenters import ErrorInfo, ErrorResponse
+
+log = logging.getLogger("qna.http")
+
+
+class ApiError(Exception):
+    """An error the HTTP layer itself raises (bad body, wrong media type, ...)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+# Most specific first. 502: the LLM answered but unusably or refused us; 503: it (or
+# the database) is not available now, try again; 504: it did not answer in time.
+STATUS_BY_ERROR: list[tuple[type[QnAError], int]] = [
+    (InvalidQuestion, 400),
+    (InvalidArgument, 400),
+    (NotFound, 404),
+    (StorageUnavailable, 503),
+    (LLMRateLimited, 503),
+    (LLMUnavailable, 503),
+    (LLMTimeout, 504),
+    (LLMRefused, 502),
+    (LLMBadResponse, 502),
+    (LLMError, 502),
+]
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    409: "conflict",
+    411: "length_required",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    422: "unprocessable_entity",
+    429: "rate_limited",
+    431: "headers_too_large",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: object
+) -> Response:
+    body = ErrorResponse(
+        error=ErrorInfo.model_validate({"code": code, "message": message, **extra})
+    )
+    response = jsonify(body.model_dump(mode="json", exclude_none=True))
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError) -> Response:
+        return error_response(error.status, error.code, error.message, error.headers)
+
+    @app.errorhandler(QnAError)
+    def domain_error(error: QnAError) -> Response:
+        status = next(code for cls, code in STATUS_BY_ERROR if isinstance(error, cls))
+        headers: dict[str, str] = {}
+        extra: dict[str, object] = {}
+        if isinstance(error, StorageUnavailable):
+            metrics.DATABASE_ERRORS.inc()
+            log.warning("database unavailable", extra={"reason": error.message})
+            headers["Retry-After"] = "5"
+        if isinstance(error, LLMError):
+            metrics.record_failure(error.code)
+            if error.qna_id is not None:
+                extra["qna_id"] = error.qna_id
+            if status == 503:
+                headers["Retry-After"] = str(max(1, round(error.retry_after or 1)))
+        return error_response(status, error.code, error.message, headers, **extra)
+
+    @app.errorhandler(ConfigurationError)
+    def configuration_error(error: ConfigurationError) -> Response:
+        log.error("configuration error", extra={"reason": str(error)})
+        return error_response(503, "misconfigured", str(error))
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = HTTP_CODES.get(status, "http_error")
+        message = _HTTP_MESSAGES.get(status) or error.description or code
+        headers = {}
+        if status == 405 and error.response is None:
+            allowed = getattr(error, "valid_methods", None)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+        return error_response(status, code, message, headers)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "Something went wrong on our side.")
+
+
+_HTTP_MESSAGES = {
+    404: "There is nothing at this URL.",
+    405: "This URL does not accept that method.",
+    413: "The request body is too large.",
+    431: "The request headers are too large.",
+}

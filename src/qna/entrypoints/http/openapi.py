@@ -1,0 +1,224 @@
+"""The OpenAPI 3.1 document, built from the pydantic models that validate and shape the
+bodies, so the contract and the code cannot drift apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from qna.entrypoints.presenters import AskRequest, ErrorResponse, Health, QnAOut, QnAPage
+
+REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(model: type[BaseModel], description: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(model)}},
+        **extra,
+    }
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    texts = {
+        400: "The request is malformed: invalid JSON or UTF-8, wrong types, or a question "
+        "that is empty, too long or contains control characters.",
+        401: "A bearer token is required (QNA_API_TOKENS is set) and was missing or wrong.",
+        404: "No such record.",
+        409: "A request with this Idempotency-Key is still being answered.",
+        413: "The body is larger than QNA_MAX_BODY_BYTES.",
+        415: "The body is not JSON.",
+        422: "This Idempotency-Key was used with a different body.",
+        429: "Too many requests; see Retry-After.",
+        500: "An unexpected error.",
+        502: "The LLM refused the request or gave an unusable answer (stored as failed).",
+        503: "The LLM or the database is unavailable or rate-limited; see Retry-After.",
+        504: "The LLM did not answer in time (stored as failed).",
+    }
+    return {str(status): _json(ErrorResponse, texts[status]) for status in statuses}
+
+
+REQUEST_ID = {
+    "X-Request-ID": {
+        "description": "The client's X-Request-ID if it sent a sane one, else a new one.",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def openapi_document(
+    *, max_question_length: int, max_body_bytes: int, auth: bool
+) -> dict[str, Any]:
+    _, top = models_json_schema(
+        [
+            (AskRequest, "validation"),
+            (QnAOut, "serialization"),
+            (QnAPage, "serialization"),
+            (ErrorResponse, "serialization"),
+            (Health, "serialization"),
+        ],
+        ref_template=REF,
+    )
+    schemas = top["$defs"]
+    # The limit applies after stripping surrounding whitespace, so it is stated in
+    # words rather than as a maxLength the raw string would be held to.
+    schemas["AskRequest"]["properties"]["question"]["description"] += (
+        f" This server's limit: {max_question_length} characters."
+    )
+    common = _errors(500)
+    secured: list[dict[str, list[str]]] = [{"bearer": []}] if auth else []
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "qna",
+            "version": "1",
+            "description": "Ask an LLM a question; every question, answer and failure is kept. "
+            f"Bodies are JSON (at most {max_body_bytes} bytes); every error is "
+            '`{"error": {"code": ..., "message": ...}}`.',
+        },
+        "paths": {
+            "/ask": {
+                "post": {
+                    "operationId": "ask",
+                    "summary": "Ask a question; the answer is stored and returned.",
+                    "security": secured,
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": "Retrying with the same key and body returns the "
+                            "same record without asking the LLM again.",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref(AskRequest)}},
+                    },
+                    "responses": {
+                        "201": _json(
+                            QnAOut,
+                            "Answered and stored (also when served from the cache).",
+                            headers={
+                                "Location": {
+                                    "description": "The stored record.",
+                                    "schema": {"type": "string"},
+                                },
+                                **REQUEST_ID,
+                            },
+                        ),
+                        **_errors(400, 401, 409, 413, 415, 422, 429, 502, 503, 504),
+                        **common,
+                    },
+                }
+            },
+            "/questions": {
+                "get": {
+                    "operationId": "listQuestions",
+                    "summary": "The history, newest first, a page at a time.",
+                    "security": secured,
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 100,
+                                "default": 20,
+                            },
+                        },
+                        {
+                            "name": "cursor",
+                            "in": "query",
+                            "required": False,
+                            "description": "The `next` value of the previous page.",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(QnAPage, "A page of records."),
+                        **_errors(400, 401, 429, 503),
+                        **common,
+                    },
+                }
+            },
+            "/questions/{id}": {
+                "get": {
+                    "operationId": "getQuestion",
+                    "summary": "One stored record.",
+                    "security": secured,
+                    "parameters": [
+                        {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": _json(QnAOut, "The record."),
+                        **_errors(401, 404, 429, 503),
+                        **common,
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Liveness: the process answers. No I/O.",
+                    "security": [],
+                    "responses": {"200": _json(Health, "Alive.")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": "Readiness: the database answers and is fully migrated.",
+                    "security": [],
+                    "responses": {
+                        "200": _json(Health, "Ready."),
+                        "503": _json(ErrorResponse, "Not ready."),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics.",
+                    "security": secured,
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(401, 429),
+                    },
+                }
+            },
+        },
+        "components": {"schemas": schemas},
+    }
+    if auth:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return document
+
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>qna API</title>
+  <link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css">
+</head>
+<body>
+  <div id="docs"></div>
+  <noscript>The API is described in <a href="openapi.json">openapi.json</a>.</noscript>
+  <script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+  <script>SwaggerUIBundle({url: "openapi.json", dom_id: "#docs"});</script>
+</body>
+</html>
+"""

@@ -1,0 +1,122 @@
+"""`qna serve`: the Flask application under gunicorn, the production WSGI server.
+
+Worker model: gunicorn's `gthread` workers. An ask spends nearly all its time waiting
+for the LLM with no database connection held, so each worker runs many threads that
+mostly sleep on sockets, while the database pool stays small.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from gunicorn import util as gunicorn_util
+from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
+
+from qna.config import Settings
+from qna.container import create_container, shutdown, upgrade_database
+from qna.domain.errors import StorageUnavailable
+
+log = logging.getLogger("qna.serve")
+
+
+def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    # gunicorn answers requests it cannot parse (oversized headers, bad request
+    # lines) itself, with an HTML page; our contract is JSON for every error.
+    code = {400: "bad_request", 414: "uri_too_long", 431: "headers_too_large"}.get(
+        status_int, "bad_request" if status_int < 500 else "internal_error"
+    )
+    body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1")
+    gunicorn_util.write_nonblock(sock, head + body)
+
+
+class JsonErrorThreadWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's threaded worker, answering its own parse errors in JSON."""
+
+    def init_process(self) -> None:
+        gunicorn_util.write_error = _json_error
+        super().init_process()
+
+
+class QnAServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        # Runs in each worker after the fork: every worker builds its own container,
+        # engine and LLM client; nothing with a socket is shared across processes.
+        from qna.entrypoints.http.app import create_app
+
+        return create_app()
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def migrate_before_serving(settings: Settings) -> None:
+    """Migrate once, in the master, before any worker starts; a database that is down
+    does not stop the server (it answers 503 until the database is back)."""
+    container = create_container(settings)
+    try:
+        upgrade_database(container)
+    except StorageUnavailable as exc:
+        log.warning("not migrated at start: %s", exc.message)
+    finally:
+        shutdown(container)
+
+
+def prepare_multiprocess_metrics(workers: int) -> None:
+    """With several workers, each writes its metrics to files that /metrics adds up.
+
+    Must run before anything imports prometheus_client (the HTTP package does).
+    """
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        directory = tempfile.mkdtemp(prefix="qna-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
+def serve(*, host: str, port: int, workers: int, threads: int, graceful_timeout: int) -> None:
+    settings = Settings()
+    migrate_before_serving(settings)
+    options: dict[str, Any] = {
+        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "workers": workers,
+        "worker_class": f"{__name__}.JsonErrorThreadWorker",
+        "threads": threads,
+        # A thread waiting on the LLM must not look like a hung worker.
+        "timeout": 0,
+        "graceful_timeout": graceful_timeout,
+        "keepalive": 5,
+        "worker_connections": max(1000, threads * 4),
+        "backlog": 2048,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+        "proc_name": "qna",
+        # gunicorn's control socket has one default path per user: two servers on
+        # one machine (tests, blue/green) would fight over it, and qna does not use it.
+        "control_socket_disable": True,
+        "child_exit": _child_exit if workers > 1 else None,
+    }
+    QnAServer({k: v for k, v in options.items() if v is not None}).run()

@@ -1,0 +1,115 @@
+"""The routes: each one parses the request, calls a use case, and shapes the response."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dependency_injector.wiring import Provide, inject
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from pydantic import ValidationError
+
+from qna.application.use_cases import AskQuestion, GetQnA, ListQnA
+from qna.container import Container
+from qna.domain.errors import StorageUnavailable
+from qna.entrypoints.http import metrics
+from qna.entrypoints.http.errors import ApiError, error_response
+from qna.entrypoints.http.openapi import DOCS_PAGE
+from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
+
+bp = Blueprint("qna", __name__)
+
+
+def _json_body() -> bytes:
+    if not request.mimetype or not (
+        request.mimetype == "application/json" or request.mimetype.endswith("+json")
+    ):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Send the body as JSON with Content-Type: application/json.",
+        )
+    # Reading enforces MAX_CONTENT_LENGTH (413), also for bodies without a length.
+    return request.get_data(cache=False)
+
+
+def _parse_ask(body: bytes) -> AskRequest:
+    try:
+        return AskRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(
+                400, "invalid_json", f"The body is not valid JSON: {first['msg']}."
+            ) from None
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ApiError(400, "invalid_request", f"{where}: {first['msg']}.") from None
+
+
+@bp.post("/ask")
+@inject
+def ask(ask_question: AskQuestion = Provide[Container.ask_question]) -> Response:
+    body = _parse_ask(_json_body())
+    qna = ask_question(body.question, fresh=body.fresh)
+    metrics.record_ask(qna)
+    response = jsonify(QnAOut.from_domain(qna).model_dump(mode="json"))
+    response.status_code = 201
+    response.headers["Location"] = url_for("qna.get_question", qna_id=str(qna.id))
+    return response
+
+
+@bp.get("/questions")
+@inject
+def list_questions(list_qna: ListQnA = Provide[Container.list_qna]) -> Response:
+    limit_text = request.args.get("limit", "20")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= ListQnA.MAX_LIMIT:
+        raise ApiError(
+            400, "invalid_argument", f"limit must be an integer from 1 to {ListQnA.MAX_LIMIT}."
+        )
+    page = list_qna(limit=int(limit_text), cursor=request.args.get("cursor") or None)
+    body = QnAPage(items=[QnAOut.from_domain(q) for q in page.items], next=page.next_cursor)
+    return jsonify(body.model_dump(mode="json"))
+
+
+@bp.get("/questions/<qna_id>")
+@inject
+def get_question(qna_id: str, get_qna: GetQnA = Provide[Container.get_qna]) -> Response:
+    return jsonify(QnAOut.from_domain(get_qna(qna_id)).model_dump(mode="json"))
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+@inject
+def readyz(
+    schema_ready: Callable[[], bool] = Provide[Container.schema_ready.provider],
+) -> Response:
+    try:
+        ready = schema_ready()
+    except StorageUnavailable as exc:
+        return error_response(503, "database_unavailable", exc.message)
+    if not ready:
+        return error_response(
+            503, "migrations_pending", "The database schema is not at the newest migration."
+        )
+    return jsonify({"status": "ready"})
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    payload, content_type = metrics.exposition()
+    return Response(payload, content_type=content_type)
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    document: dict[str, Any] = current_app.extensions["qna.openapi"]
+    return jsonify(document)
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    return Response(DOCS_PAGE, content_type="text/html; charset=utf-8")
