@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Self
 from uuid import UUID
 
-from qna.application.ports import Completion, PageKey, QnARepository
+from qna.application.ports import Completion, DuplicateIdempotencyKey, PageKey, QnARepository
 from qna.domain.model import QnA, Status, normalise_for_cache
 
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
@@ -131,7 +131,20 @@ class FakeRepository:
     def add(self, qna: QnA) -> None:
         if qna.id in self._committed or qna.id in self.changes:
             raise ValueError(f"duplicate key: QnA {qna.id} already exists")
+        if qna.idempotency_key is not None and self.get_by_idempotency_key(qna.idempotency_key):
+            raise DuplicateIdempotencyKey(qna.idempotency_key)
         self.changes[qna.id] = copy.deepcopy(qna)
+
+    def get_by_idempotency_key(self, key: str) -> QnA | None:
+        for qna in self._visible().values():
+            if qna.idempotency_key == key:
+                return copy.deepcopy(qna)
+        return None
+
+    def release_idempotency_key(self, qna_id: UUID) -> None:
+        qna = copy.deepcopy(self._visible()[qna_id])
+        qna.idempotency_key = None
+        self.changes[qna_id] = qna
 
     def save(self, qna: QnA) -> None:
         if qna.id not in self._committed and qna.id not in self.changes:

@@ -55,7 +55,13 @@ class Settings(BaseSettings):
     )
     cache_ttl_s: float = Field(0.0, ge=0, validation_alias=_env("QNA_CACHE_TTL"))
 
+    idempotency_ttl_s: float = Field(86400.0, gt=0, validation_alias=_env("QNA_IDEMPOTENCY_TTL_S"))
+    idempotency_wait_s: float = Field(30.0, ge=0, validation_alias=_env("QNA_IDEMPOTENCY_WAIT_S"))
+
     max_body_bytes: int = Field(65536, ge=1024, validation_alias=_env("QNA_MAX_BODY_BYTES"))
+    api_tokens: SecretStr | None = Field(None, validation_alias=_env("QNA_API_TOKENS"))
+    rate_limit: str = Field("", validation_alias=_env("QNA_RATE_LIMIT"))
+    rate_limit_storage: str = Field("memory://", validation_alias=_env("QNA_RATE_LIMIT_STORAGE"))
     log_level: str = Field("INFO", validation_alias=_env("QNA_LOG_LEVEL"))
 
     @field_validator("database_url", "openai_base_url", mode="before")
@@ -64,10 +70,21 @@ class Settings(BaseSettings):
         # `DATABASE_URL=` in a .env file means "not set", not "the empty URL".
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("openai_api_key", mode="before")
+    @field_validator("openai_api_key", "api_tokens", mode="before")
     @classmethod
     def _blank_key_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def tokens(self) -> list[str]:
+        if self.api_tokens is None:
+            return []
+        return [t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()]
+
+    @property
+    def abandon_after_s(self) -> float:
+        """When a pending record counts as abandoned: well past any ask's deadline."""
+        return self.llm_deadline_s + 60
 
     @property
     def effective_database_url(self) -> str:

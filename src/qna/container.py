@@ -14,7 +14,7 @@ from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, create_session_factory
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
 from qna.adapters.structured_logging import configure_logging
-from qna.application.use_cases import AskQuestion, GetQnA, ListQnA
+from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandoned
 from qna.config import ConfigurationError, Settings
 
 
@@ -59,8 +59,12 @@ def llm_resource(
     llm.close()
 
 
-def cache_ttl(seconds: float) -> timedelta | None:
-    return timedelta(seconds=seconds) if seconds > 0 else None
+def cache_ttl(ttl_s: float) -> timedelta | None:
+    return timedelta(seconds=ttl_s) if ttl_s > 0 else None
+
+
+def seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
 
 
 class Container(containers.DeclarativeContainer):
@@ -88,17 +92,23 @@ class Container(containers.DeclarativeContainer):
         max_attempts=config.llm_max_attempts,
     )
 
+    abandon_after = providers.Callable(seconds, config.abandon_after_s)
     ask_question = providers.Factory(
         AskQuestion,
         uow=unit_of_work.provider,
         llm=llm,
         max_question_length=config.max_question_length,
         cache_ttl=providers.Callable(cache_ttl, config.cache_ttl_s),
+        idempotency_ttl=providers.Callable(seconds, config.idempotency_ttl_s),
+        in_flight_wait=providers.Callable(seconds, config.idempotency_wait_s),
     )
-    get_qna = providers.Factory(GetQnA, uow=unit_of_work.provider)
+    get_qna = providers.Factory(GetQnA, uow=unit_of_work.provider, abandon_after=abandon_after)
+    reap_abandoned = providers.Factory(
+        ReapAbandoned, uow=unit_of_work.provider, abandon_after=abandon_after
+    )
     #: True when the database answers and its schema is at the newest migration.
     schema_ready = providers.Callable(migrate.is_at_head, engine)
-    list_qna = providers.Factory(ListQnA, uow=unit_of_work.provider)
+    list_qna = providers.Factory(ListQnA, uow=unit_of_work.provider, abandon_after=abandon_after)
 
 
 def create_container(settings: Settings | None = None) -> Container:
@@ -107,6 +117,8 @@ def create_container(settings: Settings | None = None) -> Container:
     container = Container()
     values = settings.model_dump()
     values["database_url"] = settings.effective_database_url
+    values["abandon_after_s"] = settings.abandon_after_s
+    values["api_tokens"] = settings.tokens
     values["openai_api_key"] = (
         settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     )

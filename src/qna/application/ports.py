@@ -48,8 +48,14 @@ class PageKey:
     id: UUID
 
 
+class DuplicateIdempotencyKey(Exception):
+    """Raised by `QnARepository.add` when another record holds the same idempotency key."""
+
+
 class QnARepository(Protocol):
-    def add(self, qna: QnA) -> None: ...
+    def add(self, qna: QnA) -> None:
+        """Insert; raises DuplicateIdempotencyKey when the key is already held."""
+        ...
 
     def save(self, qna: QnA) -> None:
         """Write back the changes made to a record got from `get` or `add`."""
@@ -67,6 +73,12 @@ class QnARepository(Protocol):
         ...
 
     def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]: ...
+
+    def get_by_idempotency_key(self, key: str) -> QnA | None: ...
+
+    def release_idempotency_key(self, qna_id: UUID) -> None:
+        """Free the record's key so a new ask can take it."""
+        ...
 
 
 class UnitOfWork(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -11,12 +12,35 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from qna.application.ports import LLM, PageKey, QnARepository, UnitOfWorkFactory
-from qna.domain.errors import LLMError, NotFound, QnAError
-from qna.domain.model import DEFAULT_MAX_QUESTION_LENGTH, QnA, normalise_for_cache, parse_question
+from qna.application.ports import (
+    LLM,
+    DuplicateIdempotencyKey,
+    PageKey,
+    QnARepository,
+    UnitOfWork,
+    UnitOfWorkFactory,
+)
+from qna.domain.errors import (
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+    LLMError,
+    NotFound,
+    QnAError,
+)
+from qna.domain.model import (
+    DEFAULT_MAX_QUESTION_LENGTH,
+    QnA,
+    Status,
+    normalise_for_cache,
+    parse_question,
+)
 
 Clock = Callable[[], datetime]
 Timer = Callable[[], float]
+
+
+#: Longer than any ask can take (the LLM deadline) with room to spare.
+DEFAULT_ABANDON_AFTER = timedelta(minutes=5)
 
 
 def utc_now() -> datetime:
@@ -39,7 +63,14 @@ class AskQuestion:
     No database connection is held while the LLM thinks: the question is committed in
     one short transaction, the LLM is called with no transaction open, and the outcome
     is committed in a second one. A failed call is recorded as failed, then raised.
+
+    With an idempotency key, the database's unique constraint on the key decides
+    which of several concurrent requests asks the LLM; the others wait for its record
+    and return it. A failed or expired record frees its key for a new ask.
     """
+
+    #: How often a request waits for the one that holds its key.
+    POLL_S = 0.05
 
     def __init__(
         self,
@@ -48,20 +79,34 @@ class AskQuestion:
         *,
         max_question_length: int = DEFAULT_MAX_QUESTION_LENGTH,
         cache_ttl: timedelta | None = None,
+        idempotency_ttl: timedelta = timedelta(hours=24),
+        in_flight_wait: timedelta = timedelta(seconds=10),
         clock: Clock = utc_now,
         timer: Timer = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._uow = uow
         self._llm = llm
         self._max_question_length = max_question_length
         self._cache_ttl = cache_ttl
+        self._idempotency_ttl = idempotency_ttl
+        self._in_flight_wait = in_flight_wait.total_seconds()
         self._clock = clock
         self._timer = timer
+        self._sleep = sleep
 
-    def __call__(self, question: str, *, fresh: bool = False) -> QnA:
+    def __call__(
+        self, question: str, *, fresh: bool = False, idempotency_key: str | None = None
+    ) -> QnA:
         text = parse_question(question, max_length=self._max_question_length)
         qna = QnA.ask(text, model=self._llm.model, now=self._clock())
+        if idempotency_key is None:
+            return self._ask(qna, fresh=fresh)
+        qna.idempotency_key = idempotency_key
+        qna.request_fingerprint = _fingerprint(text, fresh)
+        return self._ask_once(qna, fresh=fresh)
 
+    def _ask(self, qna: QnA, *, fresh: bool) -> QnA:
         with self._uow() as uow:
             source = None if fresh else self._cached_source(uow.qnas, qna)
             if source is not None:
@@ -73,7 +118,7 @@ class AskQuestion:
 
         started = self._timer()
         try:
-            completion = self._llm.complete(text)
+            completion = self._llm.complete(qna.question)
         except LLMError as error:
             qna.record_failure(error, latency_ms=self._elapsed_ms(started), now=self._clock())
             self._save(qna)
@@ -89,6 +134,41 @@ class AskQuestion:
         )
         self._save(qna)
         return qna
+
+    def _ask_once(self, qna: QnA, *, fresh: bool) -> QnA:
+        key = qna.idempotency_key
+        assert key is not None
+        give_up_at = self._timer() + self._in_flight_wait
+        while True:
+            try:
+                return self._ask(qna, fresh=fresh)
+            except DuplicateIdempotencyKey:
+                pass
+            with self._uow() as uow:
+                holder = uow.qnas.get_by_idempotency_key(key)
+                if holder is not None and self._frees_its_key(holder, qna):
+                    uow.qnas.release_idempotency_key(holder.id)
+                    uow.commit()
+                    continue
+            if holder is None:
+                continue  # released between our insert and our read: try to take it
+            if holder.status is Status.ANSWERED:
+                return holder
+            if self._timer() >= give_up_at:
+                raise IdempotencyKeyInFlight(
+                    "A request with this Idempotency-Key is still being answered; retry later."
+                )
+            self._sleep(self.POLL_S)
+
+    def _frees_its_key(self, holder: QnA, asking: QnA) -> bool:
+        if holder.created_at < asking.created_at - self._idempotency_ttl:
+            return True  # expired: the key is anybody's again
+        if holder.request_fingerprint != asking.request_fingerprint:
+            raise IdempotencyKeyReused(
+                "This Idempotency-Key was already used with a different request."
+            )
+        # A failed ask is retried for real; the failed record stays in the history.
+        return holder.status is Status.FAILED
 
     def _cached_source(self, repository: QnARepository, qna: QnA) -> QnA | None:
         if self._cache_ttl is None:
@@ -109,13 +189,23 @@ class AskQuestion:
 
 
 class GetQnA:
-    def __init__(self, uow: UnitOfWorkFactory) -> None:
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        *,
+        abandon_after: timedelta = DEFAULT_ABANDON_AFTER,
+        clock: Clock = utc_now,
+    ) -> None:
         self._uow = uow
+        self._abandon_after = abandon_after
+        self._clock = clock
 
     def __call__(self, qna_id: UUID | str) -> QnA:
         key = _parse_id(qna_id)
         with self._uow() as uow:
             qna = uow.qnas.get(key) if key is not None else None
+            if qna is not None:
+                _close_abandoned(uow, [qna], now=self._clock(), after=self._abandon_after)
         if qna is None:
             raise NotFound(f"No question with id {qna_id}.")
         return qna
@@ -133,8 +223,16 @@ class ListQnA:
 
     MAX_LIMIT = 100
 
-    def __init__(self, uow: UnitOfWorkFactory) -> None:
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        *,
+        abandon_after: timedelta = DEFAULT_ABANDON_AFTER,
+        clock: Clock = utc_now,
+    ) -> None:
         self._uow = uow
+        self._abandon_after = abandon_after
+        self._clock = clock
 
     def __call__(self, *, limit: int = 20, cursor: str | None = None) -> Page:
         if not 1 <= limit <= self.MAX_LIMIT:
@@ -143,9 +241,52 @@ class ListQnA:
         with self._uow() as uow:
             # One extra row tells whether another page follows without a COUNT.
             rows = list(uow.qnas.list(limit=limit + 1, before=before))
+            _close_abandoned(uow, rows, now=self._clock(), after=self._abandon_after)
         items = rows[:limit]
         has_more = len(rows) > limit
         return Page(items=items, next_cursor=encode_cursor(items[-1]) if has_more else None)
+
+
+class ReapAbandoned:
+    """Mark as failed every record whose asker died mid-ask (run at server start)."""
+
+    BATCH = 500
+
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        *,
+        abandon_after: timedelta = DEFAULT_ABANDON_AFTER,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._uow = uow
+        self._abandon_after = abandon_after
+        self._clock = clock
+
+    def __call__(self) -> int:
+        closed = 0
+        while True:
+            now = self._clock()
+            with self._uow() as uow:
+                stale = uow.qnas.list_pending(
+                    created_before=now - self._abandon_after, limit=self.BATCH
+                )
+                _close_abandoned(uow, stale, now=now, after=self._abandon_after)
+            closed += len(stale)
+            if len(stale) < self.BATCH:
+                return closed
+
+
+def _close_abandoned(
+    uow: UnitOfWork, records: Sequence[QnA], *, now: datetime, after: timedelta
+) -> None:
+    """A pending record older than any ask can last is reported, and stored, as failed."""
+    abandoned = [qna for qna in records if qna.is_abandoned(now=now, after=after)]
+    for qna in abandoned:
+        qna.abandon(now=now)
+        uow.qnas.save(qna)
+    if abandoned:
+        uow.commit()
 
 
 def encode_cursor(qna: QnA) -> str:
@@ -175,6 +316,10 @@ def decode_cursor(cursor: str) -> PageKey:
     if key.created_at.tzinfo is None:
         raise refused
     return key
+
+
+def _fingerprint(question: str, fresh: bool) -> str:
+    return hashlib.sha256(json.dumps([question, fresh]).encode()).hexdigest()
 
 
 def _parse_id(qna_id: UUID | str) -> UUID | None:

@@ -24,6 +24,18 @@ class NotFound(QnAError):
     code = "not_found"
 
 
+class IdempotencyKeyReused(QnAError):
+    """The key was used before with a different request."""
+
+    code = "idempotency_key_reused"
+
+
+class IdempotencyKeyInFlight(QnAError):
+    """The first request with this key is still being answered."""
+
+    code = "idempotency_key_in_flight"
+
+
 class StorageUnavailable(QnAError):
     """The database could not be reached or refused the work."""
 

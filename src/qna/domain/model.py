@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID, uuid4
 
 from qna.domain.errors import InvalidQuestion, LLMError
@@ -80,6 +80,10 @@ class QnA:
     answered_at: datetime | None = None
     #: Set when the answer was served from an earlier record instead of the LLM.
     source_id: UUID | None = None
+    #: A client's retry key; unique among stored records while it is held.
+    idempotency_key: str | None = None
+    #: Tells whether a retry with the same key is the same request.
+    request_fingerprint: str | None = None
 
     @classmethod
     def ask(cls, question: str, *, model: str, now: datetime) -> QnA:
@@ -122,6 +126,10 @@ class QnA:
         self.error_message = error.message
         self.latency_ms = latency_ms
         self.answered_at = now
+
+    def is_abandoned(self, *, now: datetime, after: timedelta) -> bool:
+        """Still pending long after any ask could have finished: its asker died."""
+        return self.status is Status.PENDING and self.created_at < now - after
 
     def abandon(self, *, now: datetime) -> None:
         """Close a record whose asker died before the LLM answered."""

@@ -100,6 +100,10 @@ class QnARow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     source_id: Mapped[UUID | None] = mapped_column(Uuid, ForeignKey("qn_a.id", ondelete="SET NULL"))
+    # Unique: the database, not process memory, decides which of two concurrent
+    # requests with one key asks the LLM (NULLs do not collide).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
     @staticmethod
     def values_from(qna: QnA) -> dict[str, Any]:
@@ -119,6 +123,8 @@ class QnARow(Base):
             "created_at": qna.created_at,
             "answered_at": qna.answered_at,
             "source_id": qna.source_id,
+            "idempotency_key": qna.idempotency_key,
+            "request_fingerprint": qna.request_fingerprint,
         }
 
     def to_domain(self) -> QnA:
@@ -137,4 +143,6 @@ class QnARow(Base):
             created_at=self.created_at,
             answered_at=self.answered_at,
             source_id=self.source_id,
+            idempotency_key=self.idempotency_key,
+            request_fingerprint=self.request_fingerprint,
         )

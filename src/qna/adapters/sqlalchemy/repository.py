@@ -9,12 +9,12 @@ from typing import Self
 from uuid import UUID
 
 from sqlalchemy import and_, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS, storage_unavailable
 from qna.adapters.sqlalchemy.orm import QnARow, question_key
-from qna.application.ports import PageKey
+from qna.application.ports import DuplicateIdempotencyKey, PageKey
 from qna.domain.model import QnA, Status
 
 
@@ -23,7 +23,13 @@ class SqlAlchemyQnARepository:
         self._session = session
 
     def add(self, qna: QnA) -> None:
-        self._session.execute(insert(QnARow).values(QnARow.values_from(qna)))
+        try:
+            self._session.execute(insert(QnARow).values(QnARow.values_from(qna)))
+        except IntegrityError as exc:
+            # Both PostgreSQL and SQLite name the constraint or column in the message.
+            if qna.idempotency_key is not None and "idempotency_key" in str(exc.orig):
+                raise DuplicateIdempotencyKey(qna.idempotency_key) from exc
+            raise
 
     def save(self, qna: QnA) -> None:
         values = QnARow.values_from(qna)
@@ -69,6 +75,16 @@ class SqlAlchemyQnARepository:
             .limit(limit)
         )
         return [row.to_domain() for row in self._session.scalars(query)]
+
+    def get_by_idempotency_key(self, key: str) -> QnA | None:
+        query = select(QnARow).where(QnARow.idempotency_key == key)
+        row = self._session.scalars(query).first()
+        return row.to_domain() if row is not None else None
+
+    def release_idempotency_key(self, qna_id: UUID) -> None:
+        self._session.execute(
+            update(QnARow).where(QnARow.id == qna_id).values(idempotency_key=None)
+        )
 
 
 class SqlAlchemyUnitOfWork:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 
 from flask import Flask, Response, g, request
 
 from qna.config import Settings
-from qna.container import Container, create_container
+from qna.container import Container, create_container, upgrade_database
 from qna.entrypoints.http import views
 from qna.entrypoints.http.errors import register_error_handlers
 from qna.entrypoints.http.openapi import openapi_document
+from qna.entrypoints.http.security import install_auth, install_rate_limit
 
 log = logging.getLogger("qna.http")
 
@@ -34,14 +36,44 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     app.extensions["qna.openapi"] = openapi_document(
         max_question_length=container.config.max_question_length(),
         max_body_bytes=container.config.max_body_bytes(),
-        auth=False,
+        auth=bool(container.config.api_tokens()),
     )
     container.logging.init()
     container.wire(modules=[views])
     app.register_blueprint(views.bp)
     register_error_handlers(app)
     _install_request_log(app)
+    _install_schema_guard(app, container)
+    # Authentication runs before rate limiting: a request without a valid token is
+    # turned away before it costs anything.
+    tokens: list[str] = container.config.api_tokens() or []
+    install_auth(app, tokens)
+    install_rate_limit(app, container.config.rate_limit(), container.config.rate_limit_storage())
     return app
+
+
+_DATABASE_ENDPOINTS = frozenset({"qna.ask", "qna.list_questions", "qna.get_question"})
+
+
+def _install_schema_guard(app: Flask, container: Container) -> None:
+    """Migrate on the first request that needs the database, if start-up could not.
+
+    `qna serve` migrates before the workers start; when the database was down then,
+    the server still starts, and the first request after the database comes back
+    brings the schema up (serialised across processes by the migration lock).
+    """
+    ready = threading.Event()
+    lock = threading.Lock()
+
+    @app.before_request
+    def ensure_schema() -> None:
+        if ready.is_set() or request.endpoint not in _DATABASE_ENDPOINTS:
+            return
+        with lock:
+            if not ready.is_set():
+                if not container.schema_ready():
+                    upgrade_database(container)
+                ready.set()
 
 
 def _install_request_log(app: Flask) -> None:

@@ -10,6 +10,8 @@ from werkzeug.exceptions import HTTPException
 from qna.application.use_cases import InvalidArgument
 from qna.config import ConfigurationError
 from qna.domain.errors import (
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
     InvalidQuestion,
     LLMBadResponse,
     LLMError,
@@ -46,6 +48,8 @@ STATUS_BY_ERROR: list[tuple[type[QnAError], int]] = [
     (InvalidQuestion, 400),
     (InvalidArgument, 400),
     (NotFound, 404),
+    (IdempotencyKeyInFlight, 409),
+    (IdempotencyKeyReused, 422),
     (StorageUnavailable, 503),
     (LLMRateLimited, 503),
     (LLMUnavailable, 503),
@@ -134,5 +138,6 @@ _HTTP_MESSAGES = {
     404: "There is nothing at this URL.",
     405: "This URL does not accept that method.",
     413: "The request body is too large.",
+    429: "Too many requests; retry after the number of seconds in Retry-After.",
     431: "The request headers are too large.",
 }

@@ -79,6 +79,9 @@ def migrate_before_serving(settings: Settings) -> None:
     container = create_container(settings)
     try:
         upgrade_database(container)
+        closed = container.reap_abandoned()()
+        if closed:
+            log.warning("marked %d abandoned pending asks as failed", closed)
     except StorageUnavailable as exc:
         log.warning("not migrated at start: %s", exc.message)
     finally:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from dependency_injector.wiring import Provide, inject
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from pydantic import ValidationError
 
 from qna.application.use_cases import AskQuestion, GetQnA, ListQnA
@@ -18,6 +19,8 @@ from qna.entrypoints.http.openapi import DOCS_PAGE
 from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
 
 bp = Blueprint("qna", __name__)
+
+_SANE_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
 
 def _json_body() -> bytes:
@@ -46,11 +49,25 @@ def _parse_ask(body: bytes) -> AskRequest:
         raise ApiError(400, "invalid_request", f"{where}: {first['msg']}.") from None
 
 
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _SANE_KEY.fullmatch(key):
+        raise ApiError(
+            400,
+            "invalid_argument",
+            "Idempotency-Key must be 1 to 200 printable ASCII characters.",
+        )
+    # Scoped by caller: two clients choosing the same key never see each other's asks.
+    return f"{g.get('principal', 'anonymous')}:{key}"
+
+
 @bp.post("/ask")
 @inject
 def ask(ask_question: AskQuestion = Provide[Container.ask_question]) -> Response:
     body = _parse_ask(_json_body())
-    qna = ask_question(body.question, fresh=body.fresh)
+    qna = ask_question(body.question, fresh=body.fresh, idempotency_key=_idempotency_key())
     metrics.record_ask(qna)
     response = jsonify(QnAOut.from_domain(qna).model_dump(mode="json"))
     response.status_code = 201

@@ -1,0 +1,80 @@
+"""Who may call the API, and how often: bearer tokens and per-client rate limits."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from flask import Flask, Response, g, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+
+from qna.entrypoints.http.errors import ApiError
+
+# Open without a token: probes, and the description of the API itself.
+PUBLIC_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz", "qna.docs", "qna.openapi_json"})
+# Never rate-limited: orchestrators poll these.
+UNLIMITED_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz"})
+
+
+def principal_of(token: str) -> str:
+    """A stable, non-secret name for a token: for rate-limit buckets and key scopes."""
+    return "t:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def install_auth(app: Flask, tokens: list[str]) -> None:
+    encoded = [token.encode() for token in tokens]
+
+    @app.before_request
+    def authenticate() -> None:
+        g.principal = "anonymous"
+        if not encoded or request.endpoint in PUBLIC_ENDPOINTS:
+            return
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        candidate = presented.strip().encode()
+        # Compare against every token, in constant time each, so neither the match nor
+        # its position leaks through timing.
+        matched = False
+        for token in encoded:
+            matched |= hmac.compare_digest(candidate, token)
+        if scheme.lower() != "bearer" or not candidate or not matched:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "Send a valid token as 'Authorization: Bearer <token>'.",
+                {"WWW-Authenticate": 'Bearer realm="qna"'},
+            )
+        g.principal = principal_of(candidate.decode(errors="replace"))
+
+
+def _client_key() -> str:
+    principal = g.get("principal", "anonymous")
+    return principal if principal != "anonymous" else "a:" + (get_remote_address() or "?")
+
+
+def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | None:
+    if not limit.strip():
+        return None
+
+    # Registered before the limiter's own hook, so it runs after it (Flask runs
+    # after_request hooks in reverse): the limiter adds Retry-After to every response,
+    # which would tell clients of a successful request to wait.
+    @app.after_request
+    def retry_after_only_when_refused(response: Response) -> Response:
+        if response.status_code not in (429, 503):
+            response.headers.pop("Retry-After", None)
+        return response
+
+    limiter = Limiter(
+        _client_key,
+        app=app,
+        default_limits=[limit],
+        storage_uri=storage_uri,
+        headers_enabled=True,
+        retry_after="delta-seconds",
+        default_limits_exempt_when=lambda: request.endpoint in UNLIMITED_ENDPOINTS,
+        # A rate-limit store that is down must not take the whole API with it.
+        swallow_errors=True,
+        key_prefix="qna",
+    )
+    return limiter

@@ -1,0 +1,194 @@
+"""Idempotency keys and abandoned asks, over the in-memory fakes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandoned
+from qna.domain.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, LLMUnavailable
+from qna.domain.model import QnA, Status
+from tests.fakes import FakeClock, FakeLLM, FakeTimer, FakeUnitOfWorkFactory
+
+
+class Sleeper:
+    """A sleep that advances the fake timer instead of waiting."""
+
+    def __init__(self, timer: FakeTimer) -> None:
+        self.timer = timer
+        self.calls = 0
+
+    def __call__(self, seconds: float) -> None:
+        self.calls += 1
+        self.timer.advance(seconds)
+
+
+@pytest.fixture
+def uow() -> FakeUnitOfWorkFactory:
+    return FakeUnitOfWorkFactory()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make_ask(
+    uow: FakeUnitOfWorkFactory, llm: FakeLLM, clock: FakeClock, timer: FakeTimer | None = None
+) -> AskQuestion:
+    timer = timer or FakeTimer()
+    return AskQuestion(
+        uow,
+        llm,
+        clock=clock,
+        timer=timer,
+        sleep=Sleeper(timer),
+        idempotency_ttl=timedelta(hours=1),
+        in_flight_wait=timedelta(seconds=2),
+    )
+
+
+def test_the_same_key_and_question_returns_the_first_record_without_a_second_llm_call(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    llm = FakeLLM("Paris.")
+    ask = make_ask(uow, llm, clock)
+
+    first = ask("Capital of France?", idempotency_key="k1")
+    again = ask("  Capital of France?  ", idempotency_key="k1")
+
+    assert llm.calls == 1
+    assert again.id == first.id
+    assert again.answer == "Paris."
+    assert len(uow.committed_records()) == 1
+
+
+def test_the_same_key_with_another_question_is_refused(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    llm = FakeLLM()
+    ask = make_ask(uow, llm, clock)
+    ask("One question", idempotency_key="k1")
+
+    with pytest.raises(IdempotencyKeyReused):
+        ask("Another question", idempotency_key="k1")
+    with pytest.raises(IdempotencyKeyReused):
+        ask("One question", idempotency_key="k1", fresh=True)
+
+    assert llm.calls == 1
+    assert len(uow.committed_records()) == 1
+
+
+def test_different_keys_are_different_asks(uow: FakeUnitOfWorkFactory, clock: FakeClock) -> None:
+    llm = FakeLLM()
+    ask = make_ask(uow, llm, clock)
+
+    a = ask("Same question", idempotency_key="a")
+    b = ask("Same question", idempotency_key="b")
+
+    assert a.id != b.id
+    assert llm.calls == 2
+
+
+def test_an_expired_key_can_be_used_again(uow: FakeUnitOfWorkFactory, clock: FakeClock) -> None:
+    llm = FakeLLM()
+    ask = make_ask(uow, llm, clock)
+    first = ask("Old question", idempotency_key="k")
+    clock.advance(timedelta(hours=2))
+
+    second = ask("New question", idempotency_key="k")
+
+    assert second.id != first.id
+    assert llm.calls == 2
+    assert uow.committed_records() and {q.idempotency_key for q in uow.committed_records()} == {
+        None,
+        "k",
+    }
+
+
+def test_a_failed_ask_frees_its_key_for_a_real_retry(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    llm = FakeLLM(script=[LLMUnavailable("down"), "Answer after retry."])
+    ask = make_ask(uow, llm, clock)
+    with pytest.raises(LLMUnavailable):
+        ask("Flaky?", idempotency_key="k")
+
+    retried = ask("Flaky?", idempotency_key="k")
+
+    assert retried.status is Status.ANSWERED
+    assert llm.calls == 2
+    statuses = sorted(q.status.value for q in uow.committed_records())
+    assert statuses == ["answered", "failed"]  # the failure stays in the history
+
+
+def test_a_key_still_in_flight_waits_then_gives_409(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    in_flight = QnA.ask("Slow?", model="fake-model", now=clock())
+    in_flight.idempotency_key = "k"
+    # Same fingerprint as the request below: a twin of the first request.
+    in_flight.request_fingerprint = _fingerprint_of("Slow?")
+    uow.seed(in_flight)
+    timer = FakeTimer()
+    sleeper = Sleeper(timer)
+    ask = AskQuestion(
+        uow,
+        FakeLLM(),
+        clock=clock,
+        timer=timer,
+        sleep=sleeper,
+        in_flight_wait=timedelta(seconds=1),
+    )
+
+    with pytest.raises(IdempotencyKeyInFlight):
+        ask("Slow?", idempotency_key="k")
+
+    # It polled for the whole wait (float steps may need one more), then gave up.
+    assert round(1 / AskQuestion.POLL_S) <= sleeper.calls <= round(1 / AskQuestion.POLL_S) + 1
+    assert len(uow.committed_records()) == 1
+
+
+def _fingerprint_of(question: str) -> str | None:
+    uow = FakeUnitOfWorkFactory()
+    probe = AskQuestion(uow, FakeLLM())
+    probe(question, idempotency_key="probe")
+    return uow.committed_records()[0].request_fingerprint
+
+
+def test_abandoned_pending_records_are_reported_failed_when_read(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    stale = QnA.ask("Asked by a process that died", model="m", now=clock())
+    fresh = QnA.ask("Still being answered", model="m", now=clock() + timedelta(minutes=9))
+    uow.seed(stale, fresh)
+    clock.advance(timedelta(minutes=10))
+
+    got = GetQnA(uow, abandon_after=timedelta(minutes=5), clock=clock)(stale.id)
+    page = ListQnA(uow, abandon_after=timedelta(minutes=5), clock=clock)()
+
+    assert got.status is Status.FAILED
+    assert got.error_kind == "abandoned"
+    assert {q.id: q.status for q in page.items} == {
+        stale.id: Status.FAILED,
+        fresh.id: Status.PENDING,
+    }
+    stored = {q.id: q.status for q in uow.committed_records()}
+    assert stored[stale.id] is Status.FAILED
+
+
+def test_reaper_closes_every_abandoned_record(uow: FakeUnitOfWorkFactory, clock: FakeClock) -> None:
+    stale = [QnA.ask(f"q{i}", model="m", now=clock()) for i in range(7)]
+    recent = QnA.ask("recent", model="m", now=clock() + timedelta(minutes=8))
+    uow.seed(*stale, recent)
+    clock.advance(timedelta(minutes=10))
+    reap = ReapAbandoned(uow, abandon_after=timedelta(minutes=5), clock=clock)
+    reap.BATCH = 3
+
+    closed = reap()
+
+    assert closed == 7
+    statuses = {q.id: q.status for q in uow.committed_records()}
+    assert all(statuses[q.id] is Status.FAILED for q in stale)
+    assert statuses[recent.id] is Status.PENDING
