@@ -34,6 +34,8 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("answered_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("source_id", sa.Uuid(), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=255), nullable=True),
+        sa.Column("request_fingerprint", sa.String(length=64), nullable=True),
         sa.CheckConstraint(
             "status IN ('pending', 'answered', 'failed')", name=op.f("ck_qn_a_status")
         ),
@@ -41,6 +43,7 @@ def upgrade() -> None:
             ["source_id"], ["qn_a.id"], name=op.f("fk_qn_a_source_id_qn_a"), ondelete="SET NULL"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_qn_a")),
+        sa.UniqueConstraint("idempotency_key", name=op.f("uq_qn_a_idempotency_key")),
     )
     op.create_index("ix_qn_a_created_at_id", "qn_a", ["created_at", "id"])
     op.create_index(
