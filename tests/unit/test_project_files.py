@@ -1,0 +1,58 @@
+"""The README, docker-compose and Dockerfile stay true to the code."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from qna.config import Settings
+from qna.entrypoints.cli import EXIT_CODES, cli
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def env_names() -> set[str]:
+    names = set()
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        choices = getattr(alias, "choices", [])
+        names.add(str(choices[0]))
+    return names
+
+
+def test_every_setting_is_in_the_readme_table_and_nothing_else() -> None:
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", README, flags=re.MULTILINE))
+    assert documented == env_names()
+
+
+def test_every_exit_code_is_in_the_readme() -> None:
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \| ", README, flags=re.MULTILINE)}
+    assert {code for _, code in EXIT_CODES} <= documented
+
+
+def test_compose_runs_the_tested_serve_command_after_a_healthy_postgres() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    app, db = compose["services"]["app"], compose["services"]["db"]
+
+    assert app["command"][:2] == ["qna", "serve"]
+    assert app["depends_on"]["db"]["condition"] == "service_healthy"
+    assert "5000:5000" in app["ports"]
+    assert app["environment"]["DATABASE_URL"].startswith("postgresql://")
+    assert db["image"] == "postgres:16"
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
+    for option in (arg for arg in app["command"] if arg.startswith("--")):
+        assert option in help_text
+
+
+def test_dockerfile_runs_the_same_command_as_compose() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+    assert cmd == compose["services"]["app"]["command"]
