@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import platformdirs
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "gpt-5-mini"
@@ -95,3 +95,24 @@ class Settings(BaseSettings):
 
 class ConfigurationError(Exception):
     """A setting is missing or wrong. The message names the variable to fix."""
+
+
+def describe_invalid_settings(exc: ValidationError) -> str:
+    """One line naming the environment variable that holds a wrong value."""
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    info = Settings.model_fields.get(field)
+    alias = getattr(info.validation_alias, "choices", [field]) if info else [field]
+    name = str(alias[0]).upper() if alias and alias[0] else "a setting"
+    return f"{name} is invalid: {first['msg']}."
+
+
+def load_settings(base: Settings | None = None, **overrides: object) -> Settings:
+    """Settings from the environment (or `base`) with `overrides`, all validated;
+    a wrong value is a ConfigurationError that names its variable."""
+    try:
+        if base is None:
+            return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ConfigurationError(describe_invalid_settings(exc)) from exc

@@ -9,11 +9,11 @@ from dependency_injector import containers, providers
 from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from qna.adapters.openai_llm import OpenAILLM
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, create_session_factory
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
 from qna.adapters.structured_logging import configure_logging
+from qna.application.ports import LLM
 from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandoned
 from qna.config import ConfigurationError, Settings
 
@@ -39,8 +39,12 @@ def llm_resource(
     request_timeout: float,
     deadline: float,
     max_attempts: int,
-) -> Iterator[OpenAILLM]:
+) -> Iterator[LLM]:
     """The LLM client and its connection pool, closed by `shutdown_resources()`."""
+    # Imported here: the openai package takes about a second to import, which
+    # `qna history`, `qna --help` and the migrations should not pay for.
+    from qna.adapters.openai_llm import OpenAILLM
+
     if api_key is None and base_url is None:
         raise ConfigurationError(
             "OPENAI_API_KEY is not set: export it, put it in .env, "

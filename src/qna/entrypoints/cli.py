@@ -10,14 +10,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from importlib.metadata import version
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 from pydantic import ValidationError
 
 from qna.application.use_cases import InvalidArgument
-from qna.config import ConfigurationError, Settings
-from qna.container import Container, create_container, shutdown, upgrade_database
+from qna.config import ConfigurationError, Settings, describe_invalid_settings
 from qna.domain.errors import (
     InvalidQuestion,
     LLMBadResponse,
@@ -31,6 +30,9 @@ from qna.domain.errors import (
 )
 from qna.domain.model import QnA, Status
 from qna.entrypoints.presenters import qna_to_dict
+
+if TYPE_CHECKING:
+    from qna.container import Container
 
 # Documented in the README ("Exit codes"); scripts may rely on them.
 EXIT_INTERNAL = 1
@@ -66,12 +68,6 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _settings_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    name = str(first["loc"][0]).upper() if first["loc"] else "a setting"
-    return f"{name} is invalid: {first['msg']}."
-
-
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn every expected failure into one line on stderr and its exit code."""
 
@@ -80,7 +76,7 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except ValidationError as exc:
-            fail(_settings_error(exc), exit_code_for(ConfigurationError()))
+            fail(describe_invalid_settings(exc), exit_code_for(ConfigurationError()))
         except (ConfigurationError, InvalidQuestion, InvalidArgument, NotFound) as exc:
             fail(str(exc), exit_code_for(exc))
         except (StorageUnavailable, LLMError) as exc:
@@ -97,19 +93,26 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
 
 
 class AppContext:
-    """Builds the container on first use, so `--help` works with no settings at all."""
+    """Builds the container on first use, so `--help` works with no settings at all
+    (and fast: the container's imports load only when a command needs them)."""
 
     def __init__(self) -> None:
         self._container: Container | None = None
+        self._migrated = False
 
     def container(self, *, migrate: bool = True) -> Container:
+        from qna.container import create_container, upgrade_database
+
         if self._container is None:
             self._container = create_container(Settings())
-            if migrate:
-                upgrade_database(self._container)
+        if migrate and not self._migrated:
+            upgrade_database(self._container)
+            self._migrated = True
         return self._container
 
     def close(self) -> None:
+        from qna.container import shutdown
+
         if self._container is not None:
             shutdown(self._container)
 
@@ -186,6 +189,9 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     """
     if question == "-":
         question = sys.stdin.read()
+    # A missing API key is a configuration error, reported before the database is
+    # touched: with no key and no database, the key is the thing to fix first.
+    app.container(migrate=False).llm()
     container = app.container()
     ask_question = container.ask_question()
     with progress(f"Asking {container.config.model()}…"):
@@ -256,8 +262,7 @@ def db() -> None:
 @handles_errors
 def db_upgrade(app: AppContext) -> None:
     """Apply every pending migration (also done automatically on start)."""
-    app.container(migrate=False)
-    upgrade_database(app.container())
+    app.container()
     click.echo("database is up to date")
 
 

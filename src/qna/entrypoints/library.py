@@ -16,7 +16,7 @@ from typing import Any, Self
 from uuid import UUID
 
 from qna.application.use_cases import Page
-from qna.config import Settings
+from qna.config import Settings, load_settings
 from qna.container import Container, create_container, shutdown, upgrade_database
 from qna.domain.model import QnA
 
@@ -64,10 +64,10 @@ def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
     Keyword overrides use the settings' names, e.g.
     `connect(database_url="sqlite:///qna.db", openai_base_url="http://localhost:11434/v1")`.
     """
-    if settings is None:
-        settings = Settings(**overrides)
-    elif overrides:
-        settings = settings.model_copy(update=overrides)
-    container = create_container(settings)
-    upgrade_database(container)
+    container = create_container(load_settings(settings, **overrides))
+    try:
+        upgrade_database(container)
+    except BaseException:
+        shutdown(container)
+        raise
     return Client(container)

@@ -1,0 +1,517 @@
+"""The `qna` command as a user runs it, in-process through Click's runner.
+
+Every test talks to a real database (SQLite and PostgreSQL, via `database_url`) and to a
+real OpenAI-compatible HTTP server (`FakeOpenAI`); only the process boundary is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from click.testing import CliRunner, Result
+
+from qna.config import DEFAULT_MODEL
+from qna.entrypoints.cli import cli
+from tests.e2e.helpers import error_line, stored_rows
+from tests.support.fake_openai import (
+    DEFAULT_ANSWER,
+    Delay,
+    Drop,
+    FakeOpenAI,
+    Raw,
+    Status,
+    Step,
+    chat_completion,
+)
+
+QUESTION = "What is the capital of France?"
+
+
+def qna(*args: str, input: str | None = None) -> Result:
+    result = CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def qna_json(*args: str) -> Any:
+    result = qna(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def fake(fake_openai: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAI:
+    """qna configured for the fake LLM and the test database, as a user would by env."""
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    return fake_openai
+
+
+@pytest.fixture
+def one_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QNA_LLM_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("QNA_LLM_TIMEOUT_S", "0.3")
+
+
+# -- asking ------------------------------------------------------------------------------------
+
+
+def test_ask_prints_the_answer(fake: FakeOpenAI, database_url: str) -> None:
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == DEFAULT_ANSWER + "\n"
+    assert result.stderr == ""
+    assert fake.calls == 1
+    assert fake.requests[0]["messages"] == [{"role": "user", "content": QUESTION}]
+    assert [row["question"] for row in stored_rows(database_url)] == [QUESTION]
+
+
+def test_ask_works_with_an_api_key_as_well(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == DEFAULT_ANSWER + "\n"
+
+
+def test_ask_json_prints_the_stored_record(fake: FakeOpenAI, database_url: str) -> None:
+    fake.latency = 0.05
+
+    record = qna_json("ask", QUESTION)
+
+    assert record["status"] == "answered"
+    assert record["question"] == QUESTION
+    assert record["answer"] == DEFAULT_ANSWER
+    assert record["model"] == DEFAULT_MODEL
+    assert record["error"] is None
+    # The fake counts words: this checks the usage is carried through, not invented.
+    assert record["prompt_tokens"] == len(QUESTION.split())
+    assert record["completion_tokens"] == len(DEFAULT_ANSWER.split())
+    assert record["latency_ms"] >= 50
+    assert record["created_at"].endswith("Z") and record["answered_at"].endswith("Z")
+    [row] = stored_rows(database_url)
+    assert row["id"] == UUID(record["id"])
+    assert (
+        row["status"],
+        row["model"],
+        row["prompt_tokens"],
+        row["completion_tokens"],
+        row["latency_ms"],
+    ) == (
+        "answered",
+        record["model"],
+        record["prompt_tokens"],
+        record["completion_tokens"],
+        record["latency_ms"],
+    )
+
+
+def test_ask_asks_for_the_configured_model(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QNA_MODEL", "my-local-model")
+
+    record = qna_json("ask", QUESTION)
+
+    assert fake.requests[0]["model"] == "my-local-model"
+    assert record["model"] == record["response_model"] == "my-local-model"
+
+
+def test_settings_are_read_from_dot_env_in_the_working_directory(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text("QNA_MODEL=model-from-dotenv\n", encoding="utf-8")
+
+    record = qna_json("ask", QUESTION)
+
+    assert record["model"] == "model-from-dotenv"
+    assert fake.requests[0]["model"] == "model-from-dotenv"
+
+
+def test_ask_dash_reads_the_question_from_stdin(fake: FakeOpenAI, database_url: str) -> None:
+    result = qna("ask", "-", input="What is\nthe capital of France?\n")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == DEFAULT_ANSWER + "\n"
+    # The trailing newline of a piped question is not part of it.
+    assert fake.requests[0]["messages"][0]["content"] == "What is\nthe capital of France?"
+    assert [row["question"] for row in stored_rows(database_url)] == [
+        "What is\nthe capital of France?"
+    ]
+
+
+def test_retries_a_transient_failure_and_answers(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QNA_LLM_MAX_ATTEMPTS", "2")
+    fake.script(Status(503, headers={"Retry-After": "0"}))
+
+    record = qna_json("ask", QUESTION)
+
+    assert record["status"] == "answered"
+    assert fake.calls == 2
+
+
+def test_the_cache_answers_a_repeated_question_unless_fresh(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QNA_CACHE_TTL", "3600")
+    first = qna_json("ask", QUESTION)
+
+    cached = qna_json("ask", "  what is the CAPITAL of   France? ")
+    assert fake.calls == 1
+    assert cached["source_id"] == first["id"]
+    assert cached["answer"] == first["answer"]
+
+    fresh = qna_json("ask", "--fresh", QUESTION)
+    assert fake.calls == 2
+    assert fresh["source_id"] is None
+
+
+# -- history and show ----------------------------------------------------------------------
+
+
+def test_history_lists_what_was_asked(fake: FakeOpenAI) -> None:
+    asked = qna_json("ask", QUESTION)
+
+    page = qna_json("history")
+    assert [item["id"] for item in page["items"]] == [asked["id"]]
+    assert page["items"][0] == asked
+    assert page["next"] is None
+
+    text = qna("history")
+    assert text.exit_code == 0
+    assert asked["id"] in text.stdout
+    assert QUESTION in text.stdout
+    assert DEFAULT_ANSWER in text.stdout
+
+
+def test_history_pages_with_limit_and_cursor(fake: FakeOpenAI) -> None:
+    ids = [qna_json("ask", f"Question number {n}?")["id"] for n in range(3)]
+    newest_first = ids[::-1]
+
+    first = qna_json("history", "-n", "2")
+    assert [item["id"] for item in first["items"]] == newest_first[:2]
+    assert first["next"]
+
+    second = qna_json("history", "-n", "2", "--cursor", first["next"])
+    assert [item["id"] for item in second["items"]] == newest_first[2:]
+    assert second["next"] is None
+
+    text = qna("history", "-n", "2")
+    assert f"qna history --cursor {first['next']}" in text.stdout
+
+
+def test_history_of_an_empty_database_is_empty(fake: FakeOpenAI) -> None:
+    assert qna_json("history") == {"items": [], "next": None}
+    assert fake.calls == 0
+
+
+def test_history_refuses_a_cursor_it_did_not_give_out(fake: FakeOpenAI) -> None:
+    result = qna("history", "--cursor", "not-a-cursor")
+
+    assert result.exit_code == 4
+    assert "cursor" in error_line(result.stderr)
+
+
+@pytest.mark.parametrize("limit", ["0", "101", "many"])
+def test_history_limit_out_of_range_is_a_usage_error(fake: FakeOpenAI, limit: str) -> None:
+    result = qna("history", "-n", limit)
+
+    assert result.exit_code == 2
+    assert "-n" in result.stderr or "--limit" in result.stderr
+
+
+def test_show_prints_one_record(fake: FakeOpenAI) -> None:
+    asked = qna_json("ask", QUESTION)
+
+    result = qna("show", asked["id"])
+
+    assert result.exit_code == 0, result.stderr
+    assert f"id:       {asked['id']}" in result.stdout
+    assert "status:   answered" in result.stdout
+    assert f"question: {QUESTION}" in result.stdout
+    assert f"answer:   {DEFAULT_ANSWER}" in result.stdout
+    assert f"tokens:   {asked['prompt_tokens']} prompt" in result.stdout
+    assert qna_json("show", asked["id"]) == asked
+
+
+def test_show_an_unknown_id_exits_5(fake: FakeOpenAI) -> None:
+    unknown = str(uuid4())
+
+    result = qna("show", unknown)
+
+    assert result.exit_code == 5
+    assert unknown in error_line(result.stderr)
+    assert result.stdout == ""
+
+
+def test_show_something_that_is_not_an_id_exits_5(fake: FakeOpenAI) -> None:
+    result = qna("show", "garbage")
+
+    assert result.exit_code == 5
+    assert "garbage" in error_line(result.stderr)
+
+
+# -- questions refused before anything happens ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("question", "max_length"),
+    [
+        pytest.param("", None, id="empty"),
+        pytest.param("   ", None, id="blank"),
+        pytest.param("\u200b\ufeff", None, id="invisible"),
+        pytest.param("x" * 11, "10", id="over-a-set-limit"),
+        pytest.param("x" * 4001, None, id="over-the-default-limit"),
+        pytest.param("a\x00b", None, id="nul"),
+        pytest.param("a\x1bb", None, id="escape"),
+    ],
+)
+def test_an_invalid_question_exits_4_and_stores_nothing(
+    fake: FakeOpenAI,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    question: str,
+    max_length: str | None,
+) -> None:
+    if max_length is not None:
+        monkeypatch.setenv("QNA_MAX_QUESTION_LENGTH", max_length)
+
+    result = qna("ask", question)
+
+    assert result.exit_code == 4
+    error_line(result.stderr)
+    assert result.stdout == ""
+    assert stored_rows(database_url) == []
+    assert fake.calls == 0
+
+
+def test_an_invalid_question_on_stdin_exits_4(fake: FakeOpenAI, database_url: str) -> None:
+    result = qna("ask", "-", input="\n\n")
+
+    assert result.exit_code == 4
+    assert "empty" in error_line(result.stderr)
+    assert stored_rows(database_url) == []
+
+
+@pytest.mark.parametrize(
+    ("question", "max_length"),
+    [
+        pytest.param("x" * 10, "10", id="at-a-set-limit"),
+        pytest.param("x" * 4000, None, id="at-default"),
+    ],
+)
+def test_a_question_at_the_limit_is_asked(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, question: str, max_length: str | None
+) -> None:
+    if max_length is not None:
+        monkeypatch.setenv("QNA_MAX_QUESTION_LENGTH", max_length)
+
+    result = qna("ask", question)
+
+    assert result.exit_code == 0, result.stderr
+    assert fake.calls == 1
+
+
+# -- the LLM failing --------------------------------------------------------------------------
+
+NO_CHOICES = json.dumps({**chat_completion(text="x", model="m"), "choices": []}).encode()
+
+
+@pytest.mark.parametrize(
+    ("step", "exit_code", "error_kind"),
+    [
+        pytest.param(Status(500), 7, "llm_unavailable", id="500"),
+        pytest.param(Status(503), 7, "llm_unavailable", id="503"),
+        pytest.param(Drop(), 7, "llm_unavailable", id="dropped-connection"),
+        pytest.param(Status(429), 8, "llm_rate_limited", id="429"),
+        pytest.param(Delay(3), 9, "llm_timeout", id="timeout"),
+        pytest.param(Status(401), 10, "llm_refused", id="401"),
+        pytest.param(Status(404), 10, "llm_refused", id="404-unknown-model"),
+        pytest.param(Raw(body=b"not json"), 11, "llm_bad_response", id="malformed-body"),
+        pytest.param(Raw(body=NO_CHOICES), 11, "llm_bad_response", id="no-choices"),
+    ],
+)
+@pytest.mark.usefixtures("one_attempt")
+def test_an_llm_failure_exits_with_its_code_and_is_recorded(
+    fake: FakeOpenAI, database_url: str, step: Step, exit_code: int, error_kind: str
+) -> None:
+    fake.script(step)
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == exit_code
+    line = error_line(result.stderr)
+    assert result.stdout == ""
+    assert fake.calls == 1
+    [item] = qna_json("history")["items"]
+    assert item["status"] == "failed"
+    assert item["answer"] is None
+    assert item["question"] == QUESTION
+    assert item["error"]["code"] == error_kind
+    assert item["error"]["message"]
+    assert f"(recorded as {item['id']})" in line
+    [row] = stored_rows(database_url)
+    assert (row["status"], row["error_kind"]) == ("failed", error_kind)
+
+
+@pytest.mark.usefixtures("one_attempt")
+def test_a_failed_ask_shows_as_failed(fake: FakeOpenAI) -> None:
+    fake.script(Status(429))
+    qna("ask", QUESTION)
+    [item] = qna_json("history")["items"]
+
+    result = qna("show", item["id"])
+
+    assert "status:   failed" in result.stdout
+    assert "answer:   [failed: llm_rate_limited]" in result.stdout
+    assert "[failed: llm_rate_limited]" in qna("history").stdout
+
+
+def test_an_api_key_in_an_error_is_not_shown(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-test-0123456789SECRET"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.setenv("QNA_LLM_MAX_ATTEMPTS", "1")
+    fake.script(Status(401, body={"error": {"message": f"Incorrect API key provided: {key}."}}))
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 10
+    assert key not in error_line(result.stderr)
+    assert key not in qna("history", "--json").stdout
+
+
+# -- configuration and the database -----------------------------------------------------------
+
+
+def test_no_api_key_and_no_base_url_exits_3_naming_the_key(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3
+    assert "OPENAI_API_KEY" in error_line(result.stderr)
+    assert stored_rows(database_url) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("QNA_LLM_MAX_ATTEMPTS", "abc"),
+        ("QNA_LLM_MAX_ATTEMPTS", "0"),
+        ("QNA_LLM_TIMEOUT_S", "-1"),
+        ("QNA_MAX_QUESTION_LENGTH", "0"),
+        ("QNA_DB_POOL_SIZE", "lots"),
+    ],
+)
+def test_an_invalid_setting_exits_3_naming_it(
+    fake: FakeOpenAI, name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, value)
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3
+    assert name in error_line(result.stderr)
+    assert fake.calls == 0
+
+
+def test_a_database_url_that_is_not_one_exits_3(
+    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", "not a url")
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3
+    assert "DATABASE_URL" in error_line(result.stderr)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],
+    ids=["ask", "history", "show", "db-upgrade"],
+)
+def test_an_unreachable_database_exits_6(
+    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:secret@127.0.0.1:1/x")
+    monkeypatch.setenv("QNA_DB_CONNECT_TIMEOUT_S", "2")
+
+    result = qna(*args)
+
+    assert result.exit_code == 6
+    line = error_line(result.stderr)
+    assert "secret" not in line
+    assert fake_openai.calls == 0
+
+
+def test_db_upgrade_says_up_to_date(fake: FakeOpenAI) -> None:
+    result = qna("db", "upgrade")
+
+    assert result.exit_code == 0, result.stderr
+    assert "up to date" in result.stdout
+
+
+def test_db_upgrade_creates_the_table_in_a_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'new' / 'qna.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+
+    result = qna("db", "upgrade")
+
+    assert result.exit_code == 0, result.stderr
+    assert "up to date" in result.stdout
+    assert stored_rows(url) == []  # the table exists, and is empty
+
+
+# -- help and version -------------------------------------------------------------------------
+
+
+def test_version() -> None:
+    result = qna("--version")
+
+    assert result.exit_code == 0
+    assert result.stdout.startswith("qna, version ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--help",), "ask"),
+        (("-h",), "history"),
+        (("ask", "--help"), "Exit codes"),
+        (("history", "--help"), "--cursor"),
+        (("show", "--help"), "ID"),
+        (("db", "upgrade", "--help"), "migration"),
+    ],
+)
+def test_help_needs_no_settings(args: tuple[str, ...], expected: str) -> None:
+    result = qna(*args)
+
+    assert result.exit_code == 0
+    assert expected in result.stdout
+    assert result.stderr == ""
+
+
+def test_an_unknown_command_is_a_usage_error() -> None:
+    result = qna("frobnicate")
+
+    assert result.exit_code == 2
+    assert "frobnicate" in result.stderr

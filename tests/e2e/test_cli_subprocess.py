@@ -1,0 +1,235 @@
+"""The installed `qna` console script, run as a real process with pipes for its streams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+from tests.e2e.helpers import error_line, settings_free_environ, stored_rows
+from tests.support.fake_openai import DEFAULT_ANSWER, FakeOpenAI, Status
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+# platformdirs follows XDG only on Linux; elsewhere the default file lives elsewhere.
+xdg_only = pytest.mark.skipif(sys.platform != "linux", reason="the XDG default is Linux's")
+
+
+def qna_command() -> list[str]:
+    # The script next to this interpreter is the one the package installed.
+    script = shutil.which("qna", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "qna"]
+
+
+def run(
+    *args: str, env: dict[str, str], input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run(
+        [*qna_command(), *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in completed.stderr
+    return completed
+
+
+@pytest.fixture
+def env(fake_openai: FakeOpenAI, tmp_path: Path) -> dict[str, str]:
+    """The environment of a user with no database configured yet."""
+    home = tmp_path / "home"
+    return {
+        **settings_free_environ(),
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "OPENAI_BASE_URL": fake_openai.base_url,
+    }
+
+
+@pytest.fixture
+def db_env(env: dict[str, str], database_url: str) -> dict[str, str]:
+    return {**env, "DATABASE_URL": database_url}
+
+
+def ask_json(question: str, env: dict[str, str]) -> Any:
+    completed = run("ask", "--json", question, env=env)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+def test_ask_prints_exactly_the_answer(
+    fake_openai: FakeOpenAI, db_env: dict[str, str], database_url: str
+) -> None:
+    # Some latency, so a progress indicator would have time to draw if it were shown.
+    fake_openai.latency = 0.3
+
+    completed = run("ask", QUESTION, env=db_env)
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == DEFAULT_ANSWER + "\n"
+    assert completed.stderr == ""
+    [row] = stored_rows(database_url)
+    assert (row["question"], row["status"]) == (QUESTION, "answered")
+
+
+def test_ask_reads_the_question_from_a_pipe(
+    fake_openai: FakeOpenAI, db_env: dict[str, str]
+) -> None:
+    completed = run("ask", "-", env=db_env, input=QUESTION + "\n")
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == DEFAULT_ANSWER + "\n"
+    assert fake_openai.requests[0]["messages"][0]["content"] == QUESTION
+
+
+def test_history_and_show_after_ask(db_env: dict[str, str]) -> None:
+    asked = ask_json(QUESTION, db_env)
+
+    history = run("history", "--json", env=db_env)
+    assert history.returncode == 0, history.stderr
+    assert [item["id"] for item in json.loads(history.stdout)["items"]] == [asked["id"]]
+
+    text = run("history", env=db_env)
+    assert asked["id"] in text.stdout and QUESTION in text.stdout
+
+    shown = run("show", "--json", asked["id"], env=db_env)
+    assert json.loads(shown.stdout) == asked
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "exit_code"),
+    [
+        pytest.param(("ask", ""), None, 4, id="empty-question"),
+        pytest.param(("ask", "-"), "a\x00b", 4, id="nul-on-stdin"),
+        pytest.param(("ask", "x" * 4001), None, 4, id="too-long"),
+        pytest.param(("show", str(uuid4())), None, 5, id="unknown-id"),
+        pytest.param(("show", "garbage"), None, 5, id="not-an-id"),
+        pytest.param(("history", "--cursor", "bogus"), None, 4, id="bad-cursor"),
+    ],
+)
+def test_an_error_is_one_line_and_its_exit_code(
+    fake_openai: FakeOpenAI,
+    db_env: dict[str, str],
+    database_url: str,
+    args: tuple[str, ...],
+    stdin: str | None,
+    exit_code: int,
+) -> None:
+    completed = run(*args, env=db_env, input=stdin)
+
+    assert completed.returncode == exit_code
+    error_line(completed.stderr)
+    assert completed.stdout == ""
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "exit_code", "error_kind"),
+    [(503, 7, "llm_unavailable"), (429, 8, "llm_rate_limited"), (401, 10, "llm_refused")],
+)
+def test_an_llm_failure_exits_with_its_code_and_is_recorded(
+    fake_openai: FakeOpenAI,
+    db_env: dict[str, str],
+    database_url: str,
+    status: int,
+    exit_code: int,
+    error_kind: str,
+) -> None:
+    fake_openai.script(Status(status))
+
+    completed = run("ask", QUESTION, env={**db_env, "QNA_LLM_MAX_ATTEMPTS": "1"})
+
+    assert completed.returncode == exit_code
+    line = error_line(completed.stderr)
+    [row] = stored_rows(database_url)
+    assert (row["status"], row["error_kind"]) == ("failed", error_kind)
+    assert f"(recorded as {row['id']})" in line
+
+
+def test_no_api_key_exits_3(db_env: dict[str, str]) -> None:
+    del db_env["OPENAI_BASE_URL"]
+
+    completed = run("ask", QUESTION, env=db_env)
+
+    assert completed.returncode == 3
+    assert "OPENAI_API_KEY" in error_line(completed.stderr)
+
+
+def test_an_invalid_setting_exits_3(db_env: dict[str, str]) -> None:
+    completed = run("ask", QUESTION, env={**db_env, "QNA_LLM_MAX_ATTEMPTS": "abc"})
+
+    assert completed.returncode == 3
+    assert "QNA_LLM_MAX_ATTEMPTS" in error_line(completed.stderr)
+
+
+def test_an_unreachable_database_exits_6(fake_openai: FakeOpenAI, env: dict[str, str]) -> None:
+    env["DATABASE_URL"] = "postgresql://u:p@127.0.0.1:1/x"
+
+    completed = run("ask", QUESTION, env=env)
+
+    assert completed.returncode == 6
+    error_line(completed.stderr)
+    assert fake_openai.calls == 0
+
+
+@xdg_only
+def test_without_database_url_records_go_to_the_xdg_data_dir(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    data_home = tmp_path / "xdg-data"
+    env["XDG_DATA_HOME"] = str(data_home)
+    expected = data_home / "qna" / "qna.db"
+
+    asked = ask_json(QUESTION, env)
+
+    assert expected.is_file()
+    [row] = stored_rows(f"sqlite:///{expected}")
+    assert row["id"] == UUID(asked["id"])
+    history = run("history", "--json", env=env)
+    assert [item["id"] for item in json.loads(history.stdout)["items"]] == [asked["id"]]
+
+
+@xdg_only
+def test_without_xdg_data_home_records_go_under_home(env: dict[str, str], tmp_path: Path) -> None:
+    del env["XDG_DATA_HOME"]
+    expected = tmp_path / "home" / ".local" / "share" / "qna" / "qna.db"
+
+    asked = ask_json(QUESTION, env)
+
+    [row] = stored_rows(f"sqlite:///{expected}")
+    assert row["id"] == UUID(asked["id"])
+
+
+def test_python_dash_m_qna_is_the_same_command(env: dict[str, str]) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "qna", "--version"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert completed.returncode == 0
+    assert completed.stdout.startswith("qna, version ")
+
+
+@pytest.mark.parametrize("args", [("--help",), ("ask", "--help"), ("--version",)])
+def test_help_and_version_exit_0_with_no_settings(args: tuple[str, ...], tmp_path: Path) -> None:
+    completed = run(*args, env={**settings_free_environ(), "HOME": str(tmp_path)})
+
+    assert completed.returncode == 0
+    assert completed.stdout.strip()
+    assert completed.stderr == ""

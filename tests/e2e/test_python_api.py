@@ -1,0 +1,199 @@
+"""`import qna` as a Python program uses it: connect, ask, read back, handle failures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+import qna
+from tests.e2e.helpers import stored_rows
+from tests.support.fake_openai import DEFAULT_ANSWER, Delay, FakeOpenAI, Raw, Status, Step
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture
+def client(fake_openai: FakeOpenAI, database_url: str) -> Iterator[qna.Client]:
+    with qna.connect(
+        database_url=database_url,
+        openai_base_url=fake_openai.base_url,
+        llm_max_attempts=1,
+        llm_timeout_s=0.3,
+    ) as client:
+        yield client
+
+
+def test_ask_returns_the_stored_answered_record(
+    client: qna.Client, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    record = client.ask(QUESTION)
+
+    assert isinstance(record, qna.QnA)
+    assert record.status is qna.Status.ANSWERED
+    assert record.answer == DEFAULT_ANSWER
+    assert record.question == QUESTION
+    assert record.prompt_tokens == len(QUESTION.split())
+    assert record.latency_ms is not None and record.latency_ms >= 0
+    assert fake_openai.calls == 1
+    [row] = stored_rows(database_url)
+    assert (row["id"], row["status"]) == (record.id, "answered")
+
+
+def test_get_returns_the_same_record(client: qna.Client) -> None:
+    record = client.ask(QUESTION)
+
+    assert client.get(record.id) == record
+    assert client.get(str(record.id)) == record
+
+
+def test_get_an_unknown_id_raises_not_found(client: qna.Client) -> None:
+    with pytest.raises(qna.NotFound):
+        client.get(uuid4())
+    with pytest.raises(qna.NotFound):
+        client.get("garbage")
+
+
+def test_history_pages_newest_first(client: qna.Client) -> None:
+    ids = [client.ask(f"Question number {n}?").id for n in range(5)]
+    newest_first = ids[::-1]
+
+    seen = []
+    page = client.history(limit=2)
+    seen.append([item.id for item in page.items])
+    while page.next_cursor is not None:
+        page = client.history(limit=2, cursor=page.next_cursor)
+        seen.append([item.id for item in page.items])
+
+    assert seen == [newest_first[0:2], newest_first[2:4], newest_first[4:]]
+    assert [item.id for item in client.history().items] == newest_first
+
+
+@pytest.mark.parametrize("question", ["", "   ", "a\x00b", "x" * 4001])
+def test_an_invalid_question_raises_and_stores_nothing(
+    client: qna.Client, fake_openai: FakeOpenAI, database_url: str, question: str
+) -> None:
+    with pytest.raises(qna.InvalidQuestion):
+        client.ask(question)
+
+    assert stored_rows(database_url) == []
+    assert client.history().items == []
+    assert fake_openai.calls == 0
+
+
+def test_the_question_length_limit_is_a_setting(fake_openai: FakeOpenAI, database_url: str) -> None:
+    with qna.connect(
+        database_url=database_url,
+        openai_base_url=fake_openai.base_url,
+        max_question_length=10,
+    ) as client:
+        assert client.ask("x" * 10).status is qna.Status.ANSWERED
+        with pytest.raises(qna.InvalidQuestion, match="limit is 10"):
+            client.ask("x" * 11)
+
+    assert fake_openai.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "error_kind"),
+    [
+        pytest.param(Status(503), qna.LLMUnavailable, "llm_unavailable", id="503"),
+        pytest.param(Status(429), qna.LLMRateLimited, "llm_rate_limited", id="429"),
+        pytest.param(Delay(3), qna.LLMTimeout, "llm_timeout", id="timeout"),
+        pytest.param(Status(401), qna.LLMRefused, "llm_refused", id="401"),
+        pytest.param(Raw(body=b"not json"), qna.LLMBadResponse, "llm_bad_response", id="junk"),
+    ],
+)
+def test_an_llm_failure_raises_and_the_failure_is_kept(
+    client: qna.Client,
+    fake_openai: FakeOpenAI,
+    step: Step,
+    error: type[qna.LLMError],
+    error_kind: str,
+) -> None:
+    fake_openai.script(step)
+
+    with pytest.raises(error) as raised:
+        client.ask(QUESTION)
+
+    assert isinstance(raised.value, qna.LLMError)
+    assert isinstance(raised.value, qna.QnAError)
+    assert raised.value.code == error_kind
+    assert raised.value.qna_id is not None
+    failed = client.get(raised.value.qna_id)
+    assert failed.status is qna.Status.FAILED
+    assert failed.question == QUESTION
+    assert failed.answer is None
+    assert failed.error_kind == error_kind
+    assert failed.error_message == raised.value.message
+    assert [item.id for item in client.history().items] == [failed.id]
+
+
+def test_connect_reads_the_environment(
+    fake_openai: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("QNA_MODEL", "model-from-env")
+
+    with qna.connect() as client:
+        record = client.ask(QUESTION)
+
+    assert record.model == "model-from-env"
+    assert fake_openai.requests[0]["model"] == "model-from-env"
+    [row] = stored_rows(database_url)
+    assert row["id"] == record.id
+
+
+def test_keyword_overrides_win_over_the_environment(
+    fake_openai: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:p@127.0.0.1:1/x")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")
+    monkeypatch.setenv("QNA_MODEL", "model-from-env")
+
+    with qna.connect(
+        database_url=database_url, openai_base_url=fake_openai.base_url, model="override"
+    ) as client:
+        record = client.ask(QUESTION)
+
+    assert record.model == "override"
+    assert [row["id"] for row in stored_rows(database_url)] == [record.id]
+
+
+def test_connect_takes_a_settings_object(fake_openai: FakeOpenAI, database_url: str) -> None:
+    settings = qna.Settings(database_url=database_url, openai_base_url=fake_openai.base_url)
+
+    with qna.connect(settings, model="from-override") as client:
+        record = client.ask(QUESTION)
+
+    assert record.model == "from-override"
+    assert fake_openai.requests[0]["model"] == "from-override"
+
+
+def test_no_api_key_and_no_base_url_is_a_configuration_error(database_url: str) -> None:
+    with (
+        pytest.raises(qna.ConfigurationError, match="OPENAI_API_KEY"),
+        qna.connect(database_url=database_url) as client,
+    ):
+        client.ask(QUESTION)
+
+    assert stored_rows(database_url) == []
+
+
+def test_an_unreachable_database_raises_storage_unavailable(fake_openai: FakeOpenAI) -> None:
+    with pytest.raises(qna.StorageUnavailable):
+        qna.connect(
+            database_url="postgresql://u:p@127.0.0.1:1/x",
+            openai_base_url=fake_openai.base_url,
+            db_connect_timeout_s=2,
+        )
+
+
+def test_connect_validates_overrides_and_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(qna.ConfigurationError, match="QNA_LLM_MAX_ATTEMPTS"):
+        qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", llm_max_attempts="abc")
+    with pytest.raises(qna.ConfigurationError, match="QNA_MODEL"):
+        qna.connect(qna.Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}"), model="")
