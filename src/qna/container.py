@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -82,7 +83,7 @@ class Container(containers.DeclarativeContainer):
         pool_size=config.db_pool_size,
         connect_timeout=config.db_connect_timeout_s,
     )
-    session_factory = providers.Singleton(create_session_factory, engine)
+    session_factory = providers.ThreadSafeSingleton(create_session_factory, engine)
     unit_of_work = providers.Factory(SqlAlchemyUnitOfWork, session_factory=session_factory)
 
     llm = providers.Resource(
@@ -103,6 +104,7 @@ class Container(containers.DeclarativeContainer):
         llm=llm,
         max_question_length=config.max_question_length,
         cache_ttl=providers.Callable(cache_ttl, config.cache_ttl_s),
+        abandon_after=abandon_after,
         idempotency_ttl=providers.Callable(seconds, config.idempotency_ttl_s),
         in_flight_wait=providers.Callable(seconds, config.idempotency_wait_s),
     )
@@ -128,6 +130,19 @@ def create_container(settings: Settings | None = None) -> Container:
     )
     container.config.from_dict(values)
     return container
+
+
+def warm_up(container: Container) -> None:
+    """Build the shared resources now, before threads share the container.
+
+    dependency-injector's Resource providers do not lock: a burst of first requests
+    would each build an engine and an LLM client, and only the last one would be
+    closed. A missing API key is left for the first ask to report.
+    """
+    container.engine()
+    container.session_factory()
+    with contextlib.suppress(ConfigurationError):
+        container.llm()
 
 
 def upgrade_database(container: Container) -> None:

@@ -15,16 +15,6 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
-from tests.support.fake_openai import (
-    DEFAULT_ANSWER,
-    Delay,
-    Drop,
-    FakeOpenAI,
-    Raw,
-    Reply,
-    Status,
-    chat_completion,
-)
 
 from qna.adapters.openai_llm import OpenAILLM
 from qna.application.ports import Completion
@@ -34,6 +24,16 @@ from qna.domain.errors import (
     LLMRefused,
     LLMTimeout,
     LLMUnavailable,
+)
+from tests.support.fake_openai import (
+    DEFAULT_ANSWER,
+    Delay,
+    Drop,
+    FakeOpenAI,
+    Raw,
+    Reply,
+    Status,
+    chat_completion,
 )
 
 MODEL = "gpt-4o-mini"

@@ -79,6 +79,7 @@ class AskQuestion:
         *,
         max_question_length: int = DEFAULT_MAX_QUESTION_LENGTH,
         cache_ttl: timedelta | None = None,
+        abandon_after: timedelta = DEFAULT_ABANDON_AFTER,
         idempotency_ttl: timedelta = timedelta(hours=24),
         in_flight_wait: timedelta = timedelta(seconds=10),
         clock: Clock = utc_now,
@@ -90,6 +91,7 @@ class AskQuestion:
         self._max_question_length = max_question_length
         self._cache_ttl = cache_ttl
         self._idempotency_ttl = idempotency_ttl
+        self._abandon_after = abandon_after
         self._in_flight_wait = in_flight_wait.total_seconds()
         self._clock = clock
         self._timer = timer
@@ -147,6 +149,10 @@ class AskQuestion:
             with self._uow() as uow:
                 holder = uow.qnas.get_by_idempotency_key(key)
                 if holder is not None and self._frees_its_key(holder, qna):
+                    if holder.is_abandoned(now=qna.created_at, after=self._abandon_after):
+                        # Its asker died: close it, so the history says so.
+                        holder.abandon(now=qna.created_at)
+                        uow.qnas.save(holder)
                     uow.qnas.release_idempotency_key(holder.id)
                     uow.commit()
                     continue
@@ -168,7 +174,10 @@ class AskQuestion:
                 "This Idempotency-Key was already used with a different request."
             )
         # A failed ask is retried for real; the failed record stays in the history.
-        return holder.status is Status.FAILED
+        # So is one whose asker died mid-ask, leaving it pending for good.
+        return holder.status is Status.FAILED or holder.is_abandoned(
+            now=asking.created_at, after=self._abandon_after
+        )
 
     def _cached_source(self, repository: QnARepository, qna: QnA) -> QnA | None:
         if self._cache_ttl is None:
@@ -311,10 +320,12 @@ def decode_cursor(cursor: str) -> PageKey:
         ):
             raise refused
         key = PageKey(created_at=datetime.fromisoformat(decoded[0]), id=UUID(decoded[1]))
-    except (binascii.Error, ValueError, TypeError) as exc:
+        if key.created_at.tzinfo is None:
+            raise refused
+        # Extreme offsets (9999-12-31T23:59-23:59) overflow when moved to UTC.
+        key.created_at.astimezone(UTC)
+    except (binascii.Error, ValueError, TypeError, OverflowError) as exc:
         raise refused from exc
-    if key.created_at.tzinfo is None:
-        raise refused
     return key
 
 

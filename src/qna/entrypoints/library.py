@@ -17,7 +17,7 @@ from uuid import UUID
 
 from qna.application.use_cases import Page
 from qna.config import Settings, load_settings
-from qna.container import Container, create_container, shutdown, upgrade_database
+from qna.container import Container, create_container, shutdown, upgrade_database, warm_up
 from qna.domain.model import QnA
 
 
@@ -67,6 +67,7 @@ def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
     container = create_container(load_settings(settings, **overrides))
     try:
         upgrade_database(container)
+        warm_up(container)
     except BaseException:
         shutdown(container)
         raise

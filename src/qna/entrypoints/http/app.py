@@ -11,7 +11,7 @@ import uuid
 from flask import Flask, Response, g, request
 
 from qna.config import Settings
-from qna.container import Container, create_container, upgrade_database
+from qna.container import Container, create_container, upgrade_database, warm_up
 from qna.entrypoints.http import views
 from qna.entrypoints.http.errors import register_error_handlers
 from qna.entrypoints.http.openapi import openapi_document
@@ -39,7 +39,7 @@ def create_app(container: Container | None = None, settings: Settings | None = N
         auth=bool(container.config.api_tokens()),
     )
     container.logging.init()
-    container.wire(modules=[views])
+    warm_up(container)
     app.register_blueprint(views.bp)
     register_error_handlers(app)
     _install_request_log(app)

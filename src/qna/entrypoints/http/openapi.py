@@ -41,7 +41,19 @@ def _errors(*statuses: int) -> dict[str, Any]:
         503: "The LLM or the database is unavailable or rate-limited; see Retry-After.",
         504: "The LLM did not answer in time (stored as failed).",
     }
-    return {str(status): _json(ErrorResponse, texts[status]) for status in statuses}
+    headers = {
+        401: {"WWW-Authenticate": {"description": "Bearer.", "schema": {"type": "string"}}},
+        429: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
+        503: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
+    }
+    return {
+        str(status): _json(ErrorResponse, texts[status], **_with_headers(headers.get(status)))
+        for status in statuses
+    }
+
+
+def _with_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
+    return {"headers": headers} if headers else {}
 
 
 REQUEST_ID = {
@@ -95,7 +107,10 @@ def openapi_document(
                             "required": False,
                             "description": "Retrying with the same key and body returns the "
                             "same record without asking the LLM again.",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                            "schema": {
+                                "type": "string",
+                                "pattern": "^[\\x21-\\x7e]{1,200}$",
+                            },
                         }
                     ],
                     "requestBody": {

@@ -68,11 +68,12 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
     limiter = Limiter(
         _client_key,
         app=app,
-        default_limits=[limit],
+        # One budget per client across all routes, not one per route.
+        application_limits=[limit],
         storage_uri=storage_uri,
         headers_enabled=True,
         retry_after="delta-seconds",
-        default_limits_exempt_when=lambda: request.endpoint in UNLIMITED_ENDPOINTS,
+        application_limits_exempt_when=lambda: request.endpoint in UNLIMITED_ENDPOINTS,
         # A rate-limit store that is down must not take the whole API with it.
         swallow_errors=True,
         key_prefix="qna",

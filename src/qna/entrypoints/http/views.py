@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
-from dependency_injector.wiring import Provide, inject
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from pydantic import ValidationError
 
@@ -32,8 +30,15 @@ def _json_body() -> bytes:
             "unsupported_media_type",
             "Send the body as JSON with Content-Type: application/json.",
         )
-    # Reading enforces MAX_CONTENT_LENGTH (413), also for bodies without a length.
-    return request.get_data(cache=False)
+    # Reading enforces MAX_CONTENT_LENGTH (413) when the length is declared.
+    body = request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # A chunked body is cut at the limit without an error; one more byte from the
+    # raw input (the limited stream reports itself exhausted) tells whether it was.
+    # (A declared length over the limit was refused by get_data already.)
+    if len(body) >= limit and request.environ["wsgi.input"].read(1):
+        raise ApiError(413, "payload_too_large", "The request body is too large.")
+    return body
 
 
 def _parse_ask(body: bytes) -> AskRequest:
@@ -63,10 +68,17 @@ def _idempotency_key() -> str | None:
     return f"{g.get('principal', 'anonymous')}:{key}"
 
 
+def _container() -> Container:
+    # The app's own container, not module-level wiring: wiring is global to this
+    # module, so two apps in one process (tests, embedding) would share the last one.
+    container: Container = current_app.extensions["qna.container"]
+    return container
+
+
 @bp.post("/ask")
-@inject
-def ask(ask_question: AskQuestion = Provide[Container.ask_question]) -> Response:
+def ask() -> Response:
     body = _parse_ask(_json_body())
+    ask_question: AskQuestion = _container().ask_question()
     qna = ask_question(body.question, fresh=body.fresh, idempotency_key=_idempotency_key())
     metrics.record_ask(qna)
     response = jsonify(QnAOut.from_domain(qna).model_dump(mode="json"))
@@ -76,21 +88,27 @@ def ask(ask_question: AskQuestion = Provide[Container.ask_question]) -> Response
 
 
 @bp.get("/questions")
-@inject
-def list_questions(list_qna: ListQnA = Provide[Container.list_qna]) -> Response:
+def list_questions() -> Response:
     limit_text = request.args.get("limit", "20")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= ListQnA.MAX_LIMIT:
+    # isdigit() alone admits "²" and 5000-digit numbers, which int() refuses.
+    if not (
+        limit_text.isascii()
+        and limit_text.isdigit()
+        and len(limit_text) <= 3
+        and 1 <= int(limit_text) <= ListQnA.MAX_LIMIT
+    ):
         raise ApiError(
             400, "invalid_argument", f"limit must be an integer from 1 to {ListQnA.MAX_LIMIT}."
         )
+    list_qna: ListQnA = _container().list_qna()
     page = list_qna(limit=int(limit_text), cursor=request.args.get("cursor") or None)
     body = QnAPage(items=[QnAOut.from_domain(q) for q in page.items], next=page.next_cursor)
     return jsonify(body.model_dump(mode="json"))
 
 
 @bp.get("/questions/<qna_id>")
-@inject
-def get_question(qna_id: str, get_qna: GetQnA = Provide[Container.get_qna]) -> Response:
+def get_question(qna_id: str) -> Response:
+    get_qna: GetQnA = _container().get_qna()
     return jsonify(QnAOut.from_domain(get_qna(qna_id)).model_dump(mode="json"))
 
 
@@ -100,12 +118,9 @@ def healthz() -> Response:
 
 
 @bp.get("/readyz")
-@inject
-def readyz(
-    schema_ready: Callable[[], bool] = Provide[Container.schema_ready.provider],
-) -> Response:
+def readyz() -> Response:
     try:
-        ready = schema_ready()
+        ready = _container().schema_ready()
     except StorageUnavailable as exc:
         return error_response(503, "database_unavailable", exc.message)
     if not ready:

@@ -1,0 +1,298 @@
+"""Nothing lost, with `qna serve` run as a user runs it: real processes, real sockets.
+
+Two servers racing on one idempotency key, SIGTERM during an ask, a burst of concurrent
+asks while the LLM fails at random, and a database that is down when the server starts
+and restarts under it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+
+from tests.e2e.helpers import settings_free_environ
+from tests.support.databases import scratch_database
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.pg_cluster import PgCluster, free_port, throwaway_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+QNA = Path(sys.executable).parent / "qna"
+QUESTION = "What is the capital of France?"
+START_TIMEOUT_S = 30
+GRACEFUL_TIMEOUT_S = 10
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_until_healthy(server: Server, timeout: float = START_TIMEOUT_S) -> None:
+    give_up_at = time.monotonic() + timeout
+    while time.monotonic() < give_up_at:
+        if server.process.poll() is not None:
+            pytest.fail(f"qna serve exited {server.process.returncode}:\n{server.output()}")
+        try:
+            if requests.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"qna serve did not answer /healthz within {timeout:g} s:\n{server.output()}")
+
+
+@contextmanager
+def serving_many(count: int, env: dict[str, str], logs: Path, *args: str) -> Iterator[list[Server]]:
+    """`count` running `qna serve` processes, started together; each is terminated (then
+    killed) on the way out whatever happens."""
+    servers: list[Server] = []
+    try:
+        for index in range(count):
+            port = free_port()
+            log = logs / f"serve-{index}.log"
+            with log.open("wb") as sink:
+                process = subprocess.Popen(
+                    [str(QNA), "serve", "--port", str(port), *args],
+                    env=env,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                )
+            servers.append(Server(process, f"http://127.0.0.1:{port}", log))
+        for server in servers:
+            wait_until_healthy(server)
+        yield servers
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                server.process.terminate()
+        for server in servers:
+            try:
+                server.process.wait(timeout=GRACEFUL_TIMEOUT_S + 5)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait(timeout=10)
+
+
+@contextmanager
+def serving(env: dict[str, str], logs: Path, *args: str) -> Iterator[Server]:
+    with serving_many(1, env, logs, *args) as [server]:
+        yield server
+
+
+def serve_env(database_url: str, fake: FakeOpenAI, **settings: str) -> dict[str, str]:
+    return {
+        **settings_free_environ(),
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": fake.base_url,
+        "QNA_MODEL": "gpt-test",
+        "QNA_LOG_LEVEL": "WARNING",
+        **settings,
+    }
+
+
+def assert_json_error(response: requests.Response, status: int, code: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json"), response.text
+    error = response.json()["error"]
+    assert isinstance(error["code"], str) and error["code"], response.text
+    assert isinstance(error["message"], str) and error["message"], response.text
+    if code is not None:
+        assert error["code"] == code, response.text
+    return str(error["code"])
+
+
+def table(url: str, where: str = "TRUE", **params: Any) -> list[dict[str, Any]]:
+    """Rows of `qn_a`, read with plain SQL rather than through qna's own code."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            result = connection.execute(
+                text(
+                    "SELECT id, question, status, error_kind, idempotency_key"
+                    f" FROM qn_a WHERE {where}"
+                ),
+                params,
+            )
+            return [dict(row._mapping) for row in result]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def database(postgres_server_url: str) -> Iterator[str]:
+    """A new, empty database: `qna serve` migrates it as it starts."""
+    with scratch_database(postgres_server_url) as url:
+        yield url
+
+
+# -- (a) two servers, one key ---------------------------------------------------------------------
+
+
+def test_two_servers_racing_on_one_key_ask_the_llm_once(
+    database: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_openai.latency = 0.5
+    env = serve_env(database, fake_openai)
+    per_server = 4
+    key = "order-7f3a"
+    with serving_many(2, env, tmp_path, "--workers", "1", "--threads", "8") as [a, b]:
+        targets = [a.url, b.url] * per_server
+        barrier = threading.Barrier(len(targets))
+
+        def fire(url: str) -> requests.Response:
+            barrier.wait(timeout=10)
+            return requests.post(
+                f"{url}/ask",
+                json={"question": QUESTION},
+                headers={"Idempotency-Key": key},
+                timeout=60,
+            )
+
+        with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+            responses = list(pool.map(fire, targets))
+
+    # The default QNA_IDEMPOTENCY_WAIT_S (30 s) outlasts the one real ask: nobody gets
+    # 409 idempotency_key_in_flight; every request waits and gets the one record.
+    assert [r.status_code for r in responses] == [201] * len(targets), [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert fake_openai.calls == 1
+    held = table(database, "idempotency_key LIKE :pattern", pattern=f"%{key}")
+    assert len(held) == 1
+    assert held[0]["status"] == "answered"
+    assert str(held[0]["id"]) == responses[0].json()["id"]
+    assert len(table(database)) == 1
+
+
+# -- (b) graceful shutdown ------------------------------------------------------------------------
+
+
+def test_sigterm_lets_the_ask_in_flight_finish_and_exits_0(
+    database: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_openai.latency = 2.0
+    env = serve_env(database, fake_openai)
+    args = ("--workers", "1", "--threads", "4", "--graceful-timeout", str(GRACEFUL_TIMEOUT_S))
+    with serving(env, tmp_path, *args) as server:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            in_flight = pool.submit(
+                requests.post, f"{server.url}/ask", json={"question": QUESTION}, timeout=30
+            )
+            deadline = time.monotonic() + 5
+            while fake_openai.calls == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fake_openai.calls == 1, "the ask never reached the LLM"
+            time.sleep(0.3)
+            server.process.send_signal(signal.SIGTERM)
+            response = in_flight.result(timeout=30)
+        returncode = server.process.wait(timeout=GRACEFUL_TIMEOUT_S + 5)
+
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "answered"
+    assert returncode == 0, server.output()
+    [row] = table(database)
+    assert UUID(str(row["id"])) == UUID(response.json()["id"])
+    assert row["status"] == "answered"
+
+
+# -- (c) a burst of concurrent asks under random LLM failures -------------------------------------
+
+
+def test_a_hundred_concurrent_asks_are_all_stored(
+    database: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    n = 100
+    fake_openai.latency = 0.2
+    fake_openai.failure_rate = 0.3
+    fake_openai.failure_statuses = (429, 503)
+    env = serve_env(database, fake_openai, QNA_LLM_MAX_ATTEMPTS="4")
+    questions = [f"Concurrent question {i}?" for i in range(n)]
+    with serving(env, tmp_path, "--workers", "2", "--threads", "64") as server:
+
+        def one(question: str) -> requests.Response:
+            return requests.post(f"{server.url}/ask", json={"question": question}, timeout=60)
+
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            responses = list(pool.map(one, questions))
+
+    answered = [r for r in responses if r.status_code == 201]
+    failed = [r for r in responses if r.status_code != 201]
+    assert len(answered) >= 95, [r.text for r in failed]
+    for response in failed:
+        assert response.status_code >= 500, response.text
+        assert_json_error(response, response.status_code)
+    stored = table(database)
+    assert len(stored) == n
+    assert sorted(row["question"] for row in stored) == sorted(questions)
+    assert sum(row["status"] == "answered" for row in stored) == len(answered)
+    assert sum(row["status"] == "failed" for row in stored) == len(failed)
+    assert all(row["status"] != "pending" for row in stored)
+
+
+# -- the database is down at start, then restarts under the server --------------------------------
+
+
+@pytest.fixture
+def cluster() -> Iterator[PgCluster]:
+    with throwaway_cluster() as cluster:
+        yield cluster
+
+
+def test_the_server_starts_without_its_database_and_rides_out_a_restart(
+    cluster: PgCluster, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    cluster.stop()
+    env = serve_env(cluster.url, fake_openai, QNA_DB_CONNECT_TIMEOUT_S="2")
+    with serving(env, tmp_path, "--workers", "1", "--threads", "4") as server:
+        # Up, alive, not ready, and saying why in JSON.
+        assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        assert_json_error(
+            requests.get(f"{server.url}/readyz", timeout=10), 503, "database_unavailable"
+        )
+        down = requests.post(f"{server.url}/ask", json={"question": "Too early?"}, timeout=10)
+        assert_json_error(down, 503, "database_unavailable")
+        assert int(down.headers["Retry-After"]) >= 1
+        assert fake_openai.calls == 0
+
+        cluster.start()
+        first = requests.post(f"{server.url}/ask", json={"question": "First?"}, timeout=30)
+        assert first.status_code == 201, first.text  # the schema was migrated on demand
+        assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+        cluster.stop()
+        during = requests.post(f"{server.url}/ask", json={"question": "During?"}, timeout=10)
+        assert_json_error(during, 503, "database_unavailable")
+        assert_json_error(
+            requests.get(f"{server.url}/readyz", timeout=10), 503, "database_unavailable"
+        )
+
+        cluster.start()
+        after = requests.post(f"{server.url}/ask", json={"question": "After?"}, timeout=30)
+        assert after.status_code == 201, after.text  # same process: the pool healed itself
+        assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+        assert server.process.poll() is None
+
+    assert fake_openai.calls == 2
+    assert sorted((row["question"], row["status"]) for row in table(cluster.url)) == [
+        ("After?", "answered"),
+        ("First?", "answered"),
+    ]

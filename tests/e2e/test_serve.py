@@ -1,0 +1,190 @@
+"""`qna serve` as an operator runs it: gunicorn in a subprocess, real PostgreSQL, a local
+OpenAI-compatible server, and a plain HTTP client on the other end."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.helpers import settings_free_environ
+from tests.support.fake_openai import DEFAULT_ANSWER, FakeOpenAI
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+START_TIMEOUT_S = 20
+STOP_TIMEOUT_S = 15
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        chunked: bool = False,
+    ) -> Reply:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(
+                method, path, body=body, headers=headers or {}, encode_chunked=chunked
+            )
+            response = connection.getresponse()
+            return Reply(
+                response.status,
+                {name.lower(): value for name, value in response.getheaders()},
+                response.read(),
+            )
+        finally:
+            connection.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def qna_command() -> list[str]:
+    # The script next to this interpreter is the one the package installed.
+    script = shutil.which("qna", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "qna"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_healthy(server: Server) -> None:
+    give_up_at = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < give_up_at:
+        if server.process.poll() is not None:
+            pytest.fail(f"qna serve exited with {server.process.returncode}:\n{server.output()}")
+        try:
+            if server.request("GET", "/healthz").status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"qna serve did not answer /healthz within {START_TIMEOUT_S} s:\n{server.output()}")
+
+
+@pytest.fixture
+def server(fake_openai: FakeOpenAI, postgres_url: str, tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        **settings_free_environ(),
+        "HOME": str(tmp_path / "home"),
+        "DATABASE_URL": postgres_url,
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "QNA_LLM_MAX_ATTEMPTS": "1",
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*qna_command(), "serve", "--port", str(port), "--workers", "2", "--threads", "8"],
+            env=env,
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            # Its own process group, so that cleanup reaches the workers too.
+            start_new_session=True,
+        )
+    running = Server(process, port, log)
+    try:
+        wait_until_healthy(running)
+        yield running
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def test_serve_answers_keeps_history_and_stops_on_sigterm(
+    server: Server, fake_openai: FakeOpenAI
+) -> None:
+    assert server.request("GET", "/readyz").json() == {"status": "ready"}
+
+    asked = server.request(
+        "POST",
+        "/ask",
+        json.dumps({"question": QUESTION}).encode(),
+        {"Content-Type": "application/json", "X-Request-ID": "e2e-1"},
+    )
+    assert asked.status == 201, asked.body
+    record = asked.json()
+    assert (record["question"], record["answer"]) == (QUESTION, DEFAULT_ANSWER)
+    assert record["status"] == "answered"
+    assert asked.headers["x-request-id"] == "e2e-1"
+    assert fake_openai.calls == 1
+
+    assert server.request("GET", asked.headers["location"]).json() == record
+    history = server.request("GET", "/questions?limit=5")
+    assert history.status == 200
+    assert history.json()["items"][0] == record
+
+    # Two workers: /metrics adds up every worker's numbers, whichever one answers.
+    for _ in range(4):
+        metrics = server.request("GET", "/metrics").body.decode()
+        assert 'qna_asks_total{outcome="answered"} 1.0' in metrics
+
+    # gunicorn refuses this before the app sees it; the worker answers in JSON too.
+    too_big = server.request("GET", "/healthz", headers={"X-Padding": "a" * 20_000})
+    assert too_big.status == 431
+    assert too_big.headers["content-type"] == "application/json"
+    assert too_big.json()["error"]["code"] == "headers_too_large"
+    assert set(too_big.json()) == {"error"}
+
+    not_found = server.request("GET", "/nope")
+    assert not_found.status == 404
+    assert not_found.json()["error"]["code"] == "not_found"
+
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        exit_code = server.process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"qna serve did not stop within {STOP_TIMEOUT_S} s:\n{server.output()}")
+    assert exit_code == 0, server.output()
+    assert "Traceback" not in server.output()
+
+
+def test_a_chunked_body_over_the_limit_is_413(server: Server, fake_openai: FakeOpenAI) -> None:
+    # The first 64 KiB (the default limit) are a valid ask on their own.
+    chunks = [b'{"question": "What is the capital of France?"}', b" " * 70_000]
+
+    reply = server.request(
+        "POST", "/ask", iter(chunks), {"Content-Type": "application/json"}, chunked=True
+    )
+
+    assert reply.status == 413, reply.body
+    assert reply.json()["error"]["code"] == "payload_too_large"
+    assert fake_openai.calls == 0

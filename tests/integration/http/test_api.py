@@ -1,0 +1,1007 @@
+"""The HTTP API through Flask's test client: every route, every error, hostile bodies.
+
+Each test runs on SQLite and on PostgreSQL (the `database_url` fixture), with the LLM
+played by a local OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import time
+import unicodedata
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import jsonschema_rs
+import pytest
+import schemathesis
+from flask import Flask
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+from werkzeug.test import TestResponse
+
+from qna.adapters.sqlalchemy import migrate
+from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
+from tests.integration.http.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
+from tests.support.fake_openai import DEFAULT_ANSWER, Delay, Drop, FakeOpenAI, Raw, Status
+
+QUESTION = "What is the capital of France?"
+UNREACHABLE_DATABASE = "postgresql://u:p@127.0.0.1:1/x"
+HEX_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def ask(
+    client: FlaskClient,
+    question: object,
+    headers: dict[str, str] | None = None,
+    **fields: object,
+) -> TestResponse:
+    return client.post("/ask", json={"question": question, **fields}, headers=headers or {})
+
+
+def post_raw(
+    client: FlaskClient, body: bytes, content_type: str | None = "application/json", **kw: Any
+) -> TestResponse:
+    headers = {"Content-Type": content_type} if content_type is not None else {}
+    return client.post("/ask", data=body, headers=headers, **kw)
+
+
+def assert_error(response: TestResponse, status: int, code: str) -> dict[str, Any]:
+    """The one error contract: JSON `{"error": {"code", "message"[, "qna_id"]}}`."""
+    raw = response.get_data(as_text=True)
+    assert response.status_code == status, raw
+    assert response.mimetype == "application/json", response.content_type
+    assert "Traceback" not in raw
+    assert "<html" not in raw.lower()
+    body = response.get_json()
+    assert isinstance(body, dict)
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert {"code", "message"} <= set(error) <= {"code", "message", "qna_id"}, error
+    assert isinstance(error["code"], str)
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert error["code"] == code, error
+    return dict(error)
+
+
+def stored_rows(database_url: str) -> list[dict[str, Any]]:
+    """Every stored record, read with plain SQL rather than through the API."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            result = connection.execute(text("SELECT id, question, status, error_kind FROM qn_a"))
+            return [dict(row._mapping) for row in result]
+    finally:
+        engine.dispose()
+
+
+def created(response: TestResponse) -> dict[str, Any]:
+    assert response.status_code == 201, response.get_data(as_text=True)
+    body = response.get_json()
+    assert isinstance(body, dict)
+    return body
+
+
+def cursor_of(payload: object) -> str:
+    raw = json.dumps(payload).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+# -- POST /ask, GET /questions/<id> ----------------------------------------------------------
+
+
+def test_ask_answers_stores_and_links_the_record(
+    client: FlaskClient, fake_openai: FakeOpenAI
+) -> None:
+    response = client.post("/ask", json={"question": "What is the capital of France?"})
+
+    assert response.status_code == 201
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert UUID(body["id"])
+    assert body["question"] == QUESTION
+    assert body["answer"] == DEFAULT_ANSWER
+    assert body["model"] == "gpt-test"
+    assert body["response_model"] == "gpt-test"
+    assert body["status"] == "answered"
+    assert body["error"] is None
+    assert body["source_id"] is None
+    assert body["prompt_tokens"] == len(QUESTION.split())
+    assert body["completion_tokens"] == len(DEFAULT_ANSWER.split())
+    assert isinstance(body["latency_ms"], int)
+    assert body["latency_ms"] >= 0
+    asked = datetime.fromisoformat(body["created_at"])
+    answered = datetime.fromisoformat(body["answered_at"])
+    assert asked.utcoffset() is not None
+    assert asked <= answered
+    assert HEX_REQUEST_ID.fullmatch(response.headers["X-Request-ID"])
+    assert fake_openai.calls == 1
+    assert fake_openai.requests[0]["messages"][-1]["content"] == QUESTION
+
+    location = response.headers["Location"]
+    assert location.endswith(f"/questions/{body['id']}")
+    fetched = client.get(location)
+    assert fetched.status_code == 200
+    assert fetched.get_json() == body
+
+
+def test_the_record_is_in_the_database(client: FlaskClient, database_url: str) -> None:
+    body = created(ask(client, QUESTION))
+
+    [row] = stored_rows(database_url)
+    assert UUID(str(row["id"])) == UUID(body["id"])
+    assert row["question"] == QUESTION
+    assert row["status"] == "answered"
+
+
+@pytest.mark.parametrize("request_id", ["abc-123", "a" * 128, "req.1:2_3-x"])
+def test_a_sane_request_id_is_echoed(client: FlaskClient, request_id: str) -> None:
+    for response in (
+        client.get("/healthz", headers={"X-Request-ID": request_id}),
+        client.post("/ask", json={"question": ""}, headers={"X-Request-ID": request_id}),
+    ):
+        assert response.headers["X-Request-ID"] == request_id
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["a" * 300, "a b", "", "ünïcode", "x\ty", "<script>", "a" * 129],
+    ids=["300-chars", "space", "empty", "non-ascii", "tab", "markup", "129-chars"],
+)
+def test_an_insane_request_id_is_replaced(client: FlaskClient, request_id: str) -> None:
+    response = client.get("/healthz", headers={"X-Request-ID": request_id})
+
+    assert response.headers["X-Request-ID"] != request_id
+    assert HEX_REQUEST_ID.fullmatch(response.headers["X-Request-ID"])
+
+
+def test_every_response_gets_a_fresh_request_id(client: FlaskClient) -> None:
+    ids = {client.get(path).headers["X-Request-ID"] for path in ("/healthz", "/nope", "/ask")}
+
+    assert len(ids) == 3
+
+
+def test_get_one_record(client: FlaskClient) -> None:
+    body = created(ask(client, QUESTION))
+
+    response = client.get(f"/questions/{body['id']}")
+
+    assert response.status_code == 200
+    assert response.get_json() == body
+
+
+def test_an_unknown_id_is_404(client: FlaskClient) -> None:
+    assert_error(client.get(f"/questions/{uuid4()}"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "qna_id",
+    ["not-a-uuid", "1", "%00", "%ff%fe", "' OR 1=1 --", "a" * 5000, "00000000-0000-0000-0000"],
+)
+def test_a_malformed_id_is_404(client: FlaskClient, qna_id: str) -> None:
+    assert_error(client.get(f"/questions/{qna_id}"), 404, "not_found")
+
+
+def test_an_id_in_another_spelling_finds_the_same_record(client: FlaskClient) -> None:
+    body = created(ask(client, QUESTION))
+
+    response = client.get(f"/questions/{body['id'].upper()}")
+
+    assert response.status_code == 200
+    assert response.get_json()["id"] == body["id"]
+
+
+def test_two_apps_keep_to_their_own_databases(make_app: AppFactory, tmp_path: Path) -> None:
+    first_url, second_url = (sqlite_url(tmp_path / f"{name}.db") for name in ("a", "b"))
+    for url in (first_url, second_url):
+        engine = create_engine(url)
+        migrate.upgrade(engine)
+        engine.dispose()
+    first = make_app(first_url).test_client()
+    make_app(second_url)
+
+    created(ask(first, QUESTION))
+
+    assert [row["question"] for row in stored_rows(first_url)] == [QUESTION]
+    assert stored_rows(second_url) == []
+
+
+# -- GET /questions ----------------------------------------------------------------------------
+
+
+def test_history_is_newest_first(client: FlaskClient) -> None:
+    ids = [created(ask(client, f"question {n}"))["id"] for n in range(3)]
+
+    response = client.get("/questions")
+
+    assert response.status_code == 200
+    body = response.get_json()
+    assert [item["id"] for item in body["items"]] == ids[::-1]
+    assert body["next"] is None
+
+
+def test_an_empty_history(client: FlaskClient) -> None:
+    response = client.get("/questions")
+
+    assert response.status_code == 200
+    assert response.get_json() == {"items": [], "next": None}
+
+
+def test_pages_cover_every_record_exactly_once(client: FlaskClient) -> None:
+    ids = [created(ask(client, f"question {n}"))["id"] for n in range(7)]
+
+    seen: list[str] = []
+    sizes: list[int] = []
+    url = "/questions?limit=3"
+    while True:
+        response = client.get(url)
+        assert response.status_code == 200
+        body = response.get_json()
+        sizes.append(len(body["items"]))
+        seen += [item["id"] for item in body["items"]]
+        if body["next"] is None:
+            break
+        url = f"/questions?limit=3&cursor={body['next']}"
+
+    assert sizes == [3, 3, 1]
+    assert seen == ids[::-1]
+
+
+def test_the_default_page_is_twenty(client: FlaskClient) -> None:
+    for n in range(21):
+        created(ask(client, f"question {n}"))
+
+    body = client.get("/questions").get_json()
+
+    assert len(body["items"]) == 20
+    assert body["next"]
+    rest = client.get(f"/questions?cursor={body['next']}").get_json()
+    assert len(rest["items"]) == 1
+    assert rest["next"] is None
+
+
+@pytest.mark.parametrize("limit", ["1", "100", "007"])
+def test_limits_in_range_are_accepted(client: FlaskClient, limit: str) -> None:
+    assert client.get(f"/questions?limit={limit}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        "0",
+        "101",
+        "abc",
+        "-1",
+        "1.5",
+        "",
+        " 5",
+        "1e2",
+        "0x10",
+        "²",
+        "9" * 5000,
+    ],
+    ids=lambda limit: repr(limit[:12]),
+)
+def test_a_bad_limit_is_400(client: FlaskClient, limit: str) -> None:
+    assert_error(client.get("/questions", query_string={"limit": limit}), 400, "invalid_argument")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "garbage",
+        "!!!",
+        "A" * 201,
+        cursor_of({"a": 1}),
+        cursor_of(["not a date", str(uuid4())]),
+        cursor_of(["2020-01-01T00:00:00+00:00", "not a uuid"]),
+        cursor_of(["2020-01-01T00:00:00", str(uuid4())]),  # no time zone
+        cursor_of([1, 2]),
+        cursor_of(["9999-12-31T23:59:59-23:59", str(uuid4())]),
+        cursor_of(["0001-01-01T00:00:00+14:00", str(uuid4())]),
+    ],
+    ids=[
+        "word",
+        "punctuation",
+        "too-long",
+        "object",
+        "bad-date",
+        "bad-uuid",
+        "naive",
+        "numbers",
+        "overflow",
+        "underflow",
+    ],
+)
+def test_a_garbage_cursor_is_400(client: FlaskClient, cursor: str) -> None:
+    assert_error(client.get("/questions", query_string={"cursor": cursor}), 400, "invalid_cursor")
+
+
+# -- health, readiness, metrics, docs --------------------------------------------------------
+
+
+def test_healthz(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_readyz(client: FlaskClient) -> None:
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ready"}
+
+
+def test_without_a_database_readyz_is_503_and_healthz_200(make_app: AppFactory) -> None:
+    client = make_app(UNREACHABLE_DATABASE).test_client()
+
+    assert_error(client.get("/readyz"), 503, "database_unavailable")
+    assert client.get("/healthz").status_code == 200
+
+
+def test_without_a_database_asking_is_503_and_the_llm_is_not_asked(
+    make_app: AppFactory, fake_openai: FakeOpenAI
+) -> None:
+    client = make_app(UNREACHABLE_DATABASE).test_client()
+
+    response = ask(client, QUESTION)
+
+    assert_error(response, 503, "database_unavailable")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert fake_openai.calls == 0
+    assert_error(client.get("/questions"), 503, "database_unavailable")
+    assert_error(client.get(f"/questions/{uuid4()}"), 503, "database_unavailable")
+
+
+@pytest.mark.postgres
+def test_an_unmigrated_database_is_not_ready(make_app: AppFactory, empty_postgres_url: str) -> None:
+    client = make_app(empty_postgres_url).test_client()
+
+    assert_error(client.get("/readyz"), 503, "migrations_pending")
+
+
+def test_metrics_count_asks(client: FlaskClient) -> None:
+    created(ask(client, QUESTION))
+
+    response = client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    metrics = response.get_data(as_text=True)
+    assert re.search(r'^qna_asks_total\{outcome="answered"\} [1-9]', metrics, re.MULTILINE)
+    assert "qna_llm_latency_seconds_bucket" in metrics
+    assert 'qna_llm_tokens_total{kind="prompt"}' in metrics
+    assert QUESTION not in metrics
+
+
+def test_openapi_is_a_valid_openapi_3_1_document(client: FlaskClient) -> None:
+    response = client.get("/openapi.json")
+
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    document = response.get_json()
+    assert document["openapi"].startswith("3.1.")
+    # Against the OpenAPI 3.1 meta-schema that schemathesis ships, then each component
+    # schema against JSON Schema 2020-12 (the 3.1 meta-schema leaves them unchecked).
+    schemathesis.openapi.from_dict(document).validate()
+    for name, schema in document["components"]["schemas"].items():
+        assert jsonschema_rs.meta.is_valid(schema), name
+
+
+def template(path: str) -> str:
+    """A path with its parameters unnamed: Flask's `<qna_id>` and OpenAPI's `{id}` agree."""
+    return re.sub(r"<[^>]+>|\{[^}]+\}", "{}", path)
+
+
+def test_openapi_lists_every_route(app: Flask) -> None:
+    document = app.test_client().get("/openapi.json").get_json()
+    served_only = {"/openapi.json", "/docs"}  # the description, not the API it describes
+
+    routes: dict[str, set[str]] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static" or rule.rule in served_only:
+            continue
+        routes.setdefault(template(rule.rule), set()).update(rule.methods - {"HEAD", "OPTIONS"})
+
+    documented = {
+        template(path): {method.upper() for method in operations}
+        for path, operations in document["paths"].items()
+    }
+    assert documented == routes
+
+
+def test_openapi_states_this_servers_limits(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+
+    assert str(MAX_BODY_BYTES) in document["info"]["description"]
+    question = document["components"]["schemas"]["AskRequest"]["properties"]["question"]
+    assert str(MAX_QUESTION_LENGTH) in question["description"]
+
+
+def test_docs_is_an_html_page(client: FlaskClient) -> None:
+    response = client.get("/docs")
+
+    assert response.status_code == 200
+    assert response.mimetype == "text/html"
+    assert "openapi.json" in response.get_data(as_text=True)
+
+
+# -- rejected asks: 400, 404, 405, 413, 415 ----------------------------------------------------
+
+NESTED = b'{"question": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+
+HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
+    ("malformed", b'{"question": ', "invalid_json"),
+    ("single-quotes", b"{'question': 'x'}", "invalid_json"),
+    ("trailing-garbage", b'{"question": "x"} trailing', "invalid_json"),
+    ("empty", b"", "invalid_json"),
+    ("whitespace", b"   ", "invalid_json"),
+    ("nan", b'{"question": NaN}', "invalid_request"),
+    ("invalid-utf8", b'{"question": "\xff\xfe caf\xe9"}', "invalid_json"),
+    ("overlong-utf8", b'{"question": "\xc0\xaf"}', "invalid_json"),
+    ("encoded-surrogate", b'{"question": "\xed\xa0\x80"}', "invalid_json"),
+    ("nested-10000", NESTED, "invalid_json"),
+    ("nested-array-10000", b"[" * 10_000 + b"]" * 10_000, "invalid_json"),
+    ("question-int", b'{"question": 1}', "invalid_request"),
+    ("question-null", b'{"question": null}', "invalid_request"),
+    ("question-list", b'{"question": []}', "invalid_request"),
+    ("question-object", b'{"question": {}}', "invalid_request"),
+    ("question-bool", b'{"question": true}', "invalid_request"),
+    ("question-huge-number", b'{"question": 1e999999}', "invalid_request"),
+    ("fresh-string", b'{"question": "x", "fresh": "yes"}', "invalid_request"),
+    ("fresh-int", b'{"question": "x", "fresh": 1}', "invalid_request"),
+    ("missing-question", b'{"fresh": true}', "invalid_request"),
+    ("empty-object", b"{}", "invalid_request"),
+    ("wrong-case-key", b'{"Question": "x"}', "invalid_request"),
+    ("body-array", b'["What is the capital of France?"]', "invalid_request"),
+    ("body-string", b'"What is the capital of France?"', "invalid_request"),
+    ("body-number", b"42", "invalid_request"),
+    ("body-null", b"null", "invalid_request"),
+    ("blank", b'{"question": "   "}', "invalid_question"),
+    ("empty-question", b'{"question": ""}', "invalid_question"),
+    ("newlines-only", b'{"question": "\\r\\n\\n\\t"}', "invalid_question"),
+    ("zero-width-only", b'{"question": "\\u200b\\ufeff"}', "invalid_question"),
+    ("nul", b'{"question": "a\\u0000b"}', "invalid_question"),
+    ("bell", b'{"question": "a\\u0007b"}', "invalid_question"),
+    ("escape", b'{"question": "\\u001b[31mred"}', "invalid_question"),
+    ("delete", b'{"question": "a\\u007fb"}', "invalid_question"),
+    ("c1-control", b'{"question": "a\\u0085b"}', "invalid_question"),
+    (
+        "over-long",
+        json.dumps({"question": "x" * (MAX_QUESTION_LENGTH + 1)}).encode(),
+        "invalid_question",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [pytest.param(body, code, id=name) for name, body, code in HOSTILE_BODIES],
+)
+def test_a_hostile_body_is_400_and_nothing_is_stored(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, body: bytes, code: str
+) -> None:
+    assert_error(post_raw(client, body), 400, code)
+
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [rb"\ud800", rb"\udfff", rb"\ud800\u0041", rb"\udc00\ud800"],
+    ids=["lone-high", "lone-low", "high-then-letter", "reversed-pair"],
+)
+def test_a_lone_surrogate_escape_is_400(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, escape: bytes
+) -> None:
+    response = post_raw(client, b'{"question": "a' + escape + b'b"}')
+
+    # Refused by the JSON parser or by the question rules: either way, a 400.
+    code = response.get_json()["error"]["code"]
+    assert code in {"invalid_json", "invalid_question"}
+    assert_error(response, 400, code)
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+def test_a_question_at_the_limit_is_accepted(client: FlaskClient) -> None:
+    # Surrounding whitespace does not count towards the limit.
+    question = "x" * MAX_QUESTION_LENGTH
+
+    body = created(ask(client, f"  {question}\n\n"))
+
+    assert body["question"] == question
+
+
+def test_unknown_fields_are_ignored(client: FlaskClient) -> None:
+    body = created(ask(client, QUESTION, extra={"nested": [1, 2]}, id="forged"))
+
+    assert body["question"] == QUESTION
+    assert body["id"] != "forged"
+
+
+def test_a_json_suffix_media_type_is_accepted(client: FlaskClient) -> None:
+    body = json.dumps({"question": QUESTION}).encode()
+
+    created(post_raw(client, body, "application/vnd.qna+json; charset=utf-8"))
+
+
+@pytest.mark.parametrize(
+    "path", ["/nope", "/ask/", "/questions/", "/questions/a/b", "/%00", "/" + "a" * 5000]
+)
+def test_an_unknown_route_is_404(client: FlaskClient, path: str) -> None:
+    assert_error(client.get(path), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/ask", {"POST", "OPTIONS"}),
+        ("PUT", "/ask", {"POST", "OPTIONS"}),
+        ("DELETE", "/questions", {"GET", "HEAD", "OPTIONS"}),
+        ("POST", "/questions", {"GET", "HEAD", "OPTIONS"}),
+        ("DELETE", f"/questions/{uuid4()}", {"GET", "HEAD", "OPTIONS"}),
+        ("PATCH", "/healthz", {"GET", "HEAD", "OPTIONS"}),
+    ],
+)
+def test_a_wrong_method_is_405_with_allow(
+    client: FlaskClient, method: str, path: str, allowed: set[str]
+) -> None:
+    response = client.open(path, method=method)
+
+    assert_error(response, 405, "method_not_allowed")
+    assert {m.strip() for m in response.headers["Allow"].split(",")} == allowed
+
+
+def test_a_body_over_the_limit_is_413(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    body = json.dumps({"question": "x" * MAX_BODY_BYTES}).encode()
+
+    assert_error(post_raw(client, body), 413, "payload_too_large")
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+def test_a_content_length_over_the_limit_is_413_whatever_the_body(client: FlaskClient) -> None:
+    response = post_raw(
+        client,
+        b'{"question": "x"}',
+        environ_overrides={"CONTENT_LENGTH": str(10**12)},
+    )
+
+    assert_error(response, 413, "payload_too_large")
+
+
+def test_a_short_content_length_cuts_the_body_where_it_says(client: FlaskClient) -> None:
+    response = post_raw(client, b'{"question": "x"}', environ_overrides={"CONTENT_LENGTH": "5"})
+
+    assert_error(response, 400, "invalid_json")
+
+
+# A server that ends streamed bodies itself (gunicorn, for chunked requests) says so
+# with wsgi.input_terminated, and sends no Content-Length.
+STREAMED = {"CONTENT_LENGTH": "", "wsgi.input_terminated": True}
+
+
+def test_a_streamed_body_under_the_limit_is_read(client: FlaskClient) -> None:
+    body = json.dumps({"question": QUESTION}).encode()
+
+    assert created(post_raw(client, body, environ_overrides=STREAMED))["question"] == QUESTION
+
+
+def test_a_streamed_body_over_the_limit_is_413(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    # The first MAX_BODY_BYTES bytes are a valid ask on their own.
+    body = b'{"question": "x"}' + b" " * MAX_BODY_BYTES
+
+    assert_error(post_raw(client, body, environ_overrides=STREAMED), 413, "payload_too_large")
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        None,
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+        "application/jsonx",
+        "json",
+    ],
+)
+def test_a_body_that_is_not_json_is_415(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, content_type: str | None
+) -> None:
+    body = json.dumps({"question": QUESTION}).encode()
+
+    assert_error(post_raw(client, body, content_type), 415, "unsupported_media_type")
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+def test_form_data_is_415(client: FlaskClient) -> None:
+    response = client.post("/ask", data={"question": QUESTION})
+
+    assert_error(response, 415, "unsupported_media_type")
+
+
+# -- the LLM fails -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("step", "status", "code"),
+    [
+        (Status(500), 503, "llm_unavailable"),
+        (Status(503), 503, "llm_unavailable"),
+        (Status(502), 503, "llm_unavailable"),
+        (Status(429), 503, "llm_rate_limited"),
+        (Delay(5.0), 504, "llm_timeout"),
+        (Status(408), 504, "llm_timeout"),
+        (Status(401), 502, "llm_refused"),
+        (Status(404), 502, "llm_refused"),
+        (Raw(body=b"not json"), 502, "llm_bad_response"),
+        (Raw(body=b'{"choices": []}'), 502, "llm_bad_response"),
+        (Raw(body=b"<html>oops</html>", content_type="text/html"), 502, "llm_bad_response"),
+    ],
+    ids=[
+        "500",
+        "503",
+        "502",
+        "429",
+        "timeout",
+        "408",
+        "401",
+        "404",
+        "not-json",
+        "no-choices",
+        "html",
+    ],
+)
+def test_an_llm_failure_is_mapped_and_stored_as_failed(
+    client: FlaskClient,
+    fake_openai: FakeOpenAI,
+    database_url: str,
+    step: Any,
+    status: int,
+    code: str,
+) -> None:
+    fake_openai.script(step)
+
+    response = ask(client, QUESTION)
+
+    error = assert_error(response, status, code)
+    if status == 503:
+        assert int(response.headers["Retry-After"]) >= 1
+    qna_id = UUID(error["qna_id"])
+    record = client.get(f"/questions/{qna_id}").get_json()
+    assert record["status"] == "failed"
+    assert record["answer"] is None
+    assert record["error"]["code"] == code
+    assert record["question"] == QUESTION
+    [row] = stored_rows(database_url)
+    assert UUID(str(row["id"])) == qna_id
+    assert (row["status"], row["error_kind"]) == ("failed", code)
+
+
+def test_the_llm_secret_is_not_in_the_error(client: FlaskClient, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Status(401, body={"error": {"message": "Incorrect API key: sk-test"}}))
+
+    response = ask(client, QUESTION)
+
+    assert_error(response, 502, "llm_refused")
+    assert "sk-test" not in response.get_data(as_text=True)
+
+
+def test_the_providers_retry_after_is_passed_on(
+    client: FlaskClient, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Status(429, headers={"Retry-After": "7"}))
+
+    response = ask(client, QUESTION)
+
+    assert_error(response, 503, "llm_rate_limited")
+    assert response.headers["Retry-After"] == "7"
+
+
+def test_a_dropped_connection_is_503(client: FlaskClient, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Drop())
+
+    assert_error(ask(client, QUESTION), 503, "llm_unavailable")
+
+
+def test_failures_are_listed_in_the_history(client: FlaskClient, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Status(503))
+    failed = assert_error(ask(client, "first"), 503, "llm_unavailable")
+    answered = created(ask(client, "second"))
+
+    items = client.get("/questions").get_json()["items"]
+
+    assert [(item["id"], item["status"]) for item in items] == [
+        (answered["id"], "answered"),
+        (failed["qna_id"], "failed"),
+    ]
+
+
+def test_metrics_count_failures(client: FlaskClient, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Status(429))
+    ask(client, QUESTION)
+
+    metrics = client.get("/metrics").get_data(as_text=True)
+
+    assert re.search(r'^qna_asks_total\{outcome="llm_rate_limited"\} [1-9]', metrics, re.M)
+
+
+# -- text round-trips ----------------------------------------------------------------------------
+
+ROUND_TRIP = [
+    "Was ist 1 + 1? 🤔🇫🇷👩‍👩‍👧",
+    "ما هي عاصمة فرنسا؟",
+    "שָׁלוֹם עולם",
+    "e\u0301 a\u0308 n\u0303 Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǧ̗͚̚o̙̔ͮ̇͐̇",
+    "'; DROP TABLE qn_a; --",
+    "Robert'); DELETE FROM qn_a WHERE ('1'='1",
+    '{"question": "nested"} \\ \\\\ \\u0000',
+    "<script>alert(1)</script> &amp; %s %d {0} ${x}",
+    "tab\there\nnew line",
+    "𝕳𝖊𝖑𝖑𝖔 \U0010fffd \ue000 \ufffd",  # noqa: RUF001 (look-alikes on purpose)
+    "日本語の質問ですか？",  # noqa: RUF001
+    "\u202eRTL override\u202c and \u200dZWJ",
+]
+
+
+@pytest.mark.parametrize("question", ROUND_TRIP, ids=range(len(ROUND_TRIP)))
+def test_unicode_round_trips_exactly(
+    client: FlaskClient, fake_openai: FakeOpenAI, question: str
+) -> None:
+    body = created(ask(client, question))
+
+    fetched = client.get(f"/questions/{body['id']}")
+
+    assert body["question"] == question
+    assert fetched.get_json()["question"] == question
+    # Raw UTF-8 on the wire, not escapes, and the same text reached the LLM.
+    assert json.dumps(question, ensure_ascii=False).encode() in fetched.get_data()
+    assert fake_openai.requests[-1]["messages"][-1]["content"] == question
+
+
+def test_line_endings_and_surrounding_space_are_normalised(client: FlaskClient) -> None:
+    body = created(ask(client, "  \r\n line one\r\nline two\rline three \n\t "))
+
+    assert body["question"] == "line one\nline two\nline three"
+
+
+# -- properties ----------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+ask_shaped = st.fixed_dictionaries(
+    {"question": json_values | st.text()}, optional={"fresh": json_values}
+)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    value=json_values | ask_shaped,
+    ascii_only=st.booleans(),
+    content_type=st.sampled_from(["application/json", "application/json; charset=utf-8"]),
+)
+def test_no_json_body_is_a_server_error(
+    client: FlaskClient, value: object, ascii_only: bool, content_type: str
+) -> None:
+    # Lone surrogates cannot be UTF-8: sent raw, they make invalid UTF-8 on purpose.
+    body = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+    response = post_raw(client, body, content_type)
+
+    assert response.status_code in {201, 400}, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    if response.status_code == 400:
+        assert_error(response, 400, response.get_json()["error"]["code"])
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(question=st.text(max_size=60) | st.text(alphabet="ab \r\n\t\x00\u200b", max_size=12))
+def test_a_question_is_stored_as_the_parse_rules_say(client: FlaskClient, question: str) -> None:
+    response = ask(client, question)
+
+    expected = question.replace("\r\n", "\n").replace("\r", "\n").strip()
+    plain = expected.replace("\n", "").replace("\t", "")
+    if response.status_code == 201:
+        body = response.get_json()
+        assert body["question"] == expected
+        assert client.get(f"/questions/{body['id']}").get_json()["question"] == expected
+        assert not any(unicodedata.category(c) in {"Cc", "Cs"} for c in plain)
+    else:
+        assert_error(response, 400, "invalid_question")
+        # Printable text with a letter or digit in it is always a question.
+        assert not (plain.isprintable() and any(c.isalnum() for c in plain))
+
+
+# -- tokens, rate limits, idempotency ------------------------------------------------------------
+
+TOKENS = "tok-a, tok-b"
+BEARER_A = {"Authorization": "Bearer tok-a"}
+
+
+@pytest.fixture
+def secured(make_app: AppFactory, database_url: str) -> FlaskClient:
+    return make_app(database_url, api_tokens=TOKENS).test_client()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer ", "Bearer tok-c", "Bearer tok-a,tok-b", "Basic tok-a", "tok-a"],
+)
+def test_without_a_valid_token_the_api_is_401(
+    secured: FlaskClient, fake_openai: FakeOpenAI, database_url: str, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization is not None else {}
+
+    for response in (
+        secured.post("/ask", json={"question": QUESTION}, headers=headers),
+        secured.get("/questions", headers=headers),
+        secured.get(f"/questions/{uuid4()}", headers=headers),
+        secured.get("/metrics", headers=headers),
+    ):
+        assert_error(response, 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize("token", ["tok-a", "tok-b"])
+def test_any_configured_token_is_let_in(secured: FlaskClient, token: str) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+
+    body = created(secured.post("/ask", json={"question": QUESTION}, headers=headers))
+
+    assert secured.get(f"/questions/{body['id']}", headers=headers).status_code == 200
+    assert secured.get("/metrics", headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/openapi.json", "/docs"])
+def test_probes_and_docs_need_no_token(secured: FlaskClient, path: str) -> None:
+    assert secured.get(path).status_code == 200
+
+
+def test_the_secured_openapi_document_says_bearer(secured: FlaskClient) -> None:
+    document = secured.get("/openapi.json").get_json()
+
+    schemathesis.openapi.from_dict(document).validate()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert document["paths"]["/ask"]["post"]["security"] == [{"bearer": []}]
+    assert document["paths"]["/healthz"]["get"]["security"] == []
+
+
+def test_over_the_rate_limit_is_429_with_retry_after(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI
+) -> None:
+    client = make_app(database_url, rate_limit="2/minute").test_client()
+    for _ in range(2):
+        response = ask(client, QUESTION)
+        assert response.status_code == 201
+        assert "Retry-After" not in response.headers
+
+    refused = ask(client, QUESTION)
+
+    assert_error(refused, 429, "rate_limited")
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert len(stored_rows(database_url)) == 2
+    assert fake_openai.calls == 2
+    # Orchestrators' probes are never limited.
+    for _ in range(5):
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def test_rate_limits_are_per_token(make_app: AppFactory, database_url: str) -> None:
+    client = make_app(database_url, api_tokens=TOKENS, rate_limit="1/minute").test_client()
+
+    assert client.get("/questions", headers=BEARER_A).status_code == 200
+    assert_error(client.get("/questions", headers=BEARER_A), 429, "rate_limited")
+    assert client.get("/questions", headers={"Authorization": "Bearer tok-b"}).status_code == 200
+
+
+def test_a_retry_with_the_same_key_returns_the_same_record(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    headers = {"Idempotency-Key": "order-42"}
+
+    first = created(ask(client, QUESTION, headers=headers))
+    again = created(ask(client, QUESTION, headers=headers))
+
+    assert again == first
+    assert fake_openai.calls == 1
+    assert len(stored_rows(database_url)) == 1
+
+
+def test_the_same_key_with_another_body_is_422(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    headers = {"Idempotency-Key": "order-42"}
+    created(ask(client, QUESTION, headers=headers))
+
+    assert_error(ask(client, "Another question?", headers=headers), 422, "idempotency_key_reused")
+    assert fake_openai.calls == 1
+    assert len(stored_rows(database_url)) == 1
+
+
+def test_a_key_in_flight_is_409(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI
+) -> None:
+    app = make_app(database_url, idempotency_wait_s=0)
+    headers = {"Idempotency-Key": "order-42"}
+    fake_openai.script(Delay(0.8))
+    first: list[TestResponse] = []
+    asker = threading.Thread(
+        target=lambda: first.append(ask(app.test_client(), QUESTION, headers=headers))
+    )
+    asker.start()
+    try:
+        give_up_at = time.monotonic() + 5
+        while fake_openai.calls == 0 and time.monotonic() < give_up_at:
+            time.sleep(0.01)
+
+        retry = ask(app.test_client(), QUESTION, headers=headers)
+    finally:
+        asker.join(timeout=10)
+
+    assert_error(retry, 409, "idempotency_key_in_flight")
+    created(first[0])
+    assert fake_openai.calls == 1
+
+
+def test_a_key_whose_ask_failed_asks_again(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    headers = {"Idempotency-Key": "order-42"}
+    fake_openai.script(Status(401))
+    failed = assert_error(ask(client, QUESTION, headers=headers), 502, "llm_refused")
+
+    retried = created(ask(client, QUESTION, headers=headers))
+
+    assert retried["id"] != failed["qna_id"]
+    assert fake_openai.calls == 2
+    assert sorted(row["status"] for row in stored_rows(database_url)) == ["answered", "failed"]
+
+
+@pytest.mark.parametrize("key", ["", "a b", "a" * 201, "ключ", "tab\tkey"])
+def test_a_malformed_key_is_400(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, key: str
+) -> None:
+    response = ask(client, QUESTION, headers={"Idempotency-Key": key})
+
+    assert_error(response, 400, "invalid_argument")
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
