@@ -46,10 +46,22 @@ def upgrade() -> None:
         sa.UniqueConstraint("idempotency_key", name=op.f("uq_qn_a_idempotency_key")),
     )
     op.create_index("ix_qn_a_created_at_id", "qn_a", ["created_at", "id"])
+    cacheable = sa.text("status = 'answered' AND source_id IS NULL")
     op.create_index(
-        "ix_qn_a_question_key_model_created_at", "qn_a", ["question_key", "model", "created_at"]
+        "ix_qn_a_question_key_model_created_at",
+        "qn_a",
+        ["question_key", "model", "created_at"],
+        postgresql_where=cacheable,
+        sqlite_where=cacheable,
     )
-    op.create_index("ix_qn_a_status_created_at", "qn_a", ["status", "created_at"])
+    pending = sa.text("status = 'pending'")
+    op.create_index(
+        "ix_qn_a_pending_created_at",
+        "qn_a",
+        ["created_at"],
+        postgresql_where=pending,
+        sqlite_where=pending,
+    )
 
 
 def downgrade() -> None:

@@ -186,6 +186,8 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
         self._calls = 0
+        self._in_flight = 0
+        self._max_in_flight = 0
         self._script: deque[Step] = deque()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -218,6 +220,12 @@ class FakeOpenAI:
             return list(self._requests)
 
     @property
+    def max_in_flight(self) -> int:
+        """The most requests that were waiting out their latency at the same time."""
+        with self._lock:
+            return self._max_in_flight
+
+    @property
     def calls(self) -> int:
         """How many chat completion requests arrived, whatever was answered."""
         with self._lock:
@@ -234,6 +242,7 @@ class FakeOpenAI:
         with self._lock:
             self._requests.clear()
             self._calls = 0
+            self._max_in_flight = 0
             self._script.clear()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -362,7 +371,14 @@ class FakeOpenAI:
 
         delay = step.seconds if isinstance(step, Delay) else self.latency
         if delay > 0:
-            await asyncio.sleep(delay)
+            with self._lock:
+                self._in_flight += 1
+                self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
 
         reply = step if isinstance(step, Reply) else Reply()
         text = reply.text if reply.text is not None else self.answer

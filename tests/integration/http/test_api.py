@@ -29,7 +29,7 @@ from werkzeug.test import TestResponse
 
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
-from tests.integration.http.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
+from tests.integration.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
 from tests.support.fake_openai import DEFAULT_ANSWER, Delay, Drop, FakeOpenAI, Raw, Status
 
 QUESTION = "What is the capital of France?"

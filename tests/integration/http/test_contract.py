@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.integration.http.conftest import AppFactory
+from tests.integration.conftest import AppFactory
 
 CHECKS = [
     not_a_server_error,

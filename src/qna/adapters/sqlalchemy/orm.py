@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -70,6 +71,10 @@ class Base(DeclarativeBase):
     metadata = metadata
 
 
+_CACHEABLE = "status = 'answered' AND source_id IS NULL"
+_PENDING = "status = 'pending'"
+
+
 class QnARow(Base):
     __tablename__ = "qn_a"
     __table_args__ = (
@@ -79,10 +84,23 @@ class QnARow(Base):
         ),
         # Keyset pagination of the history, newest first.
         Index("ix_qn_a_created_at_id", "created_at", "id"),
-        # Answer-cache look-up: same normalised question and model, newest first.
-        Index("ix_qn_a_question_key_model_created_at", "question_key", "model", "created_at"),
-        # Sweeping records whose asker died mid-call.
-        Index("ix_qn_a_status_created_at", "status", "created_at"),
+        # Answer-cache look-up: same normalised question and model, newest first, among
+        # answers that came from the LLM (partial: only those can be a cache source).
+        Index(
+            "ix_qn_a_question_key_model_created_at",
+            "question_key",
+            "model",
+            "created_at",
+            postgresql_where=text(_CACHEABLE),
+            sqlite_where=text(_CACHEABLE),
+        ),
+        # Sweeping records whose asker died mid-call (partial: pending rows are few).
+        Index(
+            "ix_qn_a_pending_created_at",
+            "created_at",
+            postgresql_where=text(_PENDING),
+            sqlite_where=text(_PENDING),
+        ),
     )
 
     id: Mapped[UUID] = mapped_column(Uuid, primary_key=True)

@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import Self
 from uuid import UUID
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import Select, and_, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +16,22 @@ from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS, storage_unavail
 from qna.adapters.sqlalchemy.orm import QnARow, question_key
 from qna.application.ports import DuplicateIdempotencyKey, PageKey
 from qna.domain.model import QnA, Status
+
+
+def find_answered_query(normalised: str, model: str, since: datetime) -> Select[QnARow]:
+    """The answer-cache look-up; served by ix_qn_a_question_key_model_created_at."""
+    return (
+        select(QnARow)
+        .where(
+            QnARow.question_key == question_key(normalised),
+            QnARow.model == model,
+            QnARow.created_at >= since,
+            QnARow.status == Status.ANSWERED.value,
+            QnARow.source_id.is_(None),
+        )
+        .order_by(QnARow.created_at.desc())
+        .limit(1)
+    )
 
 
 class SqlAlchemyQnARepository:
@@ -52,19 +68,7 @@ class SqlAlchemyQnARepository:
         return [row.to_domain() for row in self._session.scalars(query)]
 
     def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
-        query = (
-            select(QnARow)
-            .where(
-                QnARow.question_key == question_key(normalised),
-                QnARow.model == model,
-                QnARow.created_at >= since,
-                QnARow.status == Status.ANSWERED.value,
-                QnARow.source_id.is_(None),
-            )
-            .order_by(QnARow.created_at.desc())
-            .limit(1)
-        )
-        row = self._session.scalars(query).first()
+        row = self._session.scalars(find_answered_query(normalised, model, since)).first()
         return row.to_domain() if row is not None else None
 
     def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]:

@@ -25,36 +25,30 @@ AppFactory = Callable[..., Flask]
 
 @pytest.fixture
 def make_app(fake_openai: FakeOpenAI) -> Iterator[AppFactory]:
-    """Build apps over the fake LLM; each container is unwired and shut down afterwards.
-
-    `create_app` wires the views module to its container, and wiring is global to the
-    module: build one app per test, or the earlier one serves from the later container.
-    """
+    """Build apps over the fake LLM; each container is shut down afterwards."""
     containers: list[Container] = []
 
     def build(database_url: str, **overrides: Any) -> Flask:
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            database_url=database_url,
-            openai_base_url=fake_openai.base_url,
-            openai_api_key="sk-test",
-            model="gpt-test",
-            llm_max_attempts=1,
-            llm_timeout_s=LLM_TIMEOUT_S,
-            llm_deadline_s=10.0,
-            max_question_length=MAX_QUESTION_LENGTH,
-            max_body_bytes=MAX_BODY_BYTES,
-            cache_ttl_s=0,
-            log_level="WARNING",
-            **overrides,
-        )
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "openai_base_url": fake_openai.base_url,
+            "openai_api_key": "sk-test",
+            "model": "gpt-test",
+            "llm_max_attempts": 1,
+            "llm_timeout_s": LLM_TIMEOUT_S,
+            "llm_deadline_s": 10.0,
+            "max_question_length": MAX_QUESTION_LENGTH,
+            "max_body_bytes": MAX_BODY_BYTES,
+            "cache_ttl_s": 0,
+            "log_level": "WARNING",
+        }
+        settings = Settings(_env_file=None, **{**values, **overrides})  # type: ignore[call-arg]
         container = create_container(settings)
         containers.append(container)
         return create_app(container)
 
     yield build
     for container in reversed(containers):
-        container.unwire()
         shutdown(container)
 
 

@@ -1,0 +1,240 @@
+"""The answer cache and the concurrency model, asserted on behaviour and counts.
+
+Speed itself is measured by the benchmark (bench/run), never here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from flask import Flask
+from sqlalchemy import create_engine, insert, select, text, update
+
+from qna.adapters.sqlalchemy import migrate
+from qna.adapters.sqlalchemy.orm import QnARow
+from qna.adapters.sqlalchemy.repository import find_answered_query
+from qna.domain.model import QnA, normalise_for_cache
+from tests.integration.conftest import AppFactory
+from tests.support.databases import scratch_database
+from tests.support.fake_openai import FakeOpenAI, Status
+from tests.support.serving import serve_env, serving
+
+QUESTION = "What is the capital of France?"
+
+
+def ask(app: Flask, question: str, **body: object) -> dict[str, object]:
+    response = app.test_client().post("/ask", json={"question": question, **body})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    return response.get_json()  # type: ignore[no-any-return]
+
+
+def age_every_record(database_url: str, by: timedelta) -> None:
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            rows = connection.execute(select(QnARow.id, QnARow.created_at)).all()
+            for row in rows:
+                connection.execute(
+                    update(QnARow).where(QnARow.id == row.id).values(created_at=row.created_at - by)
+                )
+    finally:
+        engine.dispose()
+
+
+# -- the answer cache -----------------------------------------------------------------------------
+
+
+def test_cache_is_off_by_default(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI
+) -> None:
+    app = make_app(database_url)
+
+    ask(app, QUESTION)
+    second = ask(app, QUESTION)
+
+    assert fake_openai.calls == 2
+    assert second["source_id"] is None
+
+
+def test_a_cache_hit_is_a_new_record_pointing_at_its_source_without_an_llm_call(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI
+) -> None:
+    app = make_app(database_url, cache_ttl_s=3600)
+    first = ask(app, QUESTION)
+
+    hit = ask(app, "  what IS the   capital of france?\n")
+
+    assert fake_openai.calls == 1
+    assert hit["id"] != first["id"]
+    assert hit["source_id"] == first["id"]
+    assert hit["answer"] == first["answer"]
+    assert hit["question"] == "what IS the   capital of france?"  # stored as asked
+    listed = app.test_client().get("/questions").get_json()["items"]
+    assert [item["id"] for item in listed] == [hit["id"], first["id"]]
+
+
+def test_fresh_bypasses_the_cache(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI
+) -> None:
+    app = make_app(database_url, cache_ttl_s=3600)
+    ask(app, QUESTION)
+
+    fresh = ask(app, QUESTION, fresh=True)
+
+    assert fake_openai.calls == 2
+    assert fresh["source_id"] is None
+
+
+def test_another_model_misses(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI
+) -> None:
+    ask(make_app(database_url, cache_ttl_s=3600), QUESTION)
+
+    other = ask(make_app(database_url, cache_ttl_s=3600, model="gpt-other"), QUESTION)
+
+    assert fake_openai.calls == 2
+    assert other["source_id"] is None
+    assert other["model"] == "gpt-other"
+
+
+def test_an_answer_older_than_the_ttl_misses(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI
+) -> None:
+    app = make_app(database_url, cache_ttl_s=60)
+    ask(app, QUESTION)
+    age_every_record(database_url, by=timedelta(seconds=61))
+
+    again = ask(app, QUESTION)
+
+    assert fake_openai.calls == 2
+    assert again["source_id"] is None
+
+
+def test_a_failed_answer_is_never_served_from_the_cache(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI
+) -> None:
+    app = make_app(database_url, cache_ttl_s=3600)
+    fake_openai.script(Status(500))
+    assert app.test_client().post("/ask", json={"question": QUESTION}).status_code == 503
+
+    answered = ask(app, QUESTION)
+
+    assert fake_openai.calls == 2
+    assert answered["source_id"] is None
+
+
+@pytest.mark.postgres
+def test_the_cache_lookup_uses_its_index(empty_postgres_url: str) -> None:
+    """With a realistic number of rows and fresh statistics, the planner serves the
+    repository's exact cache query from the cache index, not a scan."""
+    engine = create_engine(empty_postgres_url)
+    try:
+        migrate.upgrade(engine)
+        now = datetime.now(UTC)
+        rows = []
+        for i in range(5000):
+            qna = QnA.ask(f"Question number {i}?", model="gpt-test", now=now)
+            qna.record_answer(
+                answer="a",
+                model="gpt-test",
+                prompt_tokens=1,
+                completion_tokens=1,
+                latency_ms=1,
+                now=now,
+            )
+            rows.append(QnARow.values_from(qna))
+        with engine.begin() as connection:
+            connection.execute(insert(QnARow), rows)
+            connection.execute(text("ANALYZE qn_a"))
+        query = find_answered_query(
+            normalise_for_cache("Question number 42?"), "gpt-test", now - timedelta(hours=1)
+        )
+        with engine.connect() as connection:
+            compiled = query.compile(dialect=connection.dialect)
+            plan = "\n".join(
+                row[0]
+                for row in connection.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+            )
+    finally:
+        engine.dispose()
+
+    assert "ix_qn_a_question_key_model_created_at" in plan, plan
+    assert "Seq Scan" not in plan, plan
+
+
+# -- the concurrency model ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_llm() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(latency=1.0) as fake:
+        yield fake
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_fifty_asks_wait_on_the_llm_together_with_a_small_pool(
+    postgres_server_url: str, slow_llm: FakeOpenAI, tmp_path: Path
+) -> None:
+    """50 concurrent asks are all waiting on the LLM at once (so they finish in about one
+    LLM latency), while the server never holds more database connections than its pool
+    of 4 (+2 overflow) — because no connection is held during the LLM call."""
+    asks = 50
+    pool_size = 4
+    with scratch_database(postgres_server_url) as url:
+        env = serve_env(url, slow_llm, QNA_DB_POOL_SIZE=str(pool_size))
+        with serving(env, tmp_path, "--workers", "1", "--threads", "64") as server:
+            database = url.rsplit("/", 1)[1]
+            monitor = create_engine(postgres_server_url)
+            stop = threading.Event()
+            peak = 0
+
+            def watch_connections() -> None:
+                nonlocal peak
+                with monitor.connect() as connection:
+                    while not stop.is_set():
+                        count = connection.execute(
+                            text(
+                                "SELECT count(*) FROM pg_stat_activity"
+                                " WHERE datname = :db AND pid <> pg_backend_pid()"
+                            ),
+                            {"db": database},
+                        ).scalar_one()
+                        peak = max(peak, count)
+                        stop.wait(0.02)
+
+            watcher = threading.Thread(target=watch_connections)
+            watcher.start()
+            try:
+                with ThreadPoolExecutor(max_workers=asks) as pool:
+                    responses = list(
+                        pool.map(
+                            lambda i: requests.post(
+                                f"{server.url}/ask", json={"question": f"Q{i}?"}, timeout=30
+                            ),
+                            range(asks),
+                        )
+                    )
+            finally:
+                stop.set()
+                watcher.join()
+                monitor.dispose()
+
+        assert [r.status_code for r in responses] == [201] * asks
+        assert slow_llm.max_in_flight == asks
+        assert 0 < peak <= pool_size + pool_size // 2
+        engine = create_engine(url)
+        try:
+            with engine.connect() as connection:
+                answered = connection.execute(
+                    text("SELECT count(*) FROM qn_a WHERE status = 'answered'")
+                ).scalar_one()
+        finally:
+            engine.dispose()
+        assert answered == asks
