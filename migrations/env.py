@@ -14,7 +14,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from qna.adapters.sqlalchemy.database import create_engine
-from qna.adapters.sqlalchemy.orm import metadata
+from qna.adapters.sqlalchemy.tables import metadata
 
 target_metadata = metadata
 

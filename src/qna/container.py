@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from qna.adapters.sqlalchemy import migrate
-from qna.adapters.sqlalchemy.database import create_engine, create_session_factory
+from qna.adapters.sqlalchemy.database import create_engine
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
 from qna.adapters.structured_logging import configure_logging
 from qna.application.ports import LLM
@@ -83,8 +83,7 @@ class Container(containers.DeclarativeContainer):
         pool_size=config.db_pool_size,
         connect_timeout=config.db_connect_timeout_s,
     )
-    session_factory = providers.ThreadSafeSingleton(create_session_factory, engine)
-    unit_of_work = providers.Factory(SqlAlchemyUnitOfWork, session_factory=session_factory)
+    unit_of_work = providers.Factory(SqlAlchemyUnitOfWork, engine=engine)
 
     llm = providers.Resource(
         llm_resource,
@@ -140,7 +139,6 @@ def warm_up(container: Container) -> None:
     closed. A missing API key is left for the first ask to report.
     """
     container.engine()
-    container.session_factory()
     with contextlib.suppress(ConfigurationError):
         container.llm()
 

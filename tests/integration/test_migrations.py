@@ -15,7 +15,7 @@ from sqlalchemy import inspect
 
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
-from qna.adapters.sqlalchemy.orm import metadata
+from qna.adapters.sqlalchemy.tables import metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -438,7 +438,7 @@ def test_a_long_pending_record_is_closed_as_abandoned_when_read(
     now = datetime.now(UTC)
     stale = QnA.ask("Asked by a process that died", model="gpt-test", now=now - timedelta(days=1))
     fresh = QnA.ask("Still being answered", model="gpt-test", now=now)
-    with SqlAlchemyUnitOfWork(container.session_factory()) as uow:
+    with SqlAlchemyUnitOfWork(container.engine()) as uow:
         uow.qnas.add(stale)
         uow.qnas.add(fresh)
         uow.commit()
@@ -467,7 +467,7 @@ def test_the_history_closes_abandoned_records_too(make_app: AppFactory, database
     stale = [
         QnA.ask(f"Lost {i}", model="gpt-test", now=old + timedelta(seconds=i)) for i in range(3)
     ]
-    with SqlAlchemyUnitOfWork(container.session_factory()) as uow:
+    with SqlAlchemyUnitOfWork(container.engine()) as uow:
         for record in stale:
             uow.qnas.add(record)
         uow.commit()

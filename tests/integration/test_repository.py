@@ -8,7 +8,6 @@ from uuid import uuid4
 import pytest
 from sqlalchemy import Engine, text
 
-from qna.adapters.sqlalchemy.database import create_session_factory
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
 from qna.application.ports import PageKey
 from qna.domain.errors import LLMTimeout
@@ -19,7 +18,7 @@ T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 @pytest.fixture
 def uow(engine: Engine) -> SqlAlchemyUnitOfWork:
-    return SqlAlchemyUnitOfWork(create_session_factory(engine))
+    return SqlAlchemyUnitOfWork(engine)
 
 
 def store(uow: SqlAlchemyUnitOfWork, *records: QnA) -> None:

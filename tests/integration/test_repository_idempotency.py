@@ -16,7 +16,6 @@ from uuid import UUID
 import pytest
 from sqlalchemy import Engine, text
 
-from qna.adapters.sqlalchemy.database import create_session_factory
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
 from qna.application.ports import DuplicateIdempotencyKey
 from qna.config import Settings
@@ -34,7 +33,7 @@ RACERS = 20
 
 @pytest.fixture
 def uow(engine: Engine) -> SqlAlchemyUnitOfWork:
-    return SqlAlchemyUnitOfWork(create_session_factory(engine))
+    return SqlAlchemyUnitOfWork(engine)
 
 
 def keyed(question: str = QUESTION, key: str = KEY, now: datetime = T0) -> QnA:

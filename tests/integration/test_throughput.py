@@ -17,8 +17,8 @@ from flask import Flask
 from sqlalchemy import create_engine, insert, select, text, update
 
 from qna.adapters.sqlalchemy import migrate
-from qna.adapters.sqlalchemy.orm import QnARow
 from qna.adapters.sqlalchemy.repository import find_answered_query
+from qna.adapters.sqlalchemy.tables import qn_a, row_values
 from qna.domain.model import QnA, normalise_for_cache
 from tests.integration.conftest import AppFactory
 from tests.support.databases import scratch_database
@@ -38,10 +38,10 @@ def age_every_record(database_url: str, by: timedelta) -> None:
     engine = create_engine(database_url)
     try:
         with engine.begin() as connection:
-            rows = connection.execute(select(QnARow.id, QnARow.created_at)).all()
+            rows = connection.execute(select(qn_a.c.id, qn_a.c.created_at)).all()
             for row in rows:
                 connection.execute(
-                    update(QnARow).where(QnARow.id == row.id).values(created_at=row.created_at - by)
+                    update(qn_a).where(qn_a.c.id == row.id).values(created_at=row.created_at - by)
                 )
     finally:
         engine.dispose()
@@ -148,9 +148,9 @@ def test_the_cache_lookup_uses_its_index(empty_postgres_url: str) -> None:
                 latency_ms=1,
                 now=now,
             )
-            rows.append(QnARow.values_from(qna))
+            rows.append(row_values(qna))
         with engine.begin() as connection:
-            connection.execute(insert(QnARow), rows)
+            connection.execute(insert(qn_a), rows)
             connection.execute(text("ANALYZE qn_a"))
         query = find_answered_query(
             normalise_for_cache("Question number 42?"), "gpt-test", now - timedelta(hours=1)

@@ -1,46 +1,52 @@
-"""QnARepository and UnitOfWork over a SQLAlchemy session."""
+"""QnARepository and UnitOfWork over one SQLAlchemy Core connection and transaction."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from uuid import UUID
 
-from sqlalchemy import Select, and_, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Select, and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS, storage_unavailable
-from qna.adapters.sqlalchemy.orm import QnARow, question_key
+from qna.adapters.sqlalchemy.tables import qn_a, question_key, row_values, to_domain
 from qna.application.ports import DuplicateIdempotencyKey, PageKey
 from qna.domain.model import QnA, Status
 
+# Built once: SQLAlchemy then reuses their compiled form for every ask.
+_INSERT = insert(qn_a)
+_UPDATE = update(qn_a).where(qn_a.c.id == bindparam("row_id"))
+_BY_ID = select(qn_a).where(qn_a.c.id == bindparam("row_id"))
+_BY_KEY = select(qn_a).where(qn_a.c.idempotency_key == bindparam("key"))
+_RELEASE_KEY = update(qn_a).where(qn_a.c.id == bindparam("row_id")).values(idempotency_key=None)
 
-def find_answered_query(normalised: str, model: str, since: datetime) -> Select[QnARow]:
+
+def find_answered_query(normalised: str, model: str, since: datetime) -> Select[Any]:
     """The answer-cache look-up; served by ix_qn_a_question_key_model_created_at."""
     return (
-        select(QnARow)
+        select(qn_a)
         .where(
-            QnARow.question_key == question_key(normalised),
-            QnARow.model == model,
-            QnARow.created_at >= since,
-            QnARow.status == Status.ANSWERED.value,
-            QnARow.source_id.is_(None),
+            qn_a.c.question_key == question_key(normalised),
+            qn_a.c.model == model,
+            qn_a.c.created_at >= since,
+            qn_a.c.status == Status.ANSWERED.value,
+            qn_a.c.source_id.is_(None),
         )
-        .order_by(QnARow.created_at.desc())
+        .order_by(qn_a.c.created_at.desc())
         .limit(1)
     )
 
 
 class SqlAlchemyQnARepository:
-    def __init__(self, session: Session) -> None:
-        self._session = session
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
 
     def add(self, qna: QnA) -> None:
         try:
-            self._session.execute(insert(QnARow).values(QnARow.values_from(qna)))
+            self._connection.execute(_INSERT, row_values(qna))
         except IntegrityError as exc:
             # Both PostgreSQL and SQLite name the constraint or column in the message.
             if qna.idempotency_key is not None and "idempotency_key" in str(exc.orig):
@@ -48,60 +54,64 @@ class SqlAlchemyQnARepository:
             raise
 
     def save(self, qna: QnA) -> None:
-        values = QnARow.values_from(qna)
-        del values["id"]
-        self._session.execute(update(QnARow).where(QnARow.id == qna.id).values(values))
+        values = row_values(qna)
+        values["row_id"] = values.pop("id")
+        self._connection.execute(_UPDATE, values)
 
     def get(self, qna_id: UUID) -> QnA | None:
-        row = self._session.get(QnARow, qna_id)
-        return row.to_domain() if row is not None else None
+        return self._first(_BY_ID, {"row_id": qna_id})
 
     def list(self, *, limit: int, before: PageKey | None = None) -> Sequence[QnA]:
-        query = select(QnARow).order_by(QnARow.created_at.desc(), QnARow.id.desc()).limit(limit)
+        query = select(qn_a).order_by(qn_a.c.created_at.desc(), qn_a.c.id.desc()).limit(limit)
         if before is not None:
             query = query.where(
                 or_(
-                    QnARow.created_at < before.created_at,
-                    and_(QnARow.created_at == before.created_at, QnARow.id < before.id),
+                    qn_a.c.created_at < before.created_at,
+                    and_(qn_a.c.created_at == before.created_at, qn_a.c.id < before.id),
                 )
             )
-        return [row.to_domain() for row in self._session.scalars(query)]
+        return [to_domain(row) for row in self._connection.execute(query).mappings()]
 
     def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
-        row = self._session.scalars(find_answered_query(normalised, model, since)).first()
-        return row.to_domain() if row is not None else None
+        return self._first(find_answered_query(normalised, model, since))
 
     def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]:
         query = (
-            select(QnARow)
-            .where(QnARow.status == Status.PENDING.value, QnARow.created_at < created_before)
-            .order_by(QnARow.created_at)
+            select(qn_a)
+            .where(qn_a.c.status == Status.PENDING.value, qn_a.c.created_at < created_before)
+            .order_by(qn_a.c.created_at)
             .limit(limit)
         )
-        return [row.to_domain() for row in self._session.scalars(query)]
+        return [to_domain(row) for row in self._connection.execute(query).mappings()]
 
     def get_by_idempotency_key(self, key: str) -> QnA | None:
-        query = select(QnARow).where(QnARow.idempotency_key == key)
-        row = self._session.scalars(query).first()
-        return row.to_domain() if row is not None else None
+        return self._first(_BY_KEY, {"key": key})
 
     def release_idempotency_key(self, qna_id: UUID) -> None:
-        self._session.execute(
-            update(QnARow).where(QnARow.id == qna_id).values(idempotency_key=None)
-        )
+        self._connection.execute(_RELEASE_KEY, {"row_id": qna_id})
+
+    def _first(self, query: Select[Any], params: dict[str, Any] | None = None) -> QnA | None:
+        row = self._connection.execute(query, params or {}).mappings().first()
+        return to_domain(row) if row is not None else None
 
 
 class SqlAlchemyUnitOfWork:
-    """One session, one transaction; rolled back on exit unless committed."""
+    """One connection, one transaction; rolled back on exit unless committed."""
 
     qnas: SqlAlchemyQnARepository
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
-        self._session_factory = session_factory
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
 
     def __enter__(self) -> Self:
-        self._session = self._session_factory()
-        self.qnas = SqlAlchemyQnARepository(self._session)
+        try:
+            # Checking out runs the pool's pre-ping: a connection killed by a database
+            # restart is replaced here, before any work depends on it.
+            self._connection = self._engine.connect()
+            self._connection.begin()
+        except UNAVAILABLE_ERRORS as exc:
+            raise storage_unavailable(exc) from exc
+        self.qnas = SqlAlchemyQnARepository(self._connection)
         return self
 
     def __exit__(
@@ -111,8 +121,8 @@ class SqlAlchemyUnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         try:
-            self._session.rollback()
-            self._session.close()
+            self._connection.rollback()
+            self._connection.close()
         except DBAPIError:
             # The connection is already broken; the original error says more.
             if exc is None:
@@ -121,7 +131,7 @@ class SqlAlchemyUnitOfWork:
             raise storage_unavailable(exc) from exc
 
     def commit(self) -> None:
-        self._session.commit()
+        self._connection.commit()
 
     def rollback(self) -> None:
-        self._session.rollback()
+        self._connection.rollback()
