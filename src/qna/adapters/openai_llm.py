@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx2
 import openai
 from openai.types.chat import ChatCompletion
 
@@ -31,6 +32,8 @@ from qna.domain.errors import (
 
 # Servers such as Ollama or vLLM want no key, but the SDK refuses to start without one.
 _PLACEHOLDER_API_KEY = "unused"
+# As many connections as asks in flight, all kept for reuse.
+_POOL_LIMITS = httpx2.Limits(max_connections=None, max_keepalive_connections=2048)
 # Provider messages can carry whole request echoes; an error message needs the gist.
 _DETAIL_LIMIT = 300
 
@@ -105,6 +108,9 @@ class OpenAILLM:
             base_url=base_url,
             max_retries=0,
             timeout=openai.Timeout(request_timeout, connect=connect_timeout),
+            # The SDK keeps 100 idle connections; with more asks than that in flight,
+            # every extra ask would open and close a TCP (and TLS) connection.
+            http_client=openai.DefaultHttpxClient(limits=_POOL_LIMITS),
         )
         self._where = _without_credentials(str(self._client.base_url).rstrip("/"))
 
