@@ -173,7 +173,8 @@ def test_the_cache_lookup_uses_its_index(empty_postgres_url: str) -> None:
 
 @pytest.fixture
 def slow_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(latency=1.0) as fake:
+    # Long enough that all 50 asks overlap even on a busy machine.
+    with FakeOpenAI(latency=2.0) as fake:
         yield fake
 
 
