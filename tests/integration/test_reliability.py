@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,44 +30,31 @@ from qna.config import Settings
 from qna.container import Container, create_container, shutdown, warm_up
 from qna.domain.errors import InvalidQuestion
 from qna.domain.model import QnA, parse_question
-from qna.entrypoints.http.app import create_app
+from tests.integration.conftest import MAX_QUESTION_LENGTH, AppFactory
 from tests.support.fake_openai import Delay, Drop, FakeOpenAI, Raw, Status
 from tests.support.pg_cluster import PgCluster, throwaway_cluster
 
 QUESTION = "What is the capital of France?"
-MAX_QUESTION_LENGTH = 1000
 TOKENS = ("tok-alpha-7d1f0c9e2b", "tok-beta-55aa3e1c0f")
 
-AppFactory = Callable[..., Flask]
+
+# Retries on, so that faults are ridden out as in production.
+RELIABLE = {
+    "llm_max_attempts": 4,
+    "llm_timeout_s": 5.0,
+    "llm_deadline_s": 30.0,
+    "log_level": "INFO",
+}
 
 
 @pytest.fixture
-def make_app(fake_openai: FakeOpenAI) -> Iterator[AppFactory]:
-    """Apps over the fake LLM. One per test: wiring the views is global to their module."""
-    containers: list[Container] = []
+def make_app(make_app: AppFactory) -> AppFactory:
+    """The shared app factory (tests/integration/conftest.py) with retries on."""
 
     def build(database_url: str, **overrides: Any) -> Flask:
-        values: dict[str, Any] = {
-            "database_url": database_url,
-            "openai_base_url": fake_openai.base_url,
-            "openai_api_key": "sk-test",
-            "model": "gpt-test",
-            "llm_max_attempts": 4,
-            "llm_timeout_s": 5.0,
-            "llm_deadline_s": 30.0,
-            "max_question_length": MAX_QUESTION_LENGTH,
-            "cache_ttl_s": 0,
-            "log_level": "INFO",
-            **overrides,
-        }
-        container = create_container(Settings(_env_file=None, **values))
-        containers.append(container)
-        return create_app(container)
+        return make_app(database_url, **{**RELIABLE, **overrides})
 
-    yield build
-    for container in reversed(containers):
-        container.unwire()
-        shutdown(container)
+    return build
 
 
 @pytest.fixture

@@ -197,7 +197,9 @@ class AskQuestion:
         return round((self._timer() - started) * 1000)
 
 
-class GetQnA:
+class _ReadsHistory:
+    """A use case that reads stored records, closing abandoned ones as it meets them."""
+
     def __init__(
         self,
         uow: UnitOfWorkFactory,
@@ -209,6 +211,8 @@ class GetQnA:
         self._abandon_after = abandon_after
         self._clock = clock
 
+
+class GetQnA(_ReadsHistory):
     def __call__(self, qna_id: UUID | str) -> QnA:
         key = _parse_id(qna_id)
         with self._uow() as uow:
@@ -227,21 +231,10 @@ class Page:
     next_cursor: str | None
 
 
-class ListQnA:
+class ListQnA(_ReadsHistory):
     """The history, newest first, a page at a time (keyset pagination)."""
 
     MAX_LIMIT = 100
-
-    def __init__(
-        self,
-        uow: UnitOfWorkFactory,
-        *,
-        abandon_after: timedelta = DEFAULT_ABANDON_AFTER,
-        clock: Clock = utc_now,
-    ) -> None:
-        self._uow = uow
-        self._abandon_after = abandon_after
-        self._clock = clock
 
     def __call__(self, *, limit: int = 20, cursor: str | None = None) -> Page:
         if not 1 <= limit <= self.MAX_LIMIT:
@@ -256,21 +249,10 @@ class ListQnA:
         return Page(items=items, next_cursor=encode_cursor(items[-1]) if has_more else None)
 
 
-class ReapAbandoned:
+class ReapAbandoned(_ReadsHistory):
     """Mark as failed every record whose asker died mid-ask (run at server start)."""
 
     BATCH = 500
-
-    def __init__(
-        self,
-        uow: UnitOfWorkFactory,
-        *,
-        abandon_after: timedelta = DEFAULT_ABANDON_AFTER,
-        clock: Clock = utc_now,
-    ) -> None:
-        self._uow = uow
-        self._abandon_after = abandon_after
-        self._clock = clock
 
     def __call__(self) -> int:
         closed = 0
