@@ -515,3 +515,14 @@ def test_an_unknown_command_is_a_usage_error() -> None:
 
     assert result.exit_code == 2
     assert "frobnicate" in result.stderr
+
+
+def test_serve_without_an_llm_setting_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+    result = CliRunner().invoke(cli, ["serve", "--port", "0"])
+
+    assert result.exit_code == 3
+    assert "OPENAI_API_KEY" in result.output
+    assert "Traceback" not in result.output

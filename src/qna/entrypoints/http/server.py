@@ -78,6 +78,9 @@ def migrate_before_serving(settings: Settings) -> None:
     does not stop the server (it answers 503 until the database is back)."""
     container = create_container(settings)
     try:
+        # A server that cannot ask anything should not start: say which setting is
+        # missing now, not as a 503 on every ask.
+        container.llm()
         upgrade_database(container)
         closed = container.reap_abandoned()()
         if closed:
