@@ -7,6 +7,7 @@ real OpenAI-compatible HTTP server (`FakeOpenAI`); only the process boundary is 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -526,3 +527,5 @@ def test_serve_without_an_llm_setting_refuses_to_start(monkeypatch: pytest.Monke
     assert result.exit_code == 3
     assert "OPENAI_API_KEY" in result.output
     assert "Traceback" not in result.output
+    # Refusing to start changed nothing in the caller's process.
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ

@@ -295,7 +295,6 @@ def serve(host: str, port: int, workers: int, threads: int, graceful_timeout: in
     """Serve the HTTP API under gunicorn (migrates the database first)."""
     from qna.entrypoints.http import server
 
-    server.prepare_multiprocess_metrics(workers)
     server.serve(
         host=host, port=port, workers=workers, threads=threads, graceful_timeout=graceful_timeout
     )

@@ -94,7 +94,8 @@ def migrate_before_serving(settings: Settings) -> None:
 def prepare_multiprocess_metrics(workers: int) -> None:
     """With several workers, each writes its metrics to files that /metrics adds up.
 
-    Must run before anything imports prometheus_client (the HTTP package does).
+    Must run before anything imports prometheus_client (the HTTP application does;
+    the master never imports it, the workers load it after the fork).
     """
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         directory = tempfile.mkdtemp(prefix="qna-metrics-")
@@ -105,6 +106,9 @@ def prepare_multiprocess_metrics(workers: int) -> None:
 def serve(*, host: str, port: int, workers: int, threads: int, graceful_timeout: int) -> None:
     settings = Settings()
     migrate_before_serving(settings)
+    # After the checks above: a server that refuses to start leaves no trace in the
+    # environment of whoever called it.
+    prepare_multiprocess_metrics(workers)
     options: dict[str, Any] = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
