@@ -17,7 +17,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from qna.domain.model import QnA, Status
+from qna.domain.model import QnA
 
 ASKS = Counter("qna_asks", "Asks handled over HTTP, by outcome.", ["outcome"])
 LLM_LATENCY = Histogram(
@@ -30,10 +30,8 @@ DATABASE_ERRORS = Counter("qna_database_errors", "Requests that failed on the da
 
 
 def record_ask(qna: QnA) -> None:
-    outcome = "cached" if qna.source_id is not None else qna.status.value
-    if qna.status is Status.FAILED and qna.error_kind:
-        outcome = qna.error_kind
-    ASKS.labels(outcome=outcome).inc()
+    """An answered ask (failed ones raise, and are counted by `record_failure`)."""
+    ASKS.labels(outcome="cached" if qna.source_id is not None else qna.status.value).inc()
     if qna.source_id is None and qna.latency_ms is not None:
         LLM_LATENCY.observe(qna.latency_ms / 1000)
     if qna.prompt_tokens:

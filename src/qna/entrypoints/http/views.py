@@ -14,7 +14,7 @@ from qna.domain.errors import StorageUnavailable
 from qna.entrypoints.http import metrics
 from qna.entrypoints.http.errors import ApiError, error_response
 from qna.entrypoints.http.openapi import DOCS_PAGE
-from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
+from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage, qna_to_dict
 
 bp = Blueprint("qna", __name__)
 
@@ -81,7 +81,7 @@ def ask() -> Response:
     ask_question: AskQuestion = _container().ask_question()
     qna = ask_question(body.question, fresh=body.fresh, idempotency_key=_idempotency_key())
     metrics.record_ask(qna)
-    response = jsonify(QnAOut.from_domain(qna).model_dump(mode="json"))
+    response = jsonify(qna_to_dict(qna))
     response.status_code = 201
     response.headers["Location"] = url_for("qna.get_question", qna_id=str(qna.id))
     return response
@@ -109,7 +109,7 @@ def list_questions() -> Response:
 @bp.get("/questions/<qna_id>")
 def get_question(qna_id: str) -> Response:
     get_qna: GetQnA = _container().get_qna()
-    return jsonify(QnAOut.from_domain(get_qna(qna_id)).model_dump(mode="json"))
+    return jsonify(qna_to_dict(get_qna(qna_id)))
 
 
 @bp.get("/healthz")
