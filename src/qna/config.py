@@ -7,6 +7,7 @@ The README's settings table is this class, in words; keep them together.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -43,6 +44,7 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
     openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
     model: str = Field(DEFAULT_MODEL, min_length=1, validation_alias=_env("QNA_MODEL"))
+    llm_client: Literal["openai", "http"] = Field("openai", validation_alias=_env("QNA_LLM_CLIENT"))
     llm_connect_timeout_s: float = Field(
         5.0, gt=0, validation_alias=_env("QNA_LLM_CONNECT_TIMEOUT_S")
     )

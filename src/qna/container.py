@@ -10,6 +10,7 @@ from dependency_injector import containers, providers
 from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from qna.adapters.chat_completions import ChatCompletionsLLM
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
@@ -33,6 +34,7 @@ def engine_resource(url: str, pool_size: int, connect_timeout: float) -> Iterato
 
 
 def llm_resource(
+    client: str,
     api_key: str | None,
     base_url: str | None,
     model: str,
@@ -42,26 +44,38 @@ def llm_resource(
     max_attempts: int,
 ) -> Iterator[LLM]:
     """The LLM client and its connection pool, closed by `shutdown_resources()`."""
-    # Imported here: the openai package takes about a second to import, which
-    # `qna history`, `qna --help` and the migrations should not pay for.
-    from qna.adapters.openai_llm import OpenAILLM
-
     if api_key is None and base_url is None:
         raise ConfigurationError(
             "OPENAI_API_KEY is not set: export it, put it in .env, "
             "or set OPENAI_BASE_URL to an OpenAI-compatible server."
         )
-    llm = OpenAILLM(
-        api_key=api_key,
-        base_url=base_url,
-        model=model,
-        connect_timeout=connect_timeout,
-        request_timeout=request_timeout,
-        deadline=deadline,
-        max_attempts=max_attempts,
-    )
+    try:
+        llm = _llm_class(client)(
+            api_key=api_key,
+            base_url=base_url,
+            model=model,
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            deadline=deadline,
+            max_attempts=max_attempts,
+        )
+    except ValueError as exc:
+        # Every other value was checked with the settings; only the URL is left.
+        raise ConfigurationError(f"OPENAI_BASE_URL cannot be used: {exc}") from exc
     yield llm
     llm.close()
+
+
+def _llm_class(client: str) -> type[ChatCompletionsLLM]:
+    # Imported here: the openai package takes about a second to import, which
+    # `qna history`, `qna --help` and the migrations should not pay for.
+    if client == "http":
+        from qna.adapters.http_llm import HttpLLM
+
+        return HttpLLM
+    from qna.adapters.openai_llm import OpenAILLM
+
+    return OpenAILLM
 
 
 def cache_ttl(ttl_s: float) -> timedelta | None:
@@ -87,6 +101,7 @@ class Container(containers.DeclarativeContainer):
 
     llm = providers.Resource(
         llm_resource,
+        client=config.llm_client,
         api_key=config.openai_api_key,
         base_url=config.openai_base_url,
         model=config.model,

@@ -72,6 +72,20 @@ def test_ask_prints_the_answer(fake: FakeOpenAI, database_url: str) -> None:
     assert [row["question"] for row in stored_rows(database_url)] == [QUESTION]
 
 
+def test_ask_works_through_the_lean_http_client(
+    fake: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QNA_LLM_CLIENT", "http")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == DEFAULT_ANSWER + "\n"
+    assert fake.authorizations == ["Bearer sk-test-key"]
+    assert [row["status"] for row in stored_rows(database_url)] == ["answered"]
+
+
 def test_ask_works_with_an_api_key_as_well(
     fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -416,6 +430,7 @@ def test_no_api_key_and_no_base_url_exits_3_naming_the_key(
         ("QNA_LLM_TIMEOUT_S", "-1"),
         ("QNA_MAX_QUESTION_LENGTH", "0"),
         ("QNA_DB_POOL_SIZE", "lots"),
+        ("QNA_LLM_CLIENT", "curl"),
     ],
 )
 def test_an_invalid_setting_exits_3_naming_it(

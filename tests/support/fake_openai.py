@@ -185,6 +185,7 @@ class FakeOpenAI:
         self._port: int | None = None
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
+        self._authorizations: list[str | None] = []
         self._calls = 0
         self._in_flight = 0
         self._max_in_flight = 0
@@ -220,6 +221,12 @@ class FakeOpenAI:
             return list(self._requests)
 
     @property
+    def authorizations(self) -> list[str | None]:
+        """The Authorization header of each chat completion request, oldest first."""
+        with self._lock:
+            return list(self._authorizations)
+
+    @property
     def max_in_flight(self) -> int:
         """The most requests that were waiting out their latency at the same time."""
         with self._lock:
@@ -241,6 +248,7 @@ class FakeOpenAI:
         """Forget the received requests and any unused script."""
         with self._lock:
             self._requests.clear()
+            self._authorizations.clear()
             self._calls = 0
             self._max_in_flight = 0
             self._script.clear()
@@ -338,6 +346,7 @@ class FakeOpenAI:
             body = None
         with self._lock:
             self._calls += 1
+            self._authorizations.append(request.headers.get("Authorization"))
             if isinstance(body, dict):
                 self._requests.append(body)
             step: Step | None = self._script.popleft() if self._script else None

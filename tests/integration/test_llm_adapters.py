@@ -1,7 +1,10 @@
-"""OpenAILLM through the real SDK, over real HTTP, against a local OpenAI-compatible server.
+"""Both LLM adapters — OpenAILLM through the real SDK and HttpLLM through urllib3 — over
+real HTTP, against a local OpenAI-compatible server. Every test runs once per adapter:
+they must ask the same thing and report every failure in the same words.
 
-Nothing in the SDK is patched: the fake server misbehaves on cue, and the adapter's sleep
-and clock are replaced so retries cost no time and deadlines are checked exactly.
+Nothing in the SDK or urllib3 is patched: the fake server misbehaves on cue, and the
+adapter's sleep and clock are replaced so retries cost no time and deadlines are
+checked exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from qna.adapters.chat_completions import ChatCompletionsLLM
+from qna.adapters.http_llm import HttpLLM
 from qna.adapters.openai_llm import OpenAILLM
 from qna.application.ports import Completion
 from qna.domain.errors import (
@@ -75,14 +80,22 @@ def fake_time() -> FakeTime:
     return FakeTime()
 
 
-MakeLLM = Callable[..., OpenAILLM]
+MakeLLM = Callable[..., ChatCompletionsLLM]
+ADAPTERS = [OpenAILLM, HttpLLM]
+
+
+@pytest.fixture(params=ADAPTERS, ids=["sdk", "http"])
+def adapter(request: pytest.FixtureRequest) -> type[ChatCompletionsLLM]:
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture
-def make_llm(fake: FakeOpenAI, fake_time: FakeTime) -> Iterator[MakeLLM]:
-    made: list[OpenAILLM] = []
+def make_llm(
+    fake: FakeOpenAI, fake_time: FakeTime, adapter: type[ChatCompletionsLLM]
+) -> Iterator[MakeLLM]:
+    made: list[ChatCompletionsLLM] = []
 
-    def make(**overrides: Any) -> OpenAILLM:
+    def make(**overrides: Any) -> ChatCompletionsLLM:
         options: dict[str, Any] = {
             "api_key": API_KEY,
             "base_url": fake.base_url,
@@ -94,7 +107,7 @@ def make_llm(fake: FakeOpenAI, fake_time: FakeTime) -> Iterator[MakeLLM]:
             "clock": fake_time.clock,
         }
         options.update(overrides)
-        llm = OpenAILLM(**options)
+        llm = adapter(**options)
         made.append(llm)
         return llm
 
@@ -128,6 +141,7 @@ def test_answers_with_text_model_and_tokens(fake: FakeOpenAI, make_llm: MakeLLM)
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
         }
     ]
+    assert fake.authorizations == [f"Bearer {API_KEY}"]
 
 
 def test_falls_back_to_its_own_model_and_no_tokens_when_the_server_omits_them(
@@ -146,9 +160,32 @@ def test_needs_no_api_key_for_a_local_server(fake: FakeOpenAI, make_llm: MakeLLM
     assert make_llm(api_key=None).complete("Hi?").text == DEFAULT_ANSWER
 
 
-def test_refuses_to_start_without_a_key_for_the_openai_api() -> None:
+def test_a_non_http_base_url_is_refused_at_once() -> None:
+    # The SDK would only fail at the first ask; the lean client says so when built.
+    with pytest.raises(ValueError, match="http"):
+        HttpLLM(api_key="k", base_url="ftp://example.com/v1", model=MODEL)
+
+
+def test_the_answer_is_parsed_alike_by_both_adapters(fake: FakeOpenAI, fake_time: FakeTime) -> None:
+    body = chat_completion(text="Oui.", model="m-1")
+    body["usage"] = {"prompt_tokens": 3, "completion_tokens": True}  # a bool is no count
+    answers = []
+    for adapter in ADAPTERS:
+        fake.script(raw_json(body))
+        llm = adapter(api_key=API_KEY, base_url=fake.base_url, model=MODEL)
+        try:
+            answers.append(llm.complete("Q?"))
+        finally:
+            llm.close()
+
+    assert answers == [Completion(text="Oui.", model="m-1", prompt_tokens=3)] * 2
+
+
+def test_refuses_to_start_without_a_key_for_the_openai_api(
+    adapter: type[ChatCompletionsLLM],
+) -> None:
     with pytest.raises(ValueError, match="API key"):
-        OpenAILLM(api_key=None, base_url=None, model=MODEL)
+        adapter(api_key=None, base_url=None, model=MODEL)
 
 
 def test_serves_many_threads_at_once_with_one_instance(fake: FakeOpenAI, make_llm: MakeLLM) -> None:

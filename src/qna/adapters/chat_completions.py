@@ -1,0 +1,303 @@
+"""What every LLM adapter of ours shares: one chat completion per ask, retried within
+one deadline, with the provider's failures turned into the domain's `LLMError`s.
+
+An adapter says how to make one attempt (`_attempt`); this module decides whether to
+try again, how long to wait, and what to tell the person asking. Two adapters build on
+it: `openai_llm.OpenAILLM` (the official SDK, the default) and `http_llm.HttpLLM` (one
+pooled urllib3 request, a few times cheaper in CPU per ask).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit, urlunsplit
+
+from qna.application.ports import Completion
+from qna.domain.errors import (
+    LLMBadResponse,
+    LLMError,
+    LLMRateLimited,
+    LLMRefused,
+    LLMTimeout,
+    LLMUnavailable,
+)
+
+# Provider messages can carry whole request echoes; an error message needs the gist.
+_DETAIL_LIMIT = 300
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed attempt, classified; it becomes a domain error once we stop trying."""
+
+    error: type[LLMError]
+    #: Completes "The LLM at <url> ...", e.g. "could not be reached".
+    what: str
+    retryable: bool
+    cause: BaseException | None = None
+    #: The provider's own words, already redacted and truncated.
+    detail: str = ""
+    #: Seconds the provider asked us to wait (Retry-After), when it said so.
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The parts of a chat completion qna keeps, as found in the body (unchecked)."""
+
+    has_choices: bool
+    content: object = None
+    refusal: object = None
+    model: object = None
+    prompt_tokens: object = None
+    completion_tokens: object = None
+
+
+class ChatCompletionsLLM(ABC):
+    """Answers questions with one chat completion, retrying what is worth retrying.
+
+    One ask makes at most `max_attempts` requests, each limited to `request_timeout`
+    seconds and all of them, waits included, to `deadline` seconds. It keeps no state
+    between calls, so one instance serves many threads.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        model: str,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 60.0,
+        deadline: float = 120.0,
+        max_attempts: int = 4,
+        backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not model:
+            raise ValueError("A model name is needed.")
+        if min(connect_timeout, request_timeout, deadline) <= 0:
+            raise ValueError("Timeouts and the deadline must be positive.")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1.")
+        if backoff_base < 0 or backoff_max < 0:
+            raise ValueError("Backoff delays cannot be negative.")
+        if api_key is None and base_url is None:
+            # The SDK would quietly read OPENAI_API_KEY; configuration is read in one
+            # place only (the container), so a missing key is said here instead.
+            raise ValueError("An API key is needed to use the OpenAI API.")
+        self._model = model
+        self._api_key = api_key or ""
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._deadline = deadline
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._sleep = sleep
+        self._clock = clock
+        self._where = ""
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the pooled connections."""
+
+    @abstractmethod
+    def _attempt(self, question: str, timeout: float, connect_timeout: float) -> Reply | Failure:
+        """One request, limited to `timeout` seconds (and to `connect_timeout` to connect)."""
+
+    def complete(self, question: str) -> Completion:
+        give_up_at = self._clock() + self._deadline
+        failure: Failure | None = None
+        attempts = 0
+        out_of_time = False
+        while attempts < self._max_attempts:
+            remaining = give_up_at - self._clock()
+            if remaining <= 0:
+                out_of_time = True
+                break
+            attempt_timeout = min(self._request_timeout, remaining)
+            attempts += 1
+            outcome = self._attempt(
+                question, attempt_timeout, min(self._connect_timeout, attempt_timeout)
+            )
+            if isinstance(outcome, Reply):
+                return self._to_completion(outcome)
+            failure = outcome
+            if not failure.retryable or attempts == self._max_attempts:
+                break
+            wait = failure.retry_after
+            if wait is None:
+                # Full jitter: many threads failing together must not retry together.
+                cap = min(self._backoff_max, self._backoff_base * 2 ** (attempts - 1))
+                wait = random.uniform(0, cap)
+            if wait >= give_up_at - self._clock():
+                # Sleeping would only end in a timeout; say what went wrong now instead.
+                out_of_time = True
+                break
+            self._sleep(wait)
+
+        if failure is None:  # only a clock that jumps ahead can leave no time for one attempt
+            raise LLMTimeout(f"The LLM at {self._where} was not asked: no time was left.")
+        raise self._error(failure, attempts, out_of_time) from failure.cause
+
+    # -- for the adapters ------------------------------------------------------------------
+
+    def _timed_out(self, timeout: float, cause: BaseException) -> Failure:
+        what = f"did not answer within {timeout:.3g} s"
+        return Failure(LLMTimeout, what, retryable=True, cause=cause)
+
+    def _unreachable(self, cause: BaseException) -> Failure:
+        return Failure(LLMUnavailable, "could not be reached", retryable=True, cause=cause)
+
+    def _status_failure(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        message: object,
+        cause: BaseException | None = None,
+    ) -> Failure:
+        """A response that is not a 2xx; `message` is the provider's error message."""
+        retry_after = retry_after_seconds(headers)
+        detail = self._redact(_truncate(message)) if isinstance(message, str) else ""
+        error: type[LLMError]
+        if status == 429:
+            error, what = LLMRateLimited, "rate-limited the request (HTTP 429)"
+        elif status == 408:
+            error, what = LLMTimeout, "timed the request out (HTTP 408)"
+        elif status == 409 or status >= 500:
+            # 409 is how OpenAI reports a lock held by a concurrent request: transient.
+            error, what = LLMUnavailable, f"failed with HTTP {status}"
+        else:
+            # Any other status (bad key, unknown model, bad request) would fail again.
+            what = f"refused the request with HTTP {status}"
+            return Failure(LLMRefused, what, retryable=False, cause=cause, detail=detail)
+        return Failure(
+            error, what, retryable=True, cause=cause, detail=detail, retry_after=retry_after
+        )
+
+    def _not_a_completion(self, cause: BaseException | None = None) -> Failure:
+        """A 2xx whose body is not a chat completion (`cause`: why it could not be read)."""
+        detail = type(cause).__name__ if cause is not None else ""
+        return Failure(
+            LLMBadResponse,
+            "answered with a body that is not a chat completion",
+            retryable=False,
+            cause=cause,
+            detail=detail,
+        )
+
+    def _set_where(self, base_url: str) -> None:
+        """The server named in error messages: the base URL, without credentials."""
+        self._where = without_credentials(base_url.rstrip("/"))
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _to_completion(self, reply: Reply) -> Completion:
+        # Whatever JSON arrived is checked part by part before it is trusted.
+        def bad(what: str) -> LLMBadResponse:
+            return LLMBadResponse(self._redact(f"The LLM at {self._where} {what}."))
+
+        if not reply.has_choices:
+            raise bad("answered with no choices")
+        content = reply.content
+        if not isinstance(content, str) or not content.strip():
+            refusal = reply.refusal
+            if isinstance(refusal, str) and refusal:
+                raise bad(f"declined to answer: {_truncate(refusal)}")
+            raise bad("answered with an empty message")
+        model = reply.model
+        return Completion(
+            text=content,
+            model=model if isinstance(model, str) and model else self._model,
+            prompt_tokens=_count(reply.prompt_tokens),
+            completion_tokens=_count(reply.completion_tokens),
+        )
+
+    def _error(self, failure: Failure, attempts: int, out_of_time: bool) -> LLMError:
+        message = f"The LLM at {self._where} {failure.what}"
+        if attempts > 1:
+            message += f" after {attempts} attempts"
+        if out_of_time:
+            message += f", with no time left within the {self._deadline:g} s deadline"
+        if failure.detail:
+            message += f": {failure.detail}"
+        if not message.endswith((".", "!", "?", "…")):
+            message += "."
+        return failure.error(self._redact(message), retry_after=failure.retry_after)
+
+    def _redact(self, text: str) -> str:
+        # OpenAI echoes (part of) a rejected key in its 401 message; ours must not.
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait as the response asks: `retry-after-ms` (OpenAI's, more precise),
+    else `Retry-After` as seconds or as an HTTP date. `headers` must match names
+    case-insensitively, as both HTTP clients' header maps do."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis) / 1000
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(value):
+                return max(0.0, value)
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are GMT; parsedate says "-0000" as naive
+            when = when.replace(tzinfo=UTC)
+        value = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, value) if math.isfinite(value) else None
+
+
+def error_message(body: object) -> object:
+    """The message of an OpenAI-style error body (`{"error": {"message": ...}}`), of a
+    bare `{"message": ...}`, or the body itself when it is text."""
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            return inner.get("message")
+        return inner
+    return body
+
+
+def without_credentials(url: str) -> str:
+    # A base URL may embed user:password; error messages are shown and stored.
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _truncate(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _DETAIL_LIMIT else text[: _DETAIL_LIMIT - 1] + "…"
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

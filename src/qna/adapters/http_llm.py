@@ -1,0 +1,144 @@
+"""The LLM port as one HTTP request: `POST {base_url}/chat/completions` through a pooled
+urllib3 client, for OpenAI or any OpenAI-compatible server.
+
+It asks and understands exactly what `openai_llm.OpenAILLM` does (the same body, the
+same errors, the same retries: both build on `chat_completions`), for a few times less
+CPU per ask: the SDK builds, validates and wraps every request and response in several
+layers, which a busy server pays for on every ask (see the README, Performance).
+Chosen with `QNA_LLM_CLIENT=http`.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError, NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
+
+from qna.adapters.chat_completions import (
+    ChatCompletionsLLM,
+    Failure,
+    Reply,
+    error_message,
+)
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+# As many connections as asks in flight, all kept for reuse.
+_POOL_SIZE = 2048
+
+
+class HttpLLM(ChatCompletionsLLM):
+    """Chat completions over a thread-safe urllib3 pool: one instance serves every
+    thread of a process. HTTP(S)_PROXY and NO_PROXY are honoured, as the SDK does."""
+
+    def __init__(self, *, api_key: str | None, base_url: str | None, **options: Any) -> None:
+        super().__init__(api_key=api_key, base_url=base_url, **options)
+        base = (base_url or OPENAI_BASE_URL).rstrip("/")
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"Not an http(s) URL: {self._redact(base)}")
+        self._set_where(base)
+        # Credentials in the URL go in the Authorization header, not the request line.
+        netloc = parts.hostname + (f":{parts.port}" if parts.port is not None else "")
+        self._url = parts._replace(netloc=netloc).geturl() + "/chat/completions"
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"qna/{_version()}",
+        }
+        if self._api_key:
+            self._headers["Authorization"] = f"Bearer {self._api_key}"
+        elif parts.username is not None:
+            self._headers.update(
+                urllib3.make_headers(basic_auth=f"{parts.username}:{parts.password or ''}")
+            )
+        self._pool = _pool_for(parts.scheme, parts.hostname)
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    def _attempt(self, question: str, timeout: float, connect_timeout: float) -> Reply | Failure:
+        body = json.dumps(
+            {"model": self._model, "messages": [{"role": "user", "content": question}]}
+        ).encode()
+        try:
+            response = self._pool.urlopen(
+                "POST",
+                self._url,
+                body=body,
+                headers=self._headers,
+                timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
+                # Our loop retries; a redirect of a POST is answered as the refusal it is.
+                retries=False,
+                redirect=False,
+            )
+        # NewConnectionError (refused, unknown host) subclasses the timeout errors.
+        except NewConnectionError as exc:
+            return self._unreachable(exc)
+        except Urllib3TimeoutError as exc:
+            return self._timed_out(timeout, exc)
+        except (HTTPError, OSError) as exc:
+            return self._unreachable(exc)
+        data = response.data
+        if not 200 <= response.status < 300:
+            return self._status_failure(
+                response.status, response.headers, error_message(_decode_error(data))
+            )
+        try:
+            parsed = json.loads(data)
+        except ValueError as exc:
+            return self._not_a_completion(exc)
+        return _reply(parsed) or self._not_a_completion()
+
+
+def _reply(body: object) -> Reply | None:
+    """The parts of a chat completion body, or None when it is not a JSON object."""
+    if not isinstance(body, dict):
+        return None
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return Reply(has_choices=False)
+    first = choices[0]
+    message = first.get("message") if isinstance(first, dict) else None
+    if not isinstance(message, dict):
+        message = {}
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    return Reply(
+        has_choices=True,
+        content=message.get("content"),
+        refusal=message.get("refusal"),
+        model=body.get("model"),
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+    )
+
+
+def _decode_error(data: bytes) -> object:
+    """An error body as JSON when it is JSON, else as text."""
+    text = data.decode("utf-8", errors="replace").strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pool_for(scheme: str, host: str) -> urllib3.PoolManager:
+    options: dict[str, Any] = {"num_pools": 4, "maxsize": _POOL_SIZE, "block": False}
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        return urllib3.ProxyManager(proxy, **options)
+    return urllib3.PoolManager(**options)
+
+
+def _version() -> str:
+    try:
+        return version("qna")
+    except PackageNotFoundError:
+        return "dev"
