@@ -17,7 +17,7 @@ from typing import Self
 from uuid import UUID
 
 from qna.application.ports import Completion, DuplicateIdempotencyKey, PageKey, QnARepository
-from qna.domain.model import QnA, Status, normalise_for_cache
+from qna.domain.model import OUTCOME_FIELDS, QnA, Status, normalise_for_cache
 
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -147,9 +147,13 @@ class FakeRepository:
         self.changes[qna_id] = qna
 
     def save(self, qna: QnA) -> None:
-        if qna.id not in self._committed and qna.id not in self.changes:
+        stored = self._visible().get(qna.id)
+        if stored is None:
             raise LookupError(f"cannot save QnA {qna.id}: it was never added")
-        self.changes[qna.id] = copy.deepcopy(qna)
+        saved = copy.deepcopy(stored)
+        for name in OUTCOME_FIELDS:
+            setattr(saved, name, copy.deepcopy(getattr(qna, name)))
+        self.changes[qna.id] = saved
 
     def get(self, qna_id: UUID) -> QnA | None:
         qna = self._visible().get(qna_id)

@@ -511,6 +511,52 @@ def test_the_same_app_recovers_when_the_database_restarts(
     ]
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_the_first_ask_after_a_quiet_restart_succeeds(
+    make_app: AppFactory, cluster: PgCluster, fake_openai: FakeOpenAI
+) -> None:
+    # Nothing is asked while the database is down, so nothing has told the pool: its
+    # connections are dead, and each must be replaced when it is checked out.
+    client = make_app(cluster.url, db_connect_timeout_s=2).test_client()
+    before = [ask(client, f"Before {i}?") for i in range(3)]
+    assert [r.status_code for r in before] == [201] * 3
+
+    cluster.stop()
+    cluster.start()
+    after = [ask(client, f"After {i}?") for i in range(3)]
+
+    assert [r.status_code for r in after] == [201] * 3, after[0].get_data(as_text=True)
+    assert fake_openai.calls == 6
+    assert {r["status"] for r in rows(cluster.url)} == {"answered"}
+
+
+@pytest.mark.postgres
+def test_asks_go_on_when_the_database_kills_the_pooled_connections(
+    make_app: AppFactory, empty_postgres_url: str, fake_openai: FakeOpenAI
+) -> None:
+    database_url = empty_postgres_url  # its own database: the kill touches nothing else
+    client = make_app(database_url).test_client()
+    assert ask(client, "Warm the pool?").status_code == 201
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            killed = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert killed >= 1
+
+    after = [ask(client, f"After the kill {i}?") for i in range(3)]
+
+    assert [r.status_code for r in after] == [201] * 3, after[0].get_data(as_text=True)
+    assert len(rows(database_url)) == 4
+
+
 # -- known bugs, pinned ---------------------------------------------------------------------------
 
 

@@ -141,6 +141,38 @@ def test_a_released_key_can_be_taken_again_and_the_old_record_stays(
     assert count_rows(engine) == 2
 
 
+def test_a_late_save_writes_the_outcome_but_never_takes_a_released_key_back(
+    uow: SqlAlchemyUnitOfWork, engine: Engine
+) -> None:
+    # The first ask outlived its deadline: its key was released and taken by a retry.
+    first = keyed()
+    with uow:
+        uow.qnas.add(first)
+        uow.commit()
+    with uow:
+        uow.qnas.release_idempotency_key(first.id)
+        uow.commit()
+    second = keyed(now=T0 + timedelta(seconds=1))
+    with uow:
+        uow.qnas.add(second)
+        uow.commit()
+
+    # Then the first one's answer arrives, from a copy that still has the key.
+    assert first.idempotency_key == KEY
+    first.record_answer(
+        answer="Late.", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=9, now=T0
+    )
+    with uow:
+        uow.qnas.save(first)
+        uow.commit()
+
+    with uow:
+        saved = uow.qnas.get(first.id)
+    assert saved is not None
+    assert (saved.status, saved.answer, saved.idempotency_key) == (Status.ANSWERED, "Late.", None)
+    assert [UUID(str(row["id"])) for row in rows_with_key(engine, KEY)] == [second.id]
+
+
 def test_a_release_that_is_not_committed_keeps_the_key(uow: SqlAlchemyUnitOfWork) -> None:
     first = keyed()
     with uow:

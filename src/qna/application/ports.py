@@ -58,7 +58,9 @@ class QnARepository(Protocol):
         ...
 
     def save(self, qna: QnA) -> None:
-        """Write back the changes made to a record got from `get` or `add`."""
+        """Write back the outcome (`OUTCOME_FIELDS`) of a record got from `get` or `add`.
+
+        Nothing else is written: a late save cannot undo `release_idempotency_key`."""
         ...
 
     def get(self, qna_id: UUID) -> QnA | None: ...

@@ -61,7 +61,11 @@ def normalise_for_cache(question: str) -> str:
 
 @dataclass
 class QnA:
-    """One question and what became of it."""
+    """One question and what became of it.
+
+    Only the fields in `OUTCOME_FIELDS` change once a record is stored; the question,
+    model, times asked, source and idempotency key are fixed when it is asked.
+    """
 
     question: str
     #: The model asked for; answers are cached per requested model.
@@ -142,3 +146,17 @@ class QnA:
     def _require_pending(self) -> None:
         if self.status is not Status.PENDING:
             raise ValueError(f"QnA {self.id} is already {self.status.value}")
+
+
+#: What becomes of an ask: the only fields of a stored QnA that `save` writes back.
+OUTCOME_FIELDS = (
+    "status",
+    "answer",
+    "response_model",
+    "error_kind",
+    "error_message",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "answered_at",
+)

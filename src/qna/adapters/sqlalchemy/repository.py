@@ -12,13 +12,24 @@ from sqlalchemy import Connection, Engine, Select, and_, bindparam, insert, or_,
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS, storage_unavailable
-from qna.adapters.sqlalchemy.tables import qn_a, question_key, row_values, to_domain
+from qna.adapters.sqlalchemy.tables import (
+    outcome_values,
+    qn_a,
+    question_key,
+    row_values,
+    to_domain,
+)
 from qna.application.ports import DuplicateIdempotencyKey, PageKey
-from qna.domain.model import QnA, Status
+from qna.domain.model import OUTCOME_FIELDS, QnA, Status
 
 # Built once: SQLAlchemy then reuses their compiled form for every ask.
 _INSERT = insert(qn_a)
-_UPDATE = update(qn_a).where(qn_a.c.id == bindparam("row_id"))
+_SAVE_OUTCOME = (
+    update(qn_a)
+    .where(qn_a.c.id == bindparam("row_id"))
+    # Column names are reserved for SQLAlchemy's own parameters, hence the prefix.
+    .values({name: bindparam(f"new_{name}") for name in OUTCOME_FIELDS})
+)
 _BY_ID = select(qn_a).where(qn_a.c.id == bindparam("row_id"))
 _BY_KEY = select(qn_a).where(qn_a.c.idempotency_key == bindparam("key"))
 _RELEASE_KEY = update(qn_a).where(qn_a.c.id == bindparam("row_id")).values(idempotency_key=None)
@@ -54,9 +65,7 @@ class SqlAlchemyQnARepository:
             raise
 
     def save(self, qna: QnA) -> None:
-        values = row_values(qna)
-        values["row_id"] = values.pop("id")
-        self._connection.execute(_UPDATE, values)
+        self._connection.execute(_SAVE_OUTCOME, outcome_values(qna))
 
     def get(self, qna_id: UUID) -> QnA | None:
         return self._first(_BY_ID, {"row_id": qna_id})
@@ -105,8 +114,8 @@ class SqlAlchemyUnitOfWork:
 
     def __enter__(self) -> Self:
         try:
-            # Checking out runs the pool's pre-ping: a connection killed by a database
-            # restart is replaced here, before any work depends on it.
+            # Checking out replaces pooled connections a database restart killed
+            # (database._drop_if_closed_by_server), before any work depends on them.
             self._connection = self._engine.connect()
             self._connection.begin()
         except UNAVAILABLE_ERRORS as exc:
