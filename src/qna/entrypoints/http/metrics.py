@@ -27,17 +27,22 @@ LLM_LATENCY = Histogram(
 )
 TOKENS = Counter("qna_llm_tokens", "Tokens used by answered asks.", ["kind"])
 DATABASE_ERRORS = Counter("qna_database_errors", "Requests that failed on the database.")
+# Looked up once: .labels() on every ask costs more than the increment.
+_PROMPT_TOKENS = TOKENS.labels(kind="prompt")
+_COMPLETION_TOKENS = TOKENS.labels(kind="completion")
+_ASKED = {outcome: ASKS.labels(outcome=outcome) for outcome in ("answered", "cached")}
 
 
 def record_ask(qna: QnA) -> None:
     """An answered ask (failed ones raise, and are counted by `record_failure`)."""
-    ASKS.labels(outcome="cached" if qna.source_id is not None else qna.status.value).inc()
+    outcome = "cached" if qna.source_id is not None else qna.status.value
+    (_ASKED.get(outcome) or ASKS.labels(outcome=outcome)).inc()
     if qna.source_id is None and qna.latency_ms is not None:
         LLM_LATENCY.observe(qna.latency_ms / 1000)
     if qna.prompt_tokens:
-        TOKENS.labels(kind="prompt").inc(qna.prompt_tokens)
+        _PROMPT_TOKENS.inc(qna.prompt_tokens)
     if qna.completion_tokens:
-        TOKENS.labels(kind="completion").inc(qna.completion_tokens)
+        _COMPLETION_TOKENS.inc(qna.completion_tokens)
 
 
 def record_failure(code: str) -> None:
