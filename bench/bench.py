@@ -8,8 +8,9 @@ Everything runs on 127.0.0.1, started and stopped here:
     it is not the bottleneck;
   - the bare SDK call in a loop (the floor);
   - bench/baseline_app.py under `gunicorn -w 2` (the original design);
-  - `qna serve --workers $BENCH_WORKERS --threads $BENCH_THREADS` on a fresh PostgreSQL
-    database (dropped at exit).
+  - `qna serve --workers $BENCH_WORKERS $BENCH_QNA_ARGS` on a fresh PostgreSQL database
+    (dropped at exit), twice: with its defaults (the openai SDK), and with
+    QNA_LLM_CLIENT=http (the lean client), each under the same loads.
 
 Each scenario checks that the database holds one answered row per answered ask. The
 exit status is 1 when something is broken (errors, a row-count mismatch, an LLM call on
@@ -86,25 +87,29 @@ class Load:
         return f"{self.llm_latency_s * 1000:g} ms"
 
 
+#: The qna configurations measured: a name for the table, and their settings.
+QNA_SYSTEMS = (("qna", {}), ("qna (http client)", {"QNA_LLM_CLIENT": "http"}))
+
+
 @dataclass(frozen=True)
 class Plan:
     smoke: bool
     workers: int
-    threads: int
+    serve_args: tuple[str, ...]
     latency: Load
     saturation: Load
     concurrency: Load
     cache: Load
 
     @classmethod
-    def make(cls, *, smoke: bool, workers: int, threads: int) -> Plan:
+    def make(cls, *, smoke: bool, workers: int, serve_args: Sequence[str] = ()) -> Plan:
         # wrk takes whole seconds.
         d, w = (1.0, 1.0) if smoke else (10.0, 2.0)
         slow = 0.2 if smoke else 1.0
         return cls(
             smoke=smoke,
             workers=workers,
-            threads=threads,
+            serve_args=tuple(serve_args),
             latency=Load("latency", "1 client, 0 ms LLM", 1, 0.0, d, w),
             saturation=Load("saturation", "50 clients, 0 ms LLM", 50, 0.0, d if smoke else 15.0, w),
             concurrency=Load(
@@ -296,6 +301,7 @@ def start_qna(
     fake: Fake,
     cwd: Path,
     cache_ttl_s: float = 0.0,
+    settings: dict[str, str] | None = None,
 ) -> Server:
     port = free_port()
     argv = [
@@ -307,10 +313,9 @@ def start_qna(
         str(port),
         "--workers",
         str(plan.workers),
-        "--threads",
-        str(plan.threads),
+        *plan.serve_args,
     ]
-    env = server_env(database_url, fake, {"QNA_CACHE_TTL": f"{cache_ttl_s:g}"})
+    env = server_env(database_url, fake, {"QNA_CACHE_TTL": f"{cache_ttl_s:g}", **(settings or {})})
     proc = children.spawn(name, argv, env=env, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/readyz", proc, name)
@@ -859,16 +864,24 @@ class Bench:
             baseline_rows.close()
             stop(baseline.proc)
 
-        self.say(f"== qna serve --workers {plan.workers} --threads {plan.threads}")
-        qna = start_qna(
-            self.children, plan, name="qna-serve", database_url=qna_db, fake=fake0, cwd=workdir
-        )
+        serve = shlex.join(["qna serve --workers", str(plan.workers), *plan.serve_args])
         qna_rows = QnaRows(qna_db)
         try:
-            self.warm_up("qna", qna, qna_rows, 0.0)
-            for load in (plan.latency, plan.saturation):
-                self.measure("qna", qna, load, rows=qna_rows)
-            stop(qna.proc)
+            for system, settings in QNA_SYSTEMS:
+                self.say(f"== {serve}, {settings or 'default settings'}")
+                qna = start_qna(
+                    self.children,
+                    plan,
+                    name=_slug(system),
+                    database_url=qna_db,
+                    fake=fake0,
+                    cwd=workdir,
+                    settings=settings,
+                )
+                self.warm_up(system, qna, qna_rows, 0.0)
+                for load in (plan.latency, plan.saturation):
+                    self.measure(system, qna, load, rows=qna_rows)
+                stop(qna.proc)
 
             self.say("== qna serve with QNA_CACHE_TTL=3600: one question, asked again and again")
             cached = start_qna(
@@ -894,20 +907,27 @@ class Bench:
             fake1 = start_fake(self.children, slow.llm_latency_s)
             self.measure("fake LLM alone", fake1, slow, path="/chat/completions", mode="llm")
             self.sdk_floor(fake1, slow)
-            qna1 = start_qna(
-                self.children,
-                plan,
-                name="qna-serve-slow",
-                database_url=qna_db,
-                fake=fake1,
-                cwd=workdir,
-            )
-            self.warm_up("qna (slow LLM)", qna1, qna_rows, slow.llm_latency_s)
-            self.measure("qna", qna1, slow, rows=qna_rows)
-            stop(qna1.proc)
+            for system, settings in QNA_SYSTEMS:
+                self.say(f"== {serve}, {settings or 'default settings'}, slow LLM")
+                qna1 = start_qna(
+                    self.children,
+                    plan,
+                    name=f"{_slug(system)}-slow",
+                    database_url=qna_db,
+                    fake=fake1,
+                    cwd=workdir,
+                    settings=settings,
+                )
+                self.warm_up(f"{system} (slow LLM)", qna1, qna_rows, slow.llm_latency_s)
+                self.measure(system, qna1, slow, rows=qna_rows)
+                stop(qna1.proc)
             stop(fake1.proc)
         finally:
             qna_rows.close()
+
+
+def _slug(system: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", system.lower()).strip("-")
 
 
 def _num(value: float | None, digits: int) -> str:
@@ -952,37 +972,43 @@ class Report:
         return ""
 
     def targets(self) -> list[Target]:
+        out = []
+        for system, _ in QNA_SYSTEMS:
+            out += self.system_targets(system)
+        return out + self.cache_targets()
+
+    def system_targets(self, system: str) -> list[Target]:
         plan, out = self.plan, []
-        sdk, qna1 = self.find(plan.latency, "bare SDK"), self.find(plan.latency, "qna")
+        sdk, qna1 = self.find(plan.latency, "bare SDK"), self.find(plan.latency, system)
         if sdk and qna1:
             limit = sdk.p50_ms + 1.0
             out.append(
                 Target(
-                    f"{plan.latency.title}: qna p50 ≤ bare SDK p50 + 1.0 ms ({limit:.2f} ms)",
+                    f"{plan.latency.title}: {system} p50 ≤ bare SDK p50 + 1.0 ms ({limit:.2f} ms)",
                     f"{qna1.p50_ms:.2f} ms (+{qna1.p50_ms - sdk.p50_ms:.2f} ms)",
                     qna1.samples > 0 and qna1.p50_ms <= limit,
                 )
             )
-        base, qna50 = self.find(plan.saturation, "baseline"), self.find(plan.saturation, "qna")
+        base, qna50 = self.find(plan.saturation, "baseline"), self.find(plan.saturation, system)
         if base and qna50:
             ratio = qna50.rate / base.rate if base.rate else math.inf
             out.append(
                 Target(
-                    f"{plan.saturation.title}: qna answered/s ≥ 1.5x baseline, 0 errors",
+                    f"{plan.saturation.title}: {system} answered/s ≥ 1.5x baseline, 0 errors",
                     f"{qna50.rate:.0f}/s vs {base.rate:.0f}/s = {ratio:.2f}x, "
                     f"{qna50.errors} errors{self.floor(plan.saturation)}",
                     ratio >= 1.5 and qna50.errors == 0,
                 )
             )
         slow = plan.concurrency
-        qs = self.find(slow, "qna")
+        qs = self.find(slow, system)
         if qs:
             need = 0.9 * slow.clients / slow.llm_latency_s
             p99_limit = 1.5 * slow.llm_latency_s * 1000
             rss = qs.rss_mb or 0.0
             out.append(
                 Target(
-                    f"{slow.title}: ≥ {need:.0f} answered/s, 0 errors, "
+                    f"{slow.title}: {system} ≥ {need:.0f} answered/s, 0 errors, "
                     f"p99 ≤ {p99_limit:.0f} ms, RSS ≤ {RSS_TARGET_MB:.0f} MB",
                     f"{qs.rate:.0f}/s, {qs.errors} errors, p99 {qs.p99_ms:.0f} ms, "
                     f"RSS {rss:.0f} MB{self.floor(slow)}",
@@ -992,6 +1018,10 @@ class Report:
                     and rss <= RSS_TARGET_MB,
                 )
             )
+        return out
+
+    def cache_targets(self) -> list[Target]:
+        plan, out = self.plan, []
         qc = self.find(plan.cache, "qna (cache)")
         if qc:
             out.append(
@@ -1031,7 +1061,8 @@ class Report:
             )
         headroom = []
         for load in (self.plan.latency, self.plan.saturation, self.plan.concurrency):
-            fake, qna = self.find(load, "fake LLM alone"), self.find(load, "qna")
+            fake = self.find(load, "fake LLM alone")
+            qna = self.find(load, QNA_SYSTEMS[-1][0]) or self.find(load, "qna")
             if fake is None or qna is None or not qna.rate:
                 continue
             warn = " (**the fake may be the bottleneck**)"
@@ -1046,7 +1077,9 @@ class Report:
             else:
                 ratio = fake.rate / qna.rate
                 note = "" if ratio >= 2 else warn
-                headroom.append(f"{load.title}: {fake.rate:.0f}/s, {ratio:.1f}x qna's{note}")
+                headroom.append(
+                    f"{load.title}: {fake.rate:.0f}/s, {ratio:.1f}x {qna.system}'s{note}"
+                )
         if headroom:
             lines += ["", "The fake LLM alone, same load: " + "; ".join(headroom) + "."]
         if self.first_ask_ms:
@@ -1085,7 +1118,7 @@ def machine_info(plan: Plan) -> list[tuple[str, str]]:
         ("load average at start", load),
         (
             "qna serve",
-            f"--workers {plan.workers} --threads {plan.threads}"
+            shlex.join(["--workers", str(plan.workers), *plan.serve_args])
             + (f", {os.environ['BENCH_QNA_ENV']}" if os.environ.get("BENCH_QNA_ENV") else ""),
         ),
         ("mode", "smoke" if plan.smoke else "full"),
@@ -1117,7 +1150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = Plan.make(
         smoke=args.smoke,
         workers=env_int("BENCH_WORKERS", 2),
-        threads=env_int("BENCH_THREADS", 256),
+        serve_args=shlex.split(os.environ.get("BENCH_QNA_ARGS", "")),
     )
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)

@@ -111,12 +111,19 @@ def test_two_servers_racing_on_one_key_ask_the_llm_once(
 # -- (b) graceful shutdown ------------------------------------------------------------------------
 
 
+WORKER_CLASSES = pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+
+
+@WORKER_CLASSES
 def test_sigterm_lets_the_ask_in_flight_finish_and_exits_0(
-    database: str, fake_openai: FakeOpenAI, tmp_path: Path
+    database: str, fake_openai: FakeOpenAI, tmp_path: Path, worker_class: str
 ) -> None:
     fake_openai.latency = 2.0
     env = serve_env(database, fake_openai)
-    args = ("--workers", "1", "--threads", "4", "--graceful-timeout", str(GRACEFUL_TIMEOUT_S))
+    args = (
+        *("--workers", "1", "--worker-class", worker_class, "--threads", "4"),
+        *("--graceful-timeout", str(GRACEFUL_TIMEOUT_S)),
+    )
     with serving(env, tmp_path, *args) as server:
         with ThreadPoolExecutor(max_workers=1) as pool:
             in_flight = pool.submit(
@@ -142,8 +149,9 @@ def test_sigterm_lets_the_ask_in_flight_finish_and_exits_0(
 # -- (c) a burst of concurrent asks under random LLM failures -------------------------------------
 
 
+@WORKER_CLASSES
 def test_a_hundred_concurrent_asks_are_all_stored(
-    database: str, fake_openai: FakeOpenAI, tmp_path: Path
+    database: str, fake_openai: FakeOpenAI, tmp_path: Path, worker_class: str
 ) -> None:
     n = 100
     fake_openai.latency = 0.2
@@ -151,7 +159,8 @@ def test_a_hundred_concurrent_asks_are_all_stored(
     fake_openai.failure_statuses = (429, 503)
     env = serve_env(database, fake_openai, QNA_LLM_MAX_ATTEMPTS="4")
     questions = [f"Concurrent question {i}?" for i in range(n)]
-    with serving(env, tmp_path, "--workers", "2", "--threads", "64") as server:
+    args = ("--workers", "2", "--worker-class", worker_class, "--threads", "64")
+    with serving(env, tmp_path, *args) as server:
 
         def one(question: str) -> requests.Response:
             return requests.post(f"{server.url}/ask", json={"question": question}, timeout=60)

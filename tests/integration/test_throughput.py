@@ -180,8 +180,9 @@ def slow_llm() -> Iterator[FakeOpenAI]:
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
 def test_fifty_asks_wait_on_the_llm_together_with_a_small_pool(
-    postgres_server_url: str, slow_llm: FakeOpenAI, tmp_path: Path
+    postgres_server_url: str, slow_llm: FakeOpenAI, tmp_path: Path, worker_class: str
 ) -> None:
     """50 concurrent asks are all waiting on the LLM at once (so they finish in about one
     LLM latency), while the server never holds more database connections than its pool
@@ -190,7 +191,8 @@ def test_fifty_asks_wait_on_the_llm_together_with_a_small_pool(
     pool_size = 4
     with scratch_database(postgres_server_url) as url:
         env = serve_env(url, slow_llm, QNA_DB_POOL_SIZE=str(pool_size))
-        with serving(env, tmp_path, "--workers", "1", "--threads", "64") as server:
+        args = ("--workers", "1", "--worker-class", worker_class, "--threads", "64")
+        with serving(env, tmp_path, *args) as server:
             database = url.rsplit("/", 1)[1]
             monitor = create_engine(postgres_server_url)
             stop = threading.Event()

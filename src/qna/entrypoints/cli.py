@@ -274,14 +274,28 @@ def db_upgrade(app: AppContext) -> None:
     default=2,
     show_default=True,
     type=click.IntRange(1, 64),
-    help="Worker processes (gunicorn gthread workers).",
+    help="Worker processes (about one per CPU core).",
+)
+@click.option(
+    "--worker-class",
+    type=click.Choice(["gevent", "gthread"]),
+    default="gevent",
+    show_default=True,
+    help="gunicorn worker kind: gevent (greenlets) or gthread (OS threads).",
+)
+@click.option(
+    "--connections",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="gevent: how many asks one worker can have waiting on the LLM.",
 )
 @click.option(
     "--threads",
     default=256,
     show_default=True,
     type=click.IntRange(1, 4096),
-    help="Threads per worker: how many asks one worker can have waiting on the LLM.",
+    help="gthread: threads per worker, each holding one ask waiting on the LLM.",
 )
 @click.option(
     "--graceful-timeout",
@@ -291,12 +305,26 @@ def db_upgrade(app: AppContext) -> None:
     help="On SIGTERM, seconds to let in-flight asks finish.",
 )
 @handles_errors
-def serve(host: str, port: int, workers: int, threads: int, graceful_timeout: int) -> None:
+def serve(
+    host: str,
+    port: int,
+    workers: int,
+    worker_class: str,
+    connections: int,
+    threads: int,
+    graceful_timeout: int,
+) -> None:
     """Serve the HTTP API under gunicorn (migrates the database first)."""
     from qna.entrypoints.http import server
 
     server.serve(
-        host=host, port=port, workers=workers, threads=threads, graceful_timeout=graceful_timeout
+        host=host,
+        port=port,
+        workers=workers,
+        worker_class=worker_class,
+        connections=connections,
+        threads=threads,
+        graceful_timeout=graceful_timeout,
     )
 
 
