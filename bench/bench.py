@@ -3,8 +3,8 @@ the original design, under wrk. Run it with `bash bench/run [--smoke]` (which in
 wrk and Flask-SQLAlchemy and starts PostgreSQL first).
 
 Everything runs on 127.0.0.1, started and stopped here:
-  - one fake OpenAI-compatible server per LLM latency (bench/fake_llm.py, which wraps
-    tests/support/fake_openai.py and counts its calls), also loaded alone by wrk to show
+  - one fake OpenAI-compatible server per LLM latency (bench/fake_llm.py, a bare
+    asyncio server that also counts its calls), also loaded alone by wrk to show
     it is not the bottleneck;
   - the bare SDK call in a loop (the floor);
   - bench/baseline_app.py under `gunicorn -w 2` (the original design);
