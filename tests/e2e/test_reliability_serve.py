@@ -8,6 +8,7 @@ and restarts under it.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -230,3 +231,32 @@ def test_the_server_starts_without_its_database_and_rides_out_a_restart(
         ("After?", "answered"),
         ("First?", "answered"),
     ]
+
+
+@pytest.fixture
+def silent_database_url() -> Iterator[str]:
+    """A "database" that accepts TCP connections and never says a word: a hung server,
+    or a proxy in front of a dead one."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        yield f"postgresql://qna:qna@127.0.0.1:{port}/qna?sslmode=disable"
+
+
+@WORKER_CLASSES
+def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(
+    silent_database_url: str, fake_openai: FakeOpenAI, tmp_path: Path, worker_class: str
+) -> None:
+    # Under gevent, psycopg2 connects asynchronously and libpq's own connect_timeout
+    # does not apply: without our wait callback's limit this ask would hang for good.
+    env = serve_env(silent_database_url, fake_openai, QNA_DB_CONNECT_TIMEOUT_S="1")
+    args = ("--workers", "1", "--worker-class", worker_class, "--threads", "4")
+    with serving(env, tmp_path, *args) as server:
+        started = time.monotonic()
+        response = requests.post(f"{server.url}/ask", json={"question": "Hello?"}, timeout=30)
+        waited = time.monotonic() - started
+
+    assert_json_error(response, 503, "database_unavailable")
+    assert waited < 15  # a bound on a hang, not a speed claim: the limit is 1 s per wait
+    assert fake_openai.calls == 0

@@ -3,8 +3,9 @@
 Worker model: gunicorn's `gevent` workers (the default). An ask spends nearly all its
 time waiting for the LLM with no database connection held, so each worker holds many
 asks at once, each a greenlet parked on a socket, while the database pool stays
-small. psycopg2 is made cooperative with psycogreen's wait callback, so a database
-round trip parks its greenlet instead of the whole worker. Greenlets switch in user
+small. psycopg2 is made cooperative with psycogreen's wait callback (keeping to the
+connect timeout: adapters/sqlalchemy/green.py), so a database round trip parks its
+greenlet instead of the whole worker. Greenlets switch in user
 space with no GIL hand-offs: with hundreds of asks in flight this costs about a third
 less CPU per ask than as many OS threads (`--worker-class gthread`, still available;
 see the README, Performance).
@@ -62,9 +63,9 @@ class JsonErrorGeventWorker(GeventWorker):  # type: ignore[misc]
 
     def patch(self) -> None:
         super().patch()  # gevent's monkey.patch_all(), first thing in the new worker
-        from psycogreen.gevent import patch_psycopg
+        from qna.adapters.sqlalchemy.green import make_psycopg_cooperative
 
-        patch_psycopg()
+        make_psycopg_cooperative()
 
     def init_process(self) -> None:
         gunicorn_util.write_error = _json_error
