@@ -35,20 +35,28 @@ _BY_KEY = select(qn_a).where(qn_a.c.idempotency_key == bindparam("key"))
 _RELEASE_KEY = update(qn_a).where(qn_a.c.id == bindparam("row_id")).values(idempotency_key=None)
 
 
-def find_answered_query(normalised: str, model: str, since: datetime) -> Select[Any]:
-    """The answer-cache look-up; served by ix_qn_a_question_key_model_created_at."""
-    return (
-        select(qn_a)
-        .where(
-            qn_a.c.question_key == question_key(normalised),
-            qn_a.c.model == model,
-            qn_a.c.created_at >= since,
-            qn_a.c.status == Status.ANSWERED.value,
-            qn_a.c.source_id.is_(None),
-        )
-        .order_by(qn_a.c.created_at.desc())
-        .limit(1)
+# The answer-cache look-up; served by ix_qn_a_question_key_model_created_at.
+_FIND_ANSWERED = (
+    select(qn_a)
+    .where(
+        qn_a.c.question_key == bindparam("key"),
+        qn_a.c.model == bindparam("model"),
+        qn_a.c.created_at >= bindparam("since"),
+        qn_a.c.status == Status.ANSWERED.value,
+        qn_a.c.source_id.is_(None),
     )
+    .order_by(qn_a.c.created_at.desc())
+    .limit(1)
+)
+
+
+def _find_answered_params(normalised: str, model: str, since: datetime) -> dict[str, Any]:
+    return {"key": question_key(normalised), "model": model, "since": since}
+
+
+def find_answered_query(normalised: str, model: str, since: datetime) -> Select[Any]:
+    """The answer-cache look-up with its values bound (to EXPLAIN it)."""
+    return _FIND_ANSWERED.params(_find_answered_params(normalised, model, since))
 
 
 class SqlAlchemyQnARepository:
@@ -82,7 +90,7 @@ class SqlAlchemyQnARepository:
         return [to_domain(row) for row in self._connection.execute(query).mappings()]
 
     def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
-        return self._first(find_answered_query(normalised, model, since))
+        return self._first(_FIND_ANSWERED, _find_answered_params(normalised, model, since))
 
     def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]:
         query = (
