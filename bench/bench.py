@@ -864,7 +864,7 @@ class Bench:
             baseline_rows.close()
             stop(baseline.proc)
 
-        serve = shlex.join(["qna serve --workers", str(plan.workers), *plan.serve_args])
+        serve = "qna serve " + shlex.join(["--workers", str(plan.workers), *plan.serve_args])
         qna_rows = QnaRows(qna_db)
         try:
             for system, settings in QNA_SYSTEMS:

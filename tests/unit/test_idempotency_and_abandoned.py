@@ -64,6 +64,19 @@ def test_the_same_key_and_question_returns_the_first_record_without_a_second_llm
     assert len(uow.committed_records()) == 1
 
 
+def test_ask_says_which_answer_is_a_replay(uow: FakeUnitOfWorkFactory, clock: FakeClock) -> None:
+    llm = FakeLLM("Paris.")
+    ask = make_ask(uow, llm, clock)
+
+    first = ask.ask("Capital of France?", idempotency_key="k1")
+    again = ask.ask("Capital of France?", idempotency_key="k1")
+    unkeyed = ask.ask("Capital of France?")
+
+    assert (first.replayed, again.replayed, unkeyed.replayed) == (False, True, False)
+    assert again.qna.id == first.qna.id != unkeyed.qna.id
+    assert llm.calls == 2
+
+
 def test_the_same_key_with_another_question_is_refused(
     uow: FakeUnitOfWorkFactory, clock: FakeClock
 ) -> None:

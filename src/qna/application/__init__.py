@@ -2,6 +2,7 @@
 
 from qna.application.ports import LLM, Completion, PageKey, QnARepository, UnitOfWork
 from qna.application.use_cases import (
+    Asked,
     AskQuestion,
     GetQnA,
     InvalidArgument,
@@ -13,6 +14,7 @@ from qna.application.use_cases import (
 __all__ = [
     "LLM",
     "AskQuestion",
+    "Asked",
     "Completion",
     "GetQnA",
     "InvalidArgument",

@@ -57,6 +57,16 @@ class InvalidCursor(InvalidArgument):
     code = "invalid_cursor"
 
 
+@dataclass(frozen=True)
+class Asked:
+    """What `AskQuestion.ask` did: the record, and whether this call answered it."""
+
+    qna: QnA
+    #: True when the record is an earlier request's with the same idempotency key,
+    #: answered before (a replay): nothing new was asked or stored.
+    replayed: bool = False
+
+
 class AskQuestion:
     """Record the question, ask the LLM, record the outcome.
 
@@ -100,10 +110,16 @@ class AskQuestion:
     def __call__(
         self, question: str, *, fresh: bool = False, idempotency_key: str | None = None
     ) -> QnA:
+        return self.ask(question, fresh=fresh, idempotency_key=idempotency_key).qna
+
+    def ask(
+        self, question: str, *, fresh: bool = False, idempotency_key: str | None = None
+    ) -> Asked:
+        """Like calling it, and also says whether the answer is a replay."""
         text = parse_question(question, max_length=self._max_question_length)
         qna = QnA.ask(text, model=self._llm.model, now=self._clock())
         if idempotency_key is None:
-            return self._ask(qna, fresh=fresh)
+            return Asked(self._ask(qna, fresh=fresh))
         qna.idempotency_key = idempotency_key
         qna.request_fingerprint = _fingerprint(text, fresh)
         return self._ask_once(qna, fresh=fresh)
@@ -137,13 +153,13 @@ class AskQuestion:
         self._save(qna)
         return qna
 
-    def _ask_once(self, qna: QnA, *, fresh: bool) -> QnA:
+    def _ask_once(self, qna: QnA, *, fresh: bool) -> Asked:
         key = qna.idempotency_key
         assert key is not None
         give_up_at = self._timer() + self._in_flight_wait
         while True:
             try:
-                return self._ask(qna, fresh=fresh)
+                return Asked(self._ask(qna, fresh=fresh))
             except DuplicateIdempotencyKey:
                 pass
             with self._uow() as uow:
@@ -159,7 +175,7 @@ class AskQuestion:
             if holder is None:
                 continue  # released between our insert and our read: try to take it
             if holder.status is Status.ANSWERED:
-                return holder
+                return Asked(holder, replayed=True)
             if self._timer() >= give_up_at:
                 raise IdempotencyKeyInFlight(
                     "A request with this Idempotency-Key is still being answered; retry later."

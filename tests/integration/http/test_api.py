@@ -946,6 +946,28 @@ def test_a_retry_with_the_same_key_returns_the_same_record(
     assert len(stored_rows(database_url)) == 1
 
 
+def _answered_count(client: FlaskClient) -> float:
+    metrics = client.get("/metrics").get_data(as_text=True)
+    found = re.search(r'^qna_asks_total\{outcome="answered"\} (\S+)$', metrics, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_replay_is_not_counted_again_in_the_metrics(
+    client: FlaskClient, fake_openai: FakeOpenAI
+) -> None:
+    headers = {"Idempotency-Key": "count-me-once"}
+    before = _answered_count(client)
+
+    first = created(ask(client, QUESTION, headers=headers))
+    after_first = _answered_count(client)
+    again = created(ask(client, QUESTION, headers=headers))
+
+    assert again == first
+    assert after_first == before + 1
+    assert _answered_count(client) == after_first
+    assert fake_openai.calls == 1
+
+
 def test_the_same_key_with_another_body_is_422(
     client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
 ) -> None:

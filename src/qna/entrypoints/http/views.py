@@ -79,8 +79,10 @@ def _container() -> Container:
 def ask() -> Response:
     body = _parse_ask(_json_body())
     ask_question: AskQuestion = _container().ask_question()
-    qna = ask_question(body.question, fresh=body.fresh, idempotency_key=_idempotency_key())
-    metrics.record_ask(qna)
+    asked = ask_question.ask(body.question, fresh=body.fresh, idempotency_key=_idempotency_key())
+    qna = asked.qna
+    if not asked.replayed:  # a replay asked nothing: counting it again would inflate
+        metrics.record_ask(qna)
     # One pydantic call straight to JSON: the hot path skips the dict and jsonify.
     payload = QnAOut.from_domain(qna).model_dump_json().encode() + b"\n"
     response = Response(payload, status=201, mimetype="application/json")
