@@ -526,3 +526,20 @@ def test_a_malformed_answer_is_a_bad_response(
     assert fake.calls == 1
     assert fake_time.sleeps == []
     assert caught.value.message.startswith(f"The LLM at {fake.base_url} ")
+
+
+def test_the_default_sleep_is_time_sleep_as_it_is_when_called(
+    fake: FakeOpenAI, adapter: type[ChatCompletionsLLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gevent workers patch time.sleep after the adapters were imported: a backoff must
+    # park only its own greenlet, so the default sleep is looked up at each call.
+    fake.script(Status(503, headers={"Retry-After": "0.25"}))
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    llm = adapter(api_key=API_KEY, base_url=fake.base_url, model=MODEL, max_attempts=2)
+    try:
+        assert llm.complete("Q?").text == DEFAULT_ANSWER
+    finally:
+        llm.close()
+
+    assert slept == [0.25]

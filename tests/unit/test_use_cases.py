@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from datetime import timedelta
 from uuid import UUID, uuid4
 
@@ -510,3 +511,17 @@ def test_next_cursor_points_past_the_last_item_of_the_page(world: World) -> None
     page = ListQnA(world.uow)(limit=2)
 
     assert page.next_cursor == encode_cursor(expected[1])
+
+
+def test_the_default_sleep_is_time_sleep_as_it_is_when_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gevent workers patch time.sleep after this module was imported; a default bound
+    # at import would block every ask in the worker while one waits for its key.
+    ask = AskQuestion(FakeUnitOfWorkFactory(), FakeLLM())
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+
+    ask._sleep(0.05)
+
+    assert slept == [0.05]

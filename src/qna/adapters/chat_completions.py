@@ -80,7 +80,7 @@ class ChatCompletionsLLM(ABC):
         max_attempts: int = 4,
         backoff_base: float = 0.5,
         backoff_max: float = 8.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not model:
@@ -103,7 +103,9 @@ class ChatCompletionsLLM(ABC):
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
-        self._sleep = sleep
+        # Looked up at each call, not bound at import: under gevent workers the
+        # cooperative time.sleep is patched in after this module was imported.
+        self._sleep = sleep if sleep is not None else _sleep
         self._clock = clock
         self._where = ""
 
@@ -301,3 +303,7 @@ def _truncate(text: str) -> str:
 
 def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
@@ -94,7 +94,7 @@ class AskQuestion:
         in_flight_wait: timedelta = timedelta(seconds=10),
         clock: Clock = utc_now,
         timer: Timer = time.perf_counter,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self._uow = uow
         self._llm = llm
@@ -105,7 +105,9 @@ class AskQuestion:
         self._in_flight_wait = in_flight_wait.total_seconds()
         self._clock = clock
         self._timer = timer
-        self._sleep = sleep
+        # Looked up at each call, not bound at import: under gevent workers the
+        # cooperative time.sleep is patched in after this module was imported.
+        self._sleep = sleep if sleep is not None else _sleep
 
     def __call__(
         self, question: str, *, fresh: bool = False, idempotency_key: str | None = None
@@ -159,7 +161,9 @@ class AskQuestion:
         give_up_at = self._timer() + self._in_flight_wait
         while True:
             try:
-                return Asked(self._ask(qna, fresh=fresh))
+                # A copy per try: _ask may have filled this one in from the cache
+                # before its insert lost the key, and the next try starts over.
+                return Asked(self._ask(replace(qna), fresh=fresh))
             except DuplicateIdempotencyKey:
                 pass
             with self._uow() as uow:
@@ -338,3 +342,7 @@ def _parse_id(qna_id: UUID | str) -> UUID | None:
         return UUID(qna_id)
     except (ValueError, TypeError, AttributeError):
         return None
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
