@@ -205,3 +205,30 @@ def test_reaper_closes_every_abandoned_record(uow: FakeUnitOfWorkFactory, clock:
     statuses = {q.id: q.status for q in uow.committed_records()}
     assert all(statuses[q.id] is Status.FAILED for q in stale)
     assert statuses[recent.id] is Status.PENDING
+
+
+def test_a_keyed_retry_of_a_failed_ask_may_be_answered_from_the_cache(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # The keyed ask fails; someone else's ask fills the cache; the keyed retry first
+    # finds the answer in the cache, then loses its insert to the failed holder of its
+    # key, frees the key and tries again — from a clean record, not the cached one.
+    llm = FakeLLM(script=[LLMUnavailable("down"), "Paris."])
+    ask = AskQuestion(
+        uow,
+        llm,
+        clock=clock,
+        timer=FakeTimer(),
+        cache_ttl=timedelta(hours=1),
+        idempotency_ttl=timedelta(hours=1),
+    )
+    with pytest.raises(LLMUnavailable):
+        ask("Capital of France?", idempotency_key="k1")
+    cached_source = ask("Capital of France?")
+
+    retried = ask("Capital of France?", idempotency_key="k1")
+
+    assert retried.status is Status.ANSWERED
+    assert retried.source_id == cached_source.id
+    assert retried.idempotency_key == "k1"
+    assert llm.calls == 2
