@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from dependency_injector import containers, providers
 from sqlalchemy import Engine
@@ -44,11 +45,7 @@ def llm_resource(
     max_attempts: int,
 ) -> Iterator[LLM]:
     """The LLM client and its connection pool, closed by `shutdown_resources()`."""
-    if api_key is None and base_url is None:
-        raise ConfigurationError(
-            "OPENAI_API_KEY is not set: export it, put it in .env, "
-            "or set OPENAI_BASE_URL to an OpenAI-compatible server."
-        )
+    check_llm_settings(client, api_key, base_url)
     try:
         llm = _llm_class(client)(
             api_key=api_key,
@@ -64,6 +61,23 @@ def llm_resource(
         raise ConfigurationError(f"OPENAI_BASE_URL cannot be used: {exc}") from exc
     yield llm
     llm.close()
+
+
+def check_llm_settings(client: str, api_key: str | None, base_url: str | None) -> None:
+    """Refuse what `llm_resource` would refuse, without building or importing a client.
+
+    `qna serve` checks this in gunicorn's master, which must not import the HTTP and
+    TLS stacks: gevent workers monkey-patch them after the fork, and a module imported
+    before that keeps the originals (urllib3 its `ssl.SSLContext`: every HTTPS ask
+    then fails).
+    """
+    if api_key is None and base_url is None:
+        raise ConfigurationError(
+            "OPENAI_API_KEY is not set: export it, put it in .env, "
+            "or set OPENAI_BASE_URL to an OpenAI-compatible server."
+        )
+    if base_url is not None and urlsplit(base_url).scheme not in ("http", "https"):
+        raise ConfigurationError("OPENAI_BASE_URL cannot be used: it is not an http(s) URL.")
 
 
 def _llm_class(client: str) -> type[ChatCompletionsLLM]:

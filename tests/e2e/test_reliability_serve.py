@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
+from tests.e2e.helpers import settings_free_environ
 from tests.support.databases import scratch_database
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.pg_cluster import PgCluster, throwaway_cluster
@@ -260,3 +264,81 @@ def test_a_database_that_never_answers_is_a_503_within_the_connect_timeout(
     assert_json_error(response, 503, "database_unavailable")
     assert waited < 15  # a bound on a hang, not a speed claim: the limit is 1 s per wait
     assert fake_openai.calls == 0
+
+
+# -- gevent workers and the HTTPS stack ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, and its key."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def https_openai(tls_files: tuple[Path, Path]) -> Iterator[FakeOpenAI]:
+    cert, key = tls_files
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    with FakeOpenAI(ssl_context=context) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("client", ["http", "openai"])
+def test_gevent_workers_ask_an_https_llm_with_either_client(
+    database: str,
+    https_openai: FakeOpenAI,
+    tls_files: tuple[Path, Path],
+    tmp_path: Path,
+    client: str,
+) -> None:
+    # The master must not import the HTTP/TLS stack before the workers patch it: a
+    # urllib3 imported there kept the unpatched SSLContext and every HTTPS ask failed.
+    cert, _ = tls_files
+    assert https_openai.base_url.startswith("https://")
+    env = serve_env(database, https_openai, QNA_LLM_CLIENT=client, QNA_LLM_MAX_ATTEMPTS="1")
+    env["SSL_CERT_FILE"] = str(cert)  # trusted by urllib3 and httpx alike
+    with serving(env, tmp_path, "--workers", "1", "--worker-class", "gevent") as server:
+        responses = [
+            requests.post(f"{server.url}/ask", json={"question": f"Q{i}?"}, timeout=30)
+            for i in range(2)
+        ]
+
+    assert [r.status_code for r in responses] == [201, 201], responses[0].text
+    assert https_openai.calls == 2
+    assert {row["status"] for row in table(database)} == {"answered"}
+
+
+def test_the_servers_master_leaves_the_http_stack_to_its_workers(tmp_path: Path) -> None:
+    """What `qna serve` runs before forking imports no HTTP client (see the test above)."""
+    script = (
+        "import sys\n"
+        "from qna.config import Settings\n"
+        "from qna.entrypoints.http import server\n"
+        "server.migrate_before_serving(Settings())\n"
+        "print(sorted(m for m in ('urllib3', 'openai', 'httpx2', 'httpcore2', 'httpx')"
+        " if m in sys.modules))\n"
+    )
+    env = {
+        **settings_free_environ(),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'qna.db'}",
+        "OPENAI_BASE_URL": "https://127.0.0.1:9/v1",
+        "QNA_LLM_CLIENT": "http",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

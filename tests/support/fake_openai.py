@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import random
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -169,8 +170,11 @@ class FakeOpenAI:
         failure_statuses: Sequence[int] = (429, 503),
         failure_retry_after: float | None = None,
         seed: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        #: When set, the server speaks HTTPS with it (`url` says https://).
+        self.ssl_context = ssl_context
         self.latency = latency
         self.answer = answer
         self.models = tuple(models)
@@ -207,7 +211,8 @@ class FakeOpenAI:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -316,7 +321,13 @@ class FakeOpenAI:
         try:
             # The default backlog of 128 would refuse connections in a benchmark that opens
             # hundreds at once.
-            site = web.TCPSite(runner, self.host, self._requested_port, backlog=2048)
+            site = web.TCPSite(
+                runner,
+                self.host,
+                self._requested_port,
+                backlog=2048,
+                ssl_context=self.ssl_context,
+            )
             await site.start()
             self._port = int(runner.addresses[0][1])
             self._stopping = asyncio.Event()

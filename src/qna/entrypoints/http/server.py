@@ -27,7 +27,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
 
 from qna.config import Settings
-from qna.container import create_container, shutdown, upgrade_database
+from qna.container import check_llm_settings, create_container, shutdown, upgrade_database
 from qna.domain.errors import StorageUnavailable
 
 log = logging.getLogger("qna.serve")
@@ -104,8 +104,10 @@ def migrate_before_serving(settings: Settings) -> None:
     container = create_container(settings)
     try:
         # A server that cannot ask anything should not start: say which setting is
-        # missing now, not as a 503 on every ask.
-        container.llm()
+        # missing now, not as a 503 on every ask. Checked, not built: the LLM client
+        # and its HTTP stack must first be imported in the workers, after gevent.
+        config = container.config
+        check_llm_settings(config.llm_client(), config.openai_api_key(), config.openai_base_url())
         upgrade_database(container)
         closed = container.reap_abandoned()()
         if closed:
