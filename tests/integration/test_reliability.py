@@ -543,7 +543,9 @@ def test_asks_go_on_when_the_database_kills_the_pooled_connections(
         with engine.begin() as connection:
             killed = connection.execute(
                 text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    # With a timeout it returns once each backend has exited (PostgreSQL 14+),
+                    # so the server has closed the sockets before the next ask.
+                    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
             ).scalar_one()

@@ -1,10 +1,11 @@
 """The LLM port as one HTTP request: `POST {base_url}/chat/completions` through a pooled
 urllib3 client, for OpenAI or any OpenAI-compatible server.
 
-It asks and understands exactly what `openai_llm.OpenAILLM` does (the same body, the
-same errors, the same retries: both build on `chat_completions`), for a few times less
-CPU per ask: the SDK builds, validates and wraps every request and response in several
-layers, which a busy server pays for on every ask (see the README, Performance).
+It sends the body `openai_llm.OpenAILLM` sends and reports failures in the same words,
+with the same retries (both build on `chat_completions`), for a few times less CPU per
+ask: the SDK builds, validates and wraps every request and response in several layers,
+which a busy server pays for on every ask (see the README, Performance). Unlike the
+SDK it follows no redirects and sends no OpenAI-Organization/OpenAI-Project headers.
 Chosen with `QNA_LLM_CLIENT=http`.
 """
 

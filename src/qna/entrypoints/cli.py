@@ -288,7 +288,7 @@ def db_upgrade(app: AppContext) -> None:
     default=1000,
     show_default=True,
     type=click.IntRange(1, 100_000),
-    help="gevent: how many asks one worker can have waiting on the LLM.",
+    help="gevent: client connections one worker holds at once (each ask in flight needs one).",
 )
 @click.option(
     "--threads",
