@@ -155,6 +155,13 @@ class FakeRepository:
             setattr(saved, name, copy.deepcopy(getattr(qna, name)))
         self.changes[qna.id] = saved
 
+    def close_pending(self, qna: QnA) -> bool:
+        stored = self._visible().get(qna.id)
+        if stored is None or stored.status is not Status.PENDING:
+            return False
+        self.save(qna)
+        return True
+
     def get(self, qna_id: UUID) -> QnA | None:
         qna = self._visible().get(qna_id)
         return copy.deepcopy(qna) if qna is not None else None

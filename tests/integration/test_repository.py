@@ -173,3 +173,28 @@ def test_status_is_constrained_by_the_database(engine: Engine) -> None:
             ),
             {"id": uuid4().hex if engine.dialect.name == "sqlite" else str(uuid4()), "now": T0},
         )
+
+
+def test_close_pending_writes_only_while_the_record_is_pending(uow: SqlAlchemyUnitOfWork) -> None:
+    still_pending = QnA.ask("Lost?", model="m", now=T0)
+    answered_since = QnA.ask("Late?", model="m", now=T0)
+    store(uow, still_pending, answered_since)
+    stale_copy = QnA(**vars(answered_since))  # read while it was still pending
+    answered_since.record_answer(
+        answer="Here.", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=9, now=T0
+    )
+    with uow:
+        uow.qnas.save(answered_since)
+        uow.commit()
+
+    still_pending.abandon(now=T0 + timedelta(hours=1))
+    stale_copy.abandon(now=T0 + timedelta(hours=1))
+    with uow:
+        closed = [uow.qnas.close_pending(still_pending), uow.qnas.close_pending(stale_copy)]
+        uow.commit()
+
+    assert closed == [True, False]
+    with uow:
+        first, second = uow.qnas.get(still_pending.id), uow.qnas.get(answered_since.id)
+    assert first is not None and (first.status, first.error_kind) == (Status.FAILED, "abandoned")
+    assert second is not None and (second.status, second.answer) == (Status.ANSWERED, "Here.")

@@ -232,3 +232,36 @@ def test_a_keyed_retry_of_a_failed_ask_may_be_answered_from_the_cache(
     assert retried.source_id == cached_source.id
     assert retried.idempotency_key == "k1"
     assert llm.calls == 2
+
+
+def test_closing_abandoned_records_keeps_an_answer_that_landed_since_they_were_read(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    from qna.application.use_cases import _close_abandoned
+
+    old = clock() - timedelta(hours=2)
+    lost, late = QnA.ask("Lost?", model="m", now=old), QnA.ask("Late?", model="m", now=old)
+    with uow() as unit:
+        unit.qnas.add(lost)
+        unit.qnas.add(late)
+        unit.commit()
+    with uow() as unit:
+        read = [unit.qnas.get(lost.id), unit.qnas.get(late.id)]
+    late.record_answer(
+        answer="Here.", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=9, now=clock()
+    )
+    with uow() as unit:
+        unit.qnas.save(late)
+        unit.commit()
+
+    records = [r for r in read if r is not None]
+    with uow() as unit:
+        closed = _close_abandoned(unit, records, now=clock(), after=timedelta(minutes=5))
+
+    assert closed == 1
+    assert [(r.status, r.answer) for r in records] == [
+        (Status.FAILED, None),
+        (Status.ANSWERED, "Here."),
+    ]
+    stored = {r.id: r.status for r in uow.committed_records()}
+    assert stored == {lost.id: Status.FAILED, late.id: Status.ANSWERED}

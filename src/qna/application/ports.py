@@ -63,6 +63,11 @@ class QnARepository(Protocol):
         Nothing else is written: a late save cannot undo `release_idempotency_key`."""
         ...
 
+    def close_pending(self, qna: QnA) -> bool:
+        """Like `save`, but only while the stored record is still pending; False (and
+        nothing written) when its outcome was stored since it was read."""
+        ...
+
     def get(self, qna_id: UUID) -> QnA | None: ...
 
     def list(self, *, limit: int, before: PageKey | None = None) -> Sequence[QnA]:

@@ -29,6 +29,7 @@ from qna.domain.errors import (
 )
 from qna.domain.model import (
     DEFAULT_MAX_QUESTION_LENGTH,
+    OUTCOME_FIELDS,
     QnA,
     Status,
     normalise_for_cache,
@@ -170,9 +171,11 @@ class AskQuestion:
                 holder = uow.qnas.get_by_idempotency_key(key)
                 if holder is not None and self._frees_its_key(holder, qna):
                     if holder.is_abandoned(now=qna.created_at, after=self._abandon_after):
-                        # Its asker died: close it, so the history says so.
+                        # Its asker died: close it, so the history says so — unless
+                        # its answer landed after all (then the next try replays it).
                         holder.abandon(now=qna.created_at)
-                        uow.qnas.save(holder)
+                        if not uow.qnas.close_pending(holder):
+                            continue
                     uow.qnas.release_idempotency_key(holder.id)
                     uow.commit()
                     continue
@@ -282,22 +285,34 @@ class ReapAbandoned(_ReadsHistory):
                 stale = uow.qnas.list_pending(
                     created_before=now - self._abandon_after, limit=self.BATCH
                 )
-                _close_abandoned(uow, stale, now=now, after=self._abandon_after)
-            closed += len(stale)
+                closed += _close_abandoned(uow, stale, now=now, after=self._abandon_after)
             if len(stale) < self.BATCH:
                 return closed
 
 
 def _close_abandoned(
     uow: UnitOfWork, records: Sequence[QnA], *, now: datetime, after: timedelta
-) -> None:
-    """A pending record older than any ask can last is reported, and stored, as failed."""
-    abandoned = [qna for qna in records if qna.is_abandoned(now=now, after=after)]
-    for qna in abandoned:
+) -> int:
+    """A pending record older than any ask can last is reported, and stored, as failed.
+
+    Only if it is still pending when written: an answer that landed since it was read
+    stands, and the record given is brought up to date. Returns how many were closed.
+    """
+    closed = 0
+    for qna in records:
+        if not qna.is_abandoned(now=now, after=after):
+            continue
         qna.abandon(now=now)
-        uow.qnas.save(qna)
-    if abandoned:
+        if uow.qnas.close_pending(qna):
+            closed += 1
+            continue
+        stored = uow.qnas.get(qna.id)
+        if stored is not None:
+            for name in OUTCOME_FIELDS:
+                setattr(qna, name, getattr(stored, name))
+    if closed:
         uow.commit()
+    return closed
 
 
 def encode_cursor(qna: QnA) -> str:

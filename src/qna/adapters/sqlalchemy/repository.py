@@ -30,6 +30,7 @@ _SAVE_OUTCOME = (
     # Column names are reserved for SQLAlchemy's own parameters, hence the prefix.
     .values({name: bindparam(f"new_{name}") for name in OUTCOME_FIELDS})
 )
+_CLOSE_PENDING = _SAVE_OUTCOME.where(qn_a.c.status == Status.PENDING.value)
 _BY_ID = select(qn_a).where(qn_a.c.id == bindparam("row_id"))
 _BY_KEY = select(qn_a).where(qn_a.c.idempotency_key == bindparam("key"))
 _RELEASE_KEY = update(qn_a).where(qn_a.c.id == bindparam("row_id")).values(idempotency_key=None)
@@ -74,6 +75,10 @@ class SqlAlchemyQnARepository:
 
     def save(self, qna: QnA) -> None:
         self._connection.execute(_SAVE_OUTCOME, outcome_values(qna))
+
+    def close_pending(self, qna: QnA) -> bool:
+        result = self._connection.execute(_CLOSE_PENDING, outcome_values(qna))
+        return result.rowcount == 1
 
     def get(self, qna_id: UUID) -> QnA | None:
         return self._first(_BY_ID, {"row_id": qna_id})
