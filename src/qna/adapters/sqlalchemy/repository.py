@@ -13,7 +13,6 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS, storage_unavailable
 from qna.adapters.sqlalchemy.tables import (
-    outcome_values,
     qn_a,
     question_key,
     row_values,
@@ -31,6 +30,8 @@ _SAVE_OUTCOME = (
     .values({name: bindparam(f"new_{name}") for name in OUTCOME_FIELDS})
 )
 _CLOSE_PENDING = _SAVE_OUTCOME.where(qn_a.c.status == Status.PENDING.value)
+
+
 _BY_ID = select(qn_a).where(qn_a.c.id == bindparam("row_id"))
 _BY_KEY = select(qn_a).where(qn_a.c.idempotency_key == bindparam("key"))
 _RELEASE_KEY = update(qn_a).where(qn_a.c.id == bindparam("row_id")).values(idempotency_key=None)
@@ -60,6 +61,14 @@ def find_answered_query(normalised: str, model: str, since: datetime) -> Select[
     return _FIND_ANSWERED.params(_find_answered_params(normalised, model, since))
 
 
+def _outcome_values(qna: QnA) -> dict[str, Any]:
+    """The parameters of _SAVE_OUTCOME and _CLOSE_PENDING."""
+    values = {f"new_{name}": getattr(qna, name) for name in OUTCOME_FIELDS}
+    values["new_status"] = qna.status.value
+    values["row_id"] = qna.id
+    return values
+
+
 class SqlAlchemyQnARepository:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
@@ -74,10 +83,10 @@ class SqlAlchemyQnARepository:
             raise
 
     def save(self, qna: QnA) -> None:
-        self._connection.execute(_SAVE_OUTCOME, outcome_values(qna))
+        self._connection.execute(_SAVE_OUTCOME, _outcome_values(qna))
 
     def close_pending(self, qna: QnA) -> bool:
-        result = self._connection.execute(_CLOSE_PENDING, outcome_values(qna))
+        result = self._connection.execute(_CLOSE_PENDING, _outcome_values(qna))
         return result.rowcount == 1
 
     def get(self, qna_id: UUID) -> QnA | None:

@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
-from qna.domain.model import OUTCOME_FIELDS, QnA, Status, normalise_for_cache
+from qna.domain.model import QnA, Status, normalise_for_cache
 
 # Alembic's documented naming convention, so every constraint has a predictable name
 # that later migrations can drop or alter on PostgreSQL and SQLite alike.
@@ -141,15 +141,6 @@ def row_values(qna: QnA) -> dict[str, Any]:
         "idempotency_key": qna.idempotency_key,
         "request_fingerprint": qna.request_fingerprint,
     }
-
-
-def outcome_values(qna: QnA) -> dict[str, Any]:
-    """The parameters of the repository's outcome UPDATE: `new_<field>` for each of
-    `OUTCOME_FIELDS`, and `row_id`."""
-    values = {f"new_{name}": getattr(qna, name) for name in OUTCOME_FIELDS}
-    values["new_status"] = qna.status.value
-    values["row_id"] = qna.id
-    return values
 
 
 def to_domain(row: RowMapping) -> QnA:
