@@ -841,6 +841,36 @@ class Bench:
         self.say(result.summary())
         return result
 
+    def measure_qna(
+        self,
+        fake: Fake,
+        loads: Sequence[Load],
+        database_url: str,
+        rows: RowCounter,
+        workdir: Path,
+    ) -> None:
+        """Each configuration of QNA_SYSTEMS, on a fresh server, under `loads` (which
+        share `fake`'s LLM latency)."""
+        plan = self.plan
+        latency = loads[0].llm_latency_s
+        slow = " (slow LLM)" if latency else ""
+        serve = "qna serve " + shlex.join(["--workers", str(plan.workers), *plan.serve_args])
+        for system, settings in QNA_SYSTEMS:
+            self.say(f"== {serve}, {settings or 'default settings'}{slow}")
+            server = start_qna(
+                self.children,
+                plan,
+                name=_slug(system + slow),
+                database_url=database_url,
+                fake=fake,
+                cwd=workdir,
+                settings=settings,
+            )
+            self.warm_up(system + slow, server, rows, latency)
+            for load in loads:
+                self.measure(system, server, load, rows=rows)
+            self.children.stop(server.proc)
+
     def run(self, databases: Databases, workdir: Path) -> None:
         plan = self.plan
         qna_db = databases.create(f"qna_bench_{self.run_id}")
@@ -864,24 +894,9 @@ class Bench:
             baseline_rows.close()
             stop(baseline.proc)
 
-        serve = "qna serve " + shlex.join(["--workers", str(plan.workers), *plan.serve_args])
         qna_rows = QnaRows(qna_db)
         try:
-            for system, settings in QNA_SYSTEMS:
-                self.say(f"== {serve}, {settings or 'default settings'}")
-                qna = start_qna(
-                    self.children,
-                    plan,
-                    name=_slug(system),
-                    database_url=qna_db,
-                    fake=fake0,
-                    cwd=workdir,
-                    settings=settings,
-                )
-                self.warm_up(system, qna, qna_rows, 0.0)
-                for load in (plan.latency, plan.saturation):
-                    self.measure(system, qna, load, rows=qna_rows)
-                stop(qna.proc)
+            self.measure_qna(fake0, (plan.latency, plan.saturation), qna_db, qna_rows, workdir)
 
             self.say("== qna serve with QNA_CACHE_TTL=3600: one question, asked again and again")
             cached = start_qna(
@@ -907,20 +922,7 @@ class Bench:
             fake1 = start_fake(self.children, slow.llm_latency_s)
             self.measure("fake LLM alone", fake1, slow, path="/chat/completions", mode="llm")
             self.sdk_floor(fake1, slow)
-            for system, settings in QNA_SYSTEMS:
-                self.say(f"== {serve}, {settings or 'default settings'}, slow LLM")
-                qna1 = start_qna(
-                    self.children,
-                    plan,
-                    name=f"{_slug(system)}-slow",
-                    database_url=qna_db,
-                    fake=fake1,
-                    cwd=workdir,
-                    settings=settings,
-                )
-                self.warm_up(f"{system} (slow LLM)", qna1, qna_rows, slow.llm_latency_s)
-                self.measure(system, qna1, slow, rows=qna_rows)
-                stop(qna1.proc)
+            self.measure_qna(fake1, (slow,), qna_db, qna_rows, workdir)
             stop(fake1.proc)
         finally:
             qna_rows.close()
