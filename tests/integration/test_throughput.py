@@ -194,7 +194,9 @@ def test_fifty_asks_wait_on_the_llm_together_with_a_small_pool(
         args = ("--workers", "1", "--worker-class", worker_class, "--threads", "64")
         with serving(env, tmp_path, *args) as server:
             database = url.rsplit("/", 1)[1]
-            monitor = create_engine(postgres_server_url)
+            # Autocommit: inside one transaction PostgreSQL shows the same snapshot of
+            # pg_stat_activity to every query, and the peak would never move.
+            monitor = create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
             stop = threading.Event()
             peak = 0
 
