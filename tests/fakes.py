@@ -1,9 +1,9 @@
 """In-memory stand-ins for the ports, so use-case tests are fast and exact.
 
 The unit-of-work fakes behave like a real transaction, not like a dict: changes become
-visible to other units of work only on `commit()`, and records are deep-copied on the way
-in and out, so a use case that forgets to `save` or `commit` fails here as it would against
-PostgreSQL.
+visible to other units of work only on `commit()` (or, in an autocommit unit, as each
+write is made), and records are deep-copied on the way in and out, so a use case that
+forgets to `save` or `commit` fails here as it would against PostgreSQL.
 """
 
 from __future__ import annotations
@@ -124,9 +124,16 @@ class FakeRepository:
     an in-memory repository whose writes it sees itself.
     """
 
-    def __init__(self, committed: Mapping[UUID, QnA] | None = None) -> None:
+    def __init__(
+        self,
+        committed: Mapping[UUID, QnA] | None = None,
+        *,
+        on_write: Callable[[], None] | None = None,
+    ) -> None:
         self._committed: Mapping[UUID, QnA] = committed if committed is not None else {}
         self.changes: dict[UUID, QnA] = {}
+        #: Called after each write (an autocommit unit of work publishes it there).
+        self._on_write = on_write
 
     def add(self, qna: QnA) -> None:
         if qna.id in self._committed or qna.id in self.changes:
@@ -134,6 +141,7 @@ class FakeRepository:
         if qna.idempotency_key is not None and self.get_by_idempotency_key(qna.idempotency_key):
             raise DuplicateIdempotencyKey(qna.idempotency_key)
         self.changes[qna.id] = copy.deepcopy(qna)
+        self._wrote()
 
     def get_by_idempotency_key(self, key: str) -> QnA | None:
         for qna in self._visible().values():
@@ -145,6 +153,7 @@ class FakeRepository:
         qna = copy.deepcopy(self._visible()[qna_id])
         qna.idempotency_key = None
         self.changes[qna_id] = qna
+        self._wrote()
 
     def save(self, qna: QnA) -> None:
         stored = self._visible().get(qna.id)
@@ -154,6 +163,7 @@ class FakeRepository:
         for name in OUTCOME_FIELDS:
             setattr(saved, name, copy.deepcopy(getattr(qna, name)))
         self.changes[qna.id] = saved
+        self._wrote()
 
     def close_pending(self, qna: QnA) -> bool:
         stored = self._visible().get(qna.id)
@@ -196,24 +206,36 @@ class FakeRepository:
         ]
         return copy.deepcopy(sorted(pending, key=_key)[:limit])
 
+    def _wrote(self) -> None:
+        if self._on_write is not None:
+            self._on_write()
+
     def _visible(self) -> dict[UUID, QnA]:
         return {**self._committed, **self.changes}
 
 
 class FakeUnitOfWork:
-    """One transaction over a shared store: read committed, rolled back unless committed."""
+    """One transaction over a shared store: read committed, rolled back unless committed.
+
+    With `autocommit=True`, each write reaches the store as it is made, and `commit()`
+    and `rollback()` do nothing (as the port says).
+    """
 
     def __init__(
         self,
         store: dict[UUID, QnA] | None = None,
         *,
+        autocommit: bool = False,
         on_enter: Callable[[], None] | None = None,
         on_exit: Callable[[], None] | None = None,
     ) -> None:
         self._store: dict[UUID, QnA] = store if store is not None else {}
+        self.autocommit = autocommit
         self._on_enter = on_enter
         self._on_exit = on_exit
-        self.repository = FakeRepository(self._store)
+        self.repository = FakeRepository(
+            self._store, on_write=self._publish if autocommit else None
+        )
         # Typed as the port: the protocol's attribute is mutable, so mypy wants it exact.
         self.qnas: QnARepository = self.repository
         self.committed = False
@@ -236,14 +258,21 @@ class FakeUnitOfWork:
             self._on_exit()
 
     def commit(self) -> None:
-        self._store.update(self.repository.changes)
-        self.repository.changes = {}
+        if self.autocommit:
+            return
+        self._publish()
         self.committed = True
         self.commits += 1
 
     def rollback(self) -> None:
+        if self.autocommit:
+            return
         self.repository.changes = {}
         self.rollbacks += 1
+
+    def _publish(self) -> None:
+        self._store.update(self.repository.changes)
+        self.repository.changes = {}
 
 
 class FakeUnitOfWorkFactory:
@@ -262,8 +291,10 @@ class FakeUnitOfWorkFactory:
         self.open_during_llm_calls: list[int] = []
         self.seed(*records)
 
-    def __call__(self) -> FakeUnitOfWork:
-        uow = FakeUnitOfWork(self.store, on_enter=self._entered, on_exit=self._exited)
+    def __call__(self, *, autocommit: bool = False) -> FakeUnitOfWork:
+        uow = FakeUnitOfWork(
+            self.store, autocommit=autocommit, on_enter=self._entered, on_exit=self._exited
+        )
         self.units.append(uow)
         return uow
 

@@ -198,3 +198,63 @@ def test_close_pending_writes_only_while_the_record_is_pending(uow: SqlAlchemyUn
         first, second = uow.qnas.get(still_pending.id), uow.qnas.get(answered_since.id)
     assert first is not None and (first.status, first.error_kind) == (Status.FAILED, "abandoned")
     assert second is not None and (second.status, second.answer) == (Status.ANSWERED, "Here.")
+
+
+def visible_elsewhere(engine: Engine, qna: QnA) -> bool:
+    """Whether a separate unit of work (another pooled connection) sees the record."""
+    with SqlAlchemyUnitOfWork(engine) as other:
+        return other.qnas.get(qna.id) is not None
+
+
+def test_an_autocommit_unit_commits_each_write_as_it_runs(engine: Engine) -> None:
+    qna = QnA.ask("Kept at once?", model="m", now=T0)
+    with SqlAlchemyUnitOfWork(engine, autocommit=True) as uow:
+        uow.qnas.add(qna)
+        # Committed already: the block has not ended and nothing called commit().
+        assert visible_elsewhere(engine, qna)
+        qna.record_answer(
+            answer="Yes.", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=3, now=T0
+        )
+        uow.qnas.save(qna)
+        uow.rollback()  # nothing to roll back: each statement stood alone
+
+    with SqlAlchemyUnitOfWork(engine) as uow:
+        loaded = uow.qnas.get(qna.id)
+    assert loaded is not None and (loaded.status, loaded.answer) == (Status.ANSWERED, "Yes.")
+
+
+def test_a_failed_autocommit_insert_stores_nothing(engine: Engine) -> None:
+    holder = QnA.ask("First?", model="m", now=T0)
+    holder.idempotency_key = "same-key"
+    second = QnA.ask("Second?", model="m", now=T0)
+    second.idempotency_key = "same-key"
+    with SqlAlchemyUnitOfWork(engine, autocommit=True) as uow:
+        uow.qnas.add(holder)
+
+    from qna.application.ports import DuplicateIdempotencyKey
+
+    with (
+        pytest.raises(DuplicateIdempotencyKey),
+        SqlAlchemyUnitOfWork(engine, autocommit=True) as uow,
+    ):
+        uow.qnas.add(second)
+
+    assert visible_elsewhere(engine, holder)
+    assert not visible_elsewhere(engine, second)
+
+
+def test_a_connection_used_in_autocommit_is_transactional_again_for_the_next_unit(
+    engine: Engine,
+) -> None:
+    # More rounds than the pool has connections, so every pooled connection is
+    # checked out in autocommit mode and then again for an ordinary unit of work.
+    for round_ in range(engine.pool.size() + 2 if hasattr(engine.pool, "size") else 3):
+        kept = QnA.ask(f"Kept {round_}?", model="m", now=T0)
+        lost = QnA.ask(f"Lost {round_}?", model="m", now=T0)
+        with SqlAlchemyUnitOfWork(engine, autocommit=True) as uow:
+            uow.qnas.add(kept)
+        with SqlAlchemyUnitOfWork(engine) as uow:
+            uow.qnas.add(lost)
+            # Not committed: leaving the block must roll it back.
+        assert visible_elsewhere(engine, kept)
+        assert not visible_elsewhere(engine, lost)

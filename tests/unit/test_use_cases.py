@@ -117,8 +117,10 @@ def test_no_transaction_is_open_while_the_llm_thinks(world: World) -> None:
     world.ask(llm)("Anything open?")
 
     assert world.uow.open_during_llm_calls == [0]
-    # One short transaction before the call, one after; both committed, none left open.
-    assert [u.commits for u in world.uow.units] == [1, 1]
+    # One short unit of work before the call (the insert), one after (the update),
+    # each a single autocommit write; none left open.
+    assert [u.autocommit for u in world.uow.units] == [True, True]
+    assert world.uow.committed_records()[0].status is Status.ANSWERED
     assert world.uow.max_open == 1
     assert world.uow.open_count == 0
 
@@ -160,7 +162,7 @@ def test_a_failure_is_stored_then_the_same_error_is_raised_with_the_record_id(
         world.ask(llm)("Will this work?")
 
     assert raised.value is error
-    assert [u.commits for u in world.uow.units] == [1, 1]
+    assert [u.autocommit for u in world.uow.units] == [True, True]
     stored = world.stored(raised.value.qna_id)
     assert stored.status is Status.FAILED
     assert stored.error_kind == error_class.code
@@ -222,9 +224,9 @@ def test_an_equal_question_is_answered_from_the_store(world: World) -> None:
 
     second = ask("  what IS the   capital of\tFRANCE?  ")
 
-    # The cache hit needs one transaction only, and commits it.
+    # The cache hit needs one unit of work only (a look-up, then one insert).
     assert world.uow.opened == 3
-    assert world.uow.units[-1].commits == 1
+    assert world.uow.units[-1].autocommit
     assert llm.calls == 1
     assert second.id != first.id
     assert second.status is Status.ANSWERED

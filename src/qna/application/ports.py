@@ -89,7 +89,13 @@ class QnARepository(Protocol):
 
 
 class UnitOfWork(Protocol):
-    """One transaction. Leaving the block without `commit()` rolls everything back."""
+    """One transaction. Leaving the block without `commit()` rolls everything back.
+
+    Opened with `autocommit=True` (see `UnitOfWorkFactory`), it is no transaction:
+    each statement commits on its own as it runs, and `commit()` and `rollback()`
+    do nothing. That is for work whose writes each stand alone — one insert, one
+    update — and saves the round trips that open and close a transaction.
+    """
 
     qnas: QnARepository
 
@@ -108,4 +114,4 @@ class UnitOfWork(Protocol):
 
 
 class UnitOfWorkFactory(Protocol):
-    def __call__(self) -> UnitOfWork: ...
+    def __call__(self, *, autocommit: bool = False) -> UnitOfWork: ...

@@ -128,12 +128,12 @@ class AskQuestion:
         return self._ask_once(qna, fresh=fresh)
 
     def _ask(self, qna: QnA, *, fresh: bool) -> QnA:
-        with self._uow() as uow:
+        # Autocommit: the look-up needs no transaction and the insert is one statement.
+        with self._uow(autocommit=True) as uow:
             source = None if fresh else self._cached_source(uow.qnas, qna)
             if source is not None:
                 qna.record_cached(source, now=self._clock())
             uow.qnas.add(qna)
-            uow.commit()
         if source is not None:
             return qna
 
@@ -212,9 +212,8 @@ class AskQuestion:
         )
 
     def _save(self, qna: QnA) -> None:
-        with self._uow() as uow:
+        with self._uow(autocommit=True) as uow:
             uow.qnas.save(qna)
-            uow.commit()
 
     def _elapsed_ms(self, started: float) -> int:
         return round((self._timer() - started) * 1000)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import select
+import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
@@ -105,6 +106,23 @@ def _readable(fd: int) -> bool:
         poller.register(fd, select.POLLIN)
         return bool(poller.poll(0))
     return bool(select.select([fd], [], [], 0)[0])  # Windows
+
+
+def set_driver_autocommit(connection: Connection, on: bool) -> None:
+    """Switch the driver's own autocommit mode on this checked-out connection.
+
+    Not `execution_options(isolation_level="AUTOCOMMIT")`: when the connection goes
+    back to the pool, SQLAlchemy then resets psycopg2's isolation level, and psycopg2
+    does that with a `SET default_transaction_isolation` round trip — as costly as the
+    BEGIN and COMMIT that autocommit saves. psycopg2's `autocommit` flag and sqlite3's
+    `isolation_level` are client-side settings: switching them sends nothing.
+    """
+    driver = connection.connection.driver_connection
+    if isinstance(driver, sqlite3.Connection):
+        # DEFERRED is what sqlite3's default ("") means: a plain BEGIN.
+        driver.isolation_level = None if on else "DEFERRED"
+    elif driver is not None:
+        driver.autocommit = on
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -11,7 +11,11 @@ from uuid import UUID
 from sqlalchemy import Connection, Engine, Select, and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS, storage_unavailable
+from qna.adapters.sqlalchemy.database import (
+    UNAVAILABLE_ERRORS,
+    set_driver_autocommit,
+    storage_unavailable,
+)
 from qna.adapters.sqlalchemy.tables import (
     qn_a,
     question_key,
@@ -127,19 +131,28 @@ class SqlAlchemyQnARepository:
 
 
 class SqlAlchemyUnitOfWork:
-    """One connection, one transaction; rolled back on exit unless committed."""
+    """One connection, one transaction; rolled back on exit unless committed.
+
+    With `autocommit=True` the driver commits each statement as it runs: a lone
+    INSERT or UPDATE is one round trip instead of three (BEGIN, the statement,
+    COMMIT). The connection goes back to the pool in transactional mode.
+    """
 
     qnas: SqlAlchemyQnARepository
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, autocommit: bool = False) -> None:
         self._engine = engine
+        self._autocommit = autocommit
 
     def __enter__(self) -> Self:
         try:
             # Checking out replaces pooled connections a database restart killed
             # (database._drop_if_closed_by_server), before any work depends on them.
             self._connection = self._engine.connect()
-            self._connection.begin()
+            if self._autocommit:
+                set_driver_autocommit(self._connection, True)
+            else:
+                self._connection.begin()
         except UNAVAILABLE_ERRORS as exc:
             raise storage_unavailable(exc) from exc
         self.qnas = SqlAlchemyQnARepository(self._connection)
@@ -153,6 +166,8 @@ class SqlAlchemyUnitOfWork:
     ) -> None:
         try:
             self._connection.rollback()
+            if self._autocommit:
+                self._leave_autocommit()
             self._connection.close()
         except DBAPIError:
             # The connection is already broken; the original error says more.
@@ -166,3 +181,12 @@ class SqlAlchemyUnitOfWork:
 
     def rollback(self) -> None:
         self._connection.rollback()
+
+    def _leave_autocommit(self) -> None:
+        if self._connection.invalidated:
+            return  # SQLAlchemy dropped the broken driver connection already
+        try:
+            set_driver_autocommit(self._connection, False)
+        except self._engine.dialect.loaded_dbapi.Error:
+            # A connection that broke unnoticed refuses: it must not go back to the pool.
+            self._connection.invalidate()
