@@ -543,3 +543,38 @@ def test_the_default_sleep_is_time_sleep_as_it_is_when_called(
         llm.close()
 
     assert slept == [0.25]
+
+
+# -- proxies ------------------------------------------------------------------------------
+
+_PROXY_VARIABLES = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+def test_goes_through_the_proxy_named_in_http_proxy(
+    fake: FakeOpenAI, make_llm: MakeLLM, proxy_env: pytest.MonkeyPatch
+) -> None:
+    # The fake answers proxy-style requests too; the LLM's own host does not exist, so
+    # an answer means the request went to the proxy.
+    proxy_env.setenv("HTTP_PROXY", fake.base_url.rsplit("/v1", 1)[0])
+
+    llm = make_llm(base_url="http://llm.example.invalid/v1", max_attempts=1)
+
+    assert llm.complete("Through the proxy?").text == DEFAULT_ANSWER
+    assert fake.calls == 1
+
+
+def test_no_proxy_sends_straight_to_the_server(
+    fake: FakeOpenAI, make_llm: MakeLLM, proxy_env: pytest.MonkeyPatch
+) -> None:
+    proxy_env.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    proxy_env.setenv("NO_PROXY", "127.0.0.1")
+
+    assert make_llm(max_attempts=1).complete("Straight there?").text == DEFAULT_ANSWER

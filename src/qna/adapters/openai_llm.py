@@ -8,6 +8,7 @@ one deadline.
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
 import httpx2
@@ -15,11 +16,13 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from qna.adapters.chat_completions import ChatCompletionsLLM, Failure, Reply, error_message
+from qna.adapters.urllib3_transport import Urllib3Transport
 
 # Servers such as Ollama or vLLM want no key, but the SDK refuses to start without one.
 _PLACEHOLDER_API_KEY = "unused"
 # As many connections as asks in flight, all kept for reuse.
-_POOL_LIMITS = httpx2.Limits(max_connections=None, max_keepalive_connections=2048)
+_POOL_SIZE = 2048
+_POOL_LIMITS = httpx2.Limits(max_connections=None, max_keepalive_connections=_POOL_SIZE)
 
 
 class OpenAILLM(ChatCompletionsLLM):
@@ -37,9 +40,7 @@ class OpenAILLM(ChatCompletionsLLM):
             base_url=base_url,
             max_retries=0,
             timeout=openai.Timeout(self._request_timeout, connect=self._connect_timeout),
-            # The SDK keeps 100 idle connections; with more asks than that in flight,
-            # every extra ask would open and close a TCP (and TLS) connection.
-            http_client=openai.DefaultHttpxClient(limits=_POOL_LIMITS),
+            http_client=_http_client(),
         )
         self._set_where(str(self._client.base_url))
 
@@ -67,6 +68,16 @@ class OpenAILLM(ChatCompletionsLLM):
             # reaches us unwrapped); OpenAIError: a body that fails validation.
             return self._not_a_completion(exc)
         return _reply(response) or self._not_a_completion()
+
+
+def _http_client() -> httpx2.Client:
+    # The SDK keeps 100 idle connections; with more asks than that in flight, every
+    # extra ask would open and close a TCP (and TLS) connection.
+    if any(scheme in ("http", "https", "all") for scheme in urllib.request.getproxies()):
+        # httpx reads proxies from the environment only when it makes the transport
+        # itself; so with a proxy configured, it does (its own connection pool).
+        return openai.DefaultHttpxClient(limits=_POOL_LIMITS)
+    return openai.DefaultHttpxClient(transport=Urllib3Transport(max_connections=_POOL_SIZE))
 
 
 def _reply(response: object) -> Reply | None:
