@@ -9,6 +9,7 @@ checked exactly.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -154,6 +155,14 @@ def test_falls_back_to_its_own_model_and_no_tokens_when_the_server_omits_them(
     completion = make_llm().complete("Meaning?")
 
     assert completion == Completion(text="Forty-two.", model=MODEL)
+
+
+def test_reads_a_gzip_compressed_answer(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    # OpenAI compresses its answers for clients that accept it, as both adapters do.
+    body = json.dumps(chat_completion(text="Zipped.", model=MODEL)).encode()
+    fake.script(Raw(200, gzip.compress(body), headers={"Content-Encoding": "gzip"}))
+
+    assert make_llm().complete("Small?").text == "Zipped."
 
 
 def test_needs_no_api_key_for_a_local_server(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
