@@ -5,8 +5,13 @@ httpx transport — by default httpcore's pool, which on every request walks all
 its connections and checks each idle one with a `poll()`: with hundreds of asks in
 flight, and under gevent (whose `poll()` goes through its hub), that walk cost more
 than the rest of the ask (see the README, Performance). urllib3 takes an idle
-connection off a queue instead. Proxies are untouched: httpx routes proxied URLs
-to its own proxy transports before this one is asked.
+connection off a queue instead.
+
+httpx reads proxy settings from the environment only for transports it makes
+itself, so `openai_llm` uses this one only when no proxy is configured.
+
+Like httpx's own transport, this one raises only httpx's exceptions, which the SDK
+turns into APITimeoutError (timeouts) and APIConnectionError (everything else).
 """
 
 from __future__ import annotations
@@ -35,12 +40,16 @@ class Urllib3Transport(httpx2.BaseTransport):
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         timeouts = request.extensions.get("timeout", {})
+        body = request.read()
         try:
             response = self._pool.urlopen(
                 request.method,
                 str(request.url),
-                body=request.read(),
+                # None, not b"": urllib3 would add "Content-Length: 0" to a GET.
+                body=body or None,
                 headers=dict(request.headers),
+                # urllib3 sends the request under the connect timeout and reads the
+                # answer under the read timeout; it has no separate write timeout.
                 timeout=urllib3.Timeout(connect=timeouts.get("connect"), read=timeouts.get("read")),
                 retries=False,  # the SDK's caller retries
                 redirect=False,  # httpx follows redirects, when told to, above us
@@ -55,13 +64,24 @@ class Urllib3Transport(httpx2.BaseTransport):
         except ReadTimeoutError as exc:
             raise httpx2.ReadTimeout(str(exc), request=request) from exc
         except ProtocolError as exc:
+            # A send that timed out arrives as "Connection aborted." with the timeout.
+            if any(isinstance(arg, TimeoutError) for arg in exc.args):
+                raise httpx2.WriteTimeout(str(exc), request=request) from exc
             raise httpx2.RemoteProtocolError(str(exc), request=request) from exc
         except (HTTPError, OSError) as exc:
             raise httpx2.ConnectError(str(exc), request=request) from exc
+        except ValueError as exc:
+            # http.client refuses a header it cannot send (say, a key with a newline).
+            raise httpx2.LocalProtocolError(str(exc), request=request) from exc
         return httpx2.Response(
             response.status,
-            headers=list(response.headers.items()),
-            content=response.data,
+            # As bytes: http.client decoded them as latin-1, and any byte may come.
+            headers=[
+                (name.encode("latin-1"), value.encode("latin-1"))
+                for name, value in response.headers.iteritems()
+            ],
+            # A stream, not content=: the client times the response until it is read.
+            stream=httpx2.ByteStream(response.data),
             request=request,
         )
 

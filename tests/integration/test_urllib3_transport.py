@@ -1,0 +1,187 @@
+"""The SDK's urllib3 transport, over real sockets, where it could differ from httpx's own:
+odd bytes on the wire, requests it cannot send, timeouts, and what the SDK reads back.
+
+A raw socket server stands in for the LLM here: the scriptable fake (aiohttp) cannot send
+a header with a non-ASCII byte, nor sit on a request without reading it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx2
+import openai
+import pytest
+
+from qna.adapters import openai_llm
+from qna.adapters.openai_llm import OpenAILLM
+from qna.adapters.urllib3_transport import Urllib3Transport
+from qna.domain.errors import LLMUnavailable
+
+BODY = json.dumps(
+    {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}
+        ],
+    }
+).encode()
+
+
+class RawServer:
+    """Answers every request on 127.0.0.1 with `BODY` and `extra_headers`, and keeps the
+    head of each request it read; with `read=False` it accepts and never reads."""
+
+    def __init__(self, *, extra_headers: bytes = b"", read: bool = True) -> None:
+        self.extra_headers = extra_headers
+        self.read = read
+        self.heads: list[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._connections: list[socket.socket] = []
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+        for connection in self._connections:
+            connection.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self._connections.append(connection)
+            if self.read:
+                threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        stream = connection.makefile("rb")
+        try:
+            while head := stream.readline():
+                while (line := stream.readline()) not in (b"\r\n", b""):
+                    head += line
+                self.heads.append(head)
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                stream.read(length)
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + self.extra_headers
+                    + b"Content-Length: %d\r\n\r\n" % len(BODY)
+                    + BODY
+                )
+        except OSError:
+            return
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[..., RawServer]]:
+    made: list[RawServer] = []
+
+    def make(**options: object) -> RawServer:
+        server = RawServer(**options)  # type: ignore[arg-type]
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def http_client() -> Iterator[httpx2.Client]:
+    client = httpx2.Client(transport=Urllib3Transport(max_connections=4))
+    yield client
+    client.close()
+
+
+def make_llm(base_url: str, **overrides: object) -> OpenAILLM:
+    options: dict[str, object] = {
+        "api_key": "sk-test",
+        "base_url": base_url,
+        "model": "m",
+        "connect_timeout": 1.0,
+        "request_timeout": 3.0,
+        "deadline": 5.0,
+        "max_attempts": 1,
+    }
+    options.update(overrides)
+    return OpenAILLM(**options)  # type: ignore[arg-type]
+
+
+def test_the_sdk_sends_through_it_when_no_proxy_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    client = openai_llm._http_client()
+    try:
+        assert isinstance(client._transport, Urllib3Transport)
+    finally:
+        client.close()
+
+
+def test_a_header_with_any_byte_in_it_is_read(raw_server: Callable[..., RawServer]) -> None:
+    server = raw_server(extra_headers=b"X-Served-By: caf\xc3\xa9\r\n")
+
+    assert make_llm(server.url).complete("Hi?").text == "hi"
+
+
+def test_a_key_that_cannot_be_sent_is_a_failure_to_reach_the_llm(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    # Not "answered with a bad body": nothing was sent, let alone answered.
+    server = raw_server()
+
+    with pytest.raises(LLMUnavailable):
+        make_llm(server.url, api_key="sk-test\n").complete("Hi?")
+    assert server.heads == []
+
+
+def test_a_request_without_a_body_says_no_content_length(
+    raw_server: Callable[..., RawServer], http_client: httpx2.Client
+) -> None:
+    server = raw_server()
+
+    http_client.get(f"{server.url}/models")
+
+    assert b"content-length" not in server.heads[0].lower()
+
+
+def test_the_response_is_timed(
+    raw_server: Callable[..., RawServer], http_client: httpx2.Client
+) -> None:
+    server = raw_server()
+
+    response = http_client.post(f"{server.url}/chat/completions", content=b"{}")
+
+    assert response.elapsed.total_seconds() > 0
+    assert response.json()["id"] == "chatcmpl-raw"
+
+
+def test_a_send_that_times_out_is_a_timeout(raw_server: Callable[..., RawServer]) -> None:
+    # The server never reads: 8 MB fill every buffer on the way, and sending stalls.
+    server = raw_server(read=False)
+    client = openai.OpenAI(
+        api_key="sk-test",
+        base_url=server.url,
+        max_retries=0,
+        http_client=httpx2.Client(transport=Urllib3Transport(max_connections=4)),
+    )
+
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "x" * 8_000_000}],
+            timeout=openai.Timeout(3.0, connect=0.5),
+        )
+    client.close()
