@@ -165,10 +165,14 @@ class SqlAlchemyUnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         try:
-            self._connection.rollback()
-            if self._autocommit:
-                self._leave_autocommit()
-            self._connection.close()
+            try:
+                self._connection.rollback()
+            finally:
+                # Even if the rollback failed: the connection must not go back to the
+                # pool in autocommit mode.
+                if self._autocommit:
+                    self._leave_autocommit()
+                self._connection.close()
         except DBAPIError:
             # The connection is already broken; the original error says more.
             if exc is None:
