@@ -227,6 +227,7 @@ def test_an_equal_question_is_answered_from_the_store(world: World) -> None:
     # The cache hit needs one unit of work only (a look-up, then one insert).
     assert world.uow.opened == 3
     assert world.uow.units[-1].autocommit
+    assert world.stored(second.id).source_id == first.id
     assert llm.calls == 1
     assert second.id != first.id
     assert second.status is Status.ANSWERED
