@@ -587,3 +587,30 @@ def test_no_proxy_sends_straight_to_the_server(
     proxy_env.setenv("NO_PROXY", "127.0.0.1")
 
     assert make_llm(max_attempts=1).complete("Straight there?").text == DEFAULT_ANSWER
+
+
+# -- connections --------------------------------------------------------------------------
+
+
+def _pooled_socket(llm: ChatCompletionsLLM, url: str) -> socket.socket:
+    """The socket of the connection the adapter's urllib3 pool keeps for `url`."""
+    owner = llm._client._client._transport if isinstance(llm, OpenAILLM) else llm
+    pool_manager = owner._pool  # type: ignore[union-attr]
+    connection = pool_manager.connection_from_url(url)._get_conn()
+    assert connection.sock is not None, "the ask's connection was not kept for reuse"
+    return connection.sock  # type: ignore[no-any-return]
+
+
+def test_keeps_its_connection_with_tcp_keepalive_on(
+    fake: FakeOpenAI, make_llm: MakeLLM, proxy_env: pytest.MonkeyPatch
+) -> None:
+    # So an idle pooled connection that a NAT or firewall drops silently is kept open
+    # by the probes, or found dead, instead of being found dead by a read timeout.
+    llm = make_llm()
+    llm.complete("Kept?")
+
+    sock = _pooled_socket(llm, fake.base_url)
+
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30

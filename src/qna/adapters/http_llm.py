@@ -27,6 +27,7 @@ from qna.adapters.chat_completions import (
     Reply,
     error_message,
 )
+from qna.adapters.keepalive import SOCKET_OPTIONS
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # As many connections as asks in flight, all kept for reuse.
@@ -131,7 +132,12 @@ def _decode_error(data: bytes) -> object:
 
 
 def _pool_for(scheme: str, host: str) -> urllib3.PoolManager:
-    options: dict[str, Any] = {"num_pools": 4, "maxsize": _POOL_SIZE, "block": False}
+    options: dict[str, Any] = {
+        "num_pools": 4,
+        "maxsize": _POOL_SIZE,
+        "block": False,
+        "socket_options": SOCKET_OPTIONS,
+    }
     proxy = urllib.request.getproxies().get(scheme)
     if proxy and not urllib.request.proxy_bypass(host):
         return urllib3.ProxyManager(proxy, **options)

@@ -26,6 +26,8 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from qna.adapters.keepalive import SOCKET_OPTIONS
+
 
 class Urllib3Transport(httpx2.BaseTransport):
     def __init__(self, *, max_connections: int) -> None:
@@ -36,6 +38,7 @@ class Urllib3Transport(httpx2.BaseTransport):
             maxsize=max_connections,
             block=False,
             ssl_context=httpx2.create_ssl_context(),
+            socket_options=SOCKET_OPTIONS,
         )
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:

@@ -1,0 +1,24 @@
+"""Socket options for the pooled connections to the LLM (both adapters use urllib3)."""
+
+from __future__ import annotations
+
+import socket
+
+from urllib3.connection import HTTPConnection
+
+
+def _keepalive_options() -> list[tuple[int, int, int]]:
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    # Probe after 30 s idle, every 10 s, give up after 3: a NAT or firewall that
+    # forgets idle connections keeps this one, and a peer gone silent is noticed.
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux; other systems keep their defaults
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return options
+
+
+#: urllib3's socket options (TCP_NODELAY) plus TCP keep-alive. httpcore closed
+#: connections idle for 5 s; urllib3 keeps them until the server closes them, so
+#: one that a middlebox dropped without a word would be found dead only by a
+#: request's read timeout. Keep-alive probes keep such a path open, or find it dead.
+SOCKET_OPTIONS = HTTPConnection.default_socket_options + _keepalive_options()
