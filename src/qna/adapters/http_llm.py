@@ -27,11 +27,9 @@ from qna.adapters.chat_completions import (
     Reply,
     error_message,
 )
-from qna.adapters.keepalive import SOCKET_OPTIONS
+from qna.adapters.llm_pool import pool_options
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
-# As many connections as asks in flight, all kept for reuse.
-_POOL_SIZE = 2048
 
 
 class HttpLLM(ChatCompletionsLLM):
@@ -132,12 +130,7 @@ def _decode_error(data: bytes) -> object:
 
 
 def _pool_for(scheme: str, host: str) -> urllib3.PoolManager:
-    options: dict[str, Any] = {
-        "num_pools": 4,
-        "maxsize": _POOL_SIZE,
-        "block": False,
-        "socket_options": SOCKET_OPTIONS,
-    }
+    options = pool_options()
     proxy = urllib.request.getproxies().get(scheme)
     if proxy and not urllib.request.proxy_bypass(host):
         return urllib3.ProxyManager(proxy, **options)

@@ -16,13 +16,12 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from qna.adapters.chat_completions import ChatCompletionsLLM, Failure, Reply, error_message
+from qna.adapters.llm_pool import POOL_SIZE
 from qna.adapters.urllib3_transport import Urllib3Transport
 
 # Servers such as Ollama or vLLM want no key, but the SDK refuses to start without one.
 _PLACEHOLDER_API_KEY = "unused"
-# As many connections as asks in flight, all kept for reuse.
-_POOL_SIZE = 2048
-_POOL_LIMITS = httpx2.Limits(max_connections=None, max_keepalive_connections=_POOL_SIZE)
+_POOL_LIMITS = httpx2.Limits(max_connections=None, max_keepalive_connections=POOL_SIZE)
 
 
 class OpenAILLM(ChatCompletionsLLM):
@@ -77,7 +76,7 @@ def _http_client() -> httpx2.Client:
         # httpx reads proxies from the environment only when it makes the transport
         # itself; so with a proxy configured, it does (its own connection pool).
         return openai.DefaultHttpxClient(limits=_POOL_LIMITS)
-    return openai.DefaultHttpxClient(transport=Urllib3Transport(max_connections=_POOL_SIZE))
+    return openai.DefaultHttpxClient(transport=Urllib3Transport())
 
 
 def _reply(response: object) -> Reply | None:

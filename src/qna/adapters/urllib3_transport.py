@@ -26,19 +26,15 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from qna.adapters.keepalive import SOCKET_OPTIONS
+from qna.adapters.llm_pool import POOL_SIZE, pool_options
 
 
 class Urllib3Transport(httpx2.BaseTransport):
-    def __init__(self, *, max_connections: int) -> None:
+    def __init__(self, *, max_connections: int = POOL_SIZE) -> None:
         # httpx's own TLS settings (its CA bundle, SSL_CERT_FILE...): the SDK trusts
         # the same servers through this transport as through its default one.
         self._pool = urllib3.PoolManager(
-            num_pools=4,
-            maxsize=max_connections,
-            block=False,
-            ssl_context=httpx2.create_ssl_context(),
-            socket_options=SOCKET_OPTIONS,
+            **pool_options(max_connections), ssl_context=httpx2.create_ssl_context()
         )
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:

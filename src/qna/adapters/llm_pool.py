@@ -1,8 +1,9 @@
-"""Socket options for the pooled connections to the LLM (both adapters use urllib3)."""
+"""How both LLM adapters pool their connections: urllib3 pools of one size and options."""
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from urllib3.connection import HTTPConnection
 
@@ -22,3 +23,12 @@ def _keepalive_options() -> list[tuple[int, int, int]]:
 #: one that a middlebox dropped without a word would be found dead only by a
 #: request's read timeout. Keep-alive probes keep such a path open, or find it dead.
 SOCKET_OPTIONS = HTTPConnection.default_socket_options + _keepalive_options()
+
+
+#: As many connections as asks in flight, all kept for reuse.
+POOL_SIZE = 2048
+
+
+def pool_options(maxsize: int = POOL_SIZE) -> dict[str, Any]:
+    """Keyword arguments for a urllib3 PoolManager (or ProxyManager) to the LLM."""
+    return {"num_pools": 4, "maxsize": maxsize, "block": False, "socket_options": SOCKET_OPTIONS}
