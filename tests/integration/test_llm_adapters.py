@@ -556,16 +556,6 @@ def test_the_default_sleep_is_time_sleep_as_it_is_when_called(
 
 # -- proxies ------------------------------------------------------------------------------
 
-_PROXY_VARIABLES = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
-
-
-@pytest.fixture
-def proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in _PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    return monkeypatch
-
 
 def test_goes_through_the_proxy_named_in_http_proxy(
     fake: FakeOpenAI, make_llm: MakeLLM, proxy_env: pytest.MonkeyPatch

@@ -119,10 +119,8 @@ def make_llm(base_url: str, **overrides: object) -> OpenAILLM:
     return OpenAILLM(**options)  # type: ignore[arg-type]
 
 
-def test_the_sdk_sends_through_it_when_no_proxy_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
+@pytest.mark.usefixtures("proxy_env")
+def test_the_sdk_sends_through_it_when_no_proxy_is_set() -> None:
     client = openai_llm._http_client()
     try:
         assert isinstance(client._transport, Urllib3Transport)
