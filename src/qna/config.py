@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     db_connect_timeout_s: float = Field(
         5.0, gt=0, validation_alias=_env("QNA_DB_CONNECT_TIMEOUT_S")
     )
+    # PostgreSQL only; 0 turns it off. Every statement of an ask takes milliseconds.
+    db_statement_timeout_s: float = Field(
+        10.0, ge=0, validation_alias=_env("QNA_DB_STATEMENT_TIMEOUT_S")
+    )
 
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
     openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))

@@ -21,10 +21,17 @@ from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandone
 from qna.config import ConfigurationError, Settings
 
 
-def engine_resource(url: str, pool_size: int, connect_timeout: float) -> Iterator[Engine]:
+def engine_resource(
+    url: str, pool_size: int, connect_timeout: float, statement_timeout: float
+) -> Iterator[Engine]:
     """The engine and its pool, disposed of by `container.shutdown_resources()`."""
     try:
-        engine = create_engine(url, pool_size=pool_size, connect_timeout=connect_timeout)
+        engine = create_engine(
+            url,
+            pool_size=pool_size,
+            connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout or None,
+        )
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ConfigurationError(
             "DATABASE_URL is not a database URL qna can use "
@@ -110,6 +117,7 @@ class Container(containers.DeclarativeContainer):
         url=config.database_url,
         pool_size=config.db_pool_size,
         connect_timeout=config.db_connect_timeout_s,
+        statement_timeout=config.db_statement_timeout_s,
     )
     unit_of_work = providers.Factory(SqlAlchemyUnitOfWork, engine=engine)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,7 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from werkzeug.test import TestResponse
 
+from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
 from qna.config import Settings
@@ -557,6 +560,81 @@ def test_asks_go_on_when_the_database_kills_the_pooled_connections(
 
     assert [r.status_code for r in after] == [201] * 3, after[0].get_data(as_text=True)
     assert len(rows(database_url)) == 4
+
+
+@pytest.mark.postgres
+def test_an_ask_stuck_behind_a_lock_is_told_the_database_is_unavailable(
+    make_app: AppFactory, empty_postgres_url: str, fake_openai: FakeOpenAI
+) -> None:
+    database_url = empty_postgres_url  # its own database: the lock blocks nothing else
+    client = make_app(database_url, db_statement_timeout_s=0.3).test_client()
+    assert ask(client, "Before the lock?").status_code == 201  # migrates, warms the pool
+    locker = create_engine(database_url)
+    try:
+        with locker.connect() as connection, ThreadPoolExecutor(1) as pool:
+            connection.begin()
+            # Held until the rollback: every statement on the table waits for it.
+            connection.execute(text("LOCK TABLE qn_a IN ACCESS EXCLUSIVE MODE"))
+            try:
+                # In a thread, so that without a timeout this fails instead of hanging.
+                stuck = pool.submit(ask, client, "Behind the lock?").result(timeout=30)
+                history = pool.submit(client.get, "/questions").result(timeout=30)
+            finally:
+                connection.rollback()
+        after = ask(client, "After the lock?")
+    finally:
+        locker.dispose()
+
+    error = error_of(stuck, 503, "database_unavailable")
+    assert "statement timeout" in error["message"]
+    error_of(history, 503, "database_unavailable")
+    assert fake_openai.calls == 2  # the stuck ask was not stored, so never asked
+    assert after.status_code == 201, after.get_data(as_text=True)
+    assert sorted(r["question"] for r in rows(database_url)) == [
+        "After the lock?",
+        "Before the lock?",
+    ]
+
+
+@pytest.mark.postgres
+def test_a_migration_may_wait_longer_than_the_statement_timeout(empty_postgres_url: str) -> None:
+    # Another process is migrating: the upgrade waits for its advisory lock, well past
+    # the statement timeout every other statement has.
+    engine = create_engine(empty_postgres_url, statement_timeout=0.2)
+    holder = create_engine(empty_postgres_url)
+    try:
+        with holder.connect() as connection, connection.begin():
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": migrate._MIGRATION_LOCK_KEY}
+            )
+            upgrading = threading.Thread(target=migrate.upgrade, args=(engine,))
+            upgrading.start()
+            upgrading.join(timeout=1.0)
+            assert upgrading.is_alive()  # waiting for the lock, not cancelled
+        upgrading.join(timeout=60)
+        assert migrate.is_at_head(engine)
+        with engine.connect() as connection:  # ordinary statements keep the limit
+            assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "200ms"
+    finally:
+        engine.dispose()
+        holder.dispose()
+
+
+@pytest.mark.postgres
+def test_database_connections_probe_a_silent_server(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            fd = connection.connection.driver_connection.fileno()  # type: ignore[union-attr]
+            sock = socket.socket(fileno=os.dup(fd))
+            try:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                if hasattr(socket, "TCP_KEEPIDLE"):
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+            finally:
+                sock.close()
+    finally:
+        engine.dispose()
 
 
 # -- known bugs, pinned ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import select
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,27 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{path}"
 
 
-def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> Engine:
+# libpq's TCP keep-alive (on by default, but first probing after the kernel's two
+# hours): a query waiting on a server that vanished without closing the connection
+# (host down, network partition) fails after about a minute instead of hanging.
+_TCP_KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    connect_timeout: float = 5.0,
+    statement_timeout: float | None = None,
+) -> Engine:
+    """`statement_timeout` (seconds, PostgreSQL only): the server cancels any statement
+    that runs longer — one stuck behind a lock, say — and the caller gets
+    StorageUnavailable instead of a request that never ends. Migrations are exempt."""
     url = normalise_url(url)
     backend = make_url(url).get_backend_name()
     options: dict[str, Any] = {}
@@ -69,14 +90,30 @@ def create_engine(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0
             # _drop_if_closed_by_server, which costs no round trip.
             pool_pre_ping=False,
             pool_recycle=1800,
-            connect_args={"connect_timeout": max(1, round(connect_timeout))},
+            connect_args={"connect_timeout": max(1, round(connect_timeout)), **_TCP_KEEPALIVE},
         )
     engine = sa_create_engine(url, **options)
     if backend == "sqlite":
         event.listen(engine, "connect", _configure_sqlite)
     else:
         event.listen(engine, "checkout", _drop_if_closed_by_server)
+        if statement_timeout:
+            event.listen(engine, "connect", _statement_timeout_setter(statement_timeout))
     return engine
+
+
+def _statement_timeout_setter(seconds: float) -> Callable[[Any, Any], None]:
+    milliseconds = max(1, round(seconds * 1000))
+
+    def set_statement_timeout(dbapi_connection: Any, _record: Any) -> None:
+        # A SET once per new connection, not libpq's `options` startup parameter:
+        # PgBouncer refuses startup parameters it does not know.
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET statement_timeout = {milliseconds}")
+        cursor.close()
+        dbapi_connection.commit()  # psycopg2 opened a transaction for the SET
+
+    return set_statement_timeout
 
 
 def _drop_if_closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:

@@ -46,6 +46,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def _upgrade(engine: Engine, revision: str) -> None:
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
+            # No statement timeout here: waiting for another process's upgrade, or
+            # building an index over a large table, may rightly take minutes.
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
             # Held until this transaction ends; a second process waits, then finds
             # the schema already at head and does nothing.
             connection.execute(
