@@ -13,7 +13,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from tests.e2e.helpers import error_line, settings_free_environ, stored_rows
-from tests.support.fake_openai import DEFAULT_ANSWER, FakeOpenAI, Status
+from tests.support.fake_openai import DEFAULT_ANSWER, Delay, FakeOpenAI, Status
 
 pytestmark = pytest.mark.slow
 
@@ -233,3 +233,66 @@ def test_help_and_version_exit_0_with_no_settings(args: tuple[str, ...], tmp_pat
     assert completed.returncode == 0
     assert completed.stdout.strip()
     assert completed.stderr == ""
+
+
+def run_with_terminal_stderr(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run qna with stderr on a pseudo-terminal (as a person at a shell sees it) and
+    stdout on a pipe; returns the exit code, stdout and everything the terminal got."""
+    import os
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*qna_command(), *args], env=env, stdout=subprocess.PIPE, stderr=terminal
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed its end of the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert process.stdout is not None
+    stdout = process.stdout.read().decode()
+    process.stdout.close()
+    return process.wait(timeout=60), stdout, shown.decode()
+
+
+CLEAR_LINE = "\r\x1b[K"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_a_spinner_shows_on_a_terminal_while_waiting_and_is_wiped(
+    fake_openai: FakeOpenAI, db_env: dict[str, str]
+) -> None:
+    fake_openai.latency = 0.5  # long enough for several frames
+
+    code, stdout, shown = run_with_terminal_stderr("ask", QUESTION, env=db_env)
+
+    assert code == 0, shown
+    assert stdout == DEFAULT_ANSWER + "\n"  # the answer alone: no frame reaches stdout
+    frames = [part for part in shown.split("\r") if part.strip() and part != "\x1b[K"]
+    assert len(frames) >= 2, shown
+    assert all(frame[0] in "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏" for frame in frames), shown
+    assert shown.endswith(CLEAR_LINE), shown  # the line is left blank
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_an_error_on_a_terminal_is_one_clean_line_after_the_spinner(
+    fake_openai: FakeOpenAI, db_env: dict[str, str]
+) -> None:
+    fake_openai.script(Delay(5))  # longer than the request may take
+
+    code, stdout, shown = run_with_terminal_stderr(
+        "ask", QUESTION, env={**db_env, "QNA_LLM_MAX_ATTEMPTS": "1", "QNA_LLM_TIMEOUT_S": "0.5"}
+    )
+
+    assert code == 9  # the LLM timed out
+    assert stdout == ""
+    assert CLEAR_LINE in shown, shown
+    # What stays on the screen once the spinner has wiped its line: the error alone.
+    error_line(shown.rsplit(CLEAR_LINE, 1)[1].replace("\r\n", "\n"))
