@@ -38,11 +38,16 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("QNA_DB_POOL_SIZE"))
     db_connect_timeout_s: float = Field(
-        5.0, gt=0, validation_alias=_env("QNA_DB_CONNECT_TIMEOUT_S")
+        5.0, gt=0, allow_inf_nan=False, validation_alias=_env("QNA_DB_CONNECT_TIMEOUT_S")
     )
     # PostgreSQL only; 0 turns it off. Every statement of an ask takes milliseconds.
     db_statement_timeout_s: float = Field(
-        10.0, ge=0, validation_alias=_env("QNA_DB_STATEMENT_TIMEOUT_S")
+        # PostgreSQL's own upper bound is 2147483647 ms.
+        10.0,
+        ge=0,
+        le=2_147_483,
+        allow_inf_nan=False,
+        validation_alias=_env("QNA_DB_STATEMENT_TIMEOUT_S"),
     )
 
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))

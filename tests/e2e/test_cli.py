@@ -430,6 +430,10 @@ def test_no_api_key_and_no_base_url_exits_3_naming_the_key(
         ("QNA_LLM_TIMEOUT_S", "-1"),
         ("QNA_MAX_QUESTION_LENGTH", "0"),
         ("QNA_DB_POOL_SIZE", "lots"),
+        ("QNA_DB_CONNECT_TIMEOUT_S", "inf"),
+        ("QNA_DB_STATEMENT_TIMEOUT_S", "-1"),
+        ("QNA_DB_STATEMENT_TIMEOUT_S", "nan"),
+        ("QNA_DB_STATEMENT_TIMEOUT_S", "3000000"),  # past PostgreSQL's limit
         ("QNA_LLM_CLIENT", "curl"),
     ],
 )

@@ -46,14 +46,17 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{path}"
 
 
-# libpq's TCP keep-alive (on by default, but first probing after the kernel's two
-# hours): a query waiting on a server that vanished without closing the connection
-# (host down, network partition) fails after about a minute instead of hanging.
+# A query waiting on a server that vanished without closing the connection (host
+# down, network partition) fails in about a minute instead of hanging: libpq's TCP
+# keep-alive probes after 30 s of silence (the kernel's default waits two hours), and
+# a request the server never acknowledges is dropped after 60 s (TCP_USER_TIMEOUT;
+# retransmissions would otherwise go on for some fifteen minutes).
 _TCP_KEEPALIVE = {
     "keepalives": 1,
     "keepalives_idle": 30,
     "keepalives_interval": 10,
     "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
 }
 
 

@@ -113,7 +113,7 @@ def migrate_before_serving(settings: Settings) -> None:
         if closed:
             log.warning("marked %d abandoned pending asks as failed", closed)
     except StorageUnavailable as exc:
-        log.warning("not migrated at start: %s", exc.message)
+        log.warning("database not ready at start (migrations, abandoned asks): %s", exc.message)
     finally:
         shutdown(container)
 
