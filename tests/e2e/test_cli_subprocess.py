@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -238,28 +243,46 @@ def test_help_and_version_exit_0_with_no_settings(args: tuple[str, ...], tmp_pat
 def run_with_terminal_stderr(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     """Run qna with stderr on a pseudo-terminal (as a person at a shell sees it) and
     stdout on a pipe; returns the exit code, stdout and everything the terminal got."""
-    import os
-    import pty
-
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [*qna_command(), *args], env=env, stdout=subprocess.PIPE, stderr=terminal
-    )
-    os.close(terminal)
+    try:
+        with tempfile.TemporaryFile() as stdout_file:
+            process = subprocess.Popen(
+                [*qna_command(), *args], env=env, stdout=stdout_file, stderr=terminal
+            )
+            os.close(terminal)
+            terminal = -1
+            try:
+                shown = _read_until_closed(controller, deadline=time.monotonic() + 60)
+                code = process.wait(timeout=10)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            stdout_file.seek(0)
+            stdout = stdout_file.read().decode()
+    finally:
+        os.close(controller)
+        if terminal != -1:
+            os.close(terminal)
+    assert "Traceback" not in shown
+    return code, stdout, shown
+
+
+def _read_until_closed(fd: int, *, deadline: float) -> str:
+    """Everything written to the terminal until the process closes it (EIO on Linux)."""
     shown = b""
     while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"qna still running; the terminal shows {shown!r}"
+        if not select.select([fd], [], [], remaining)[0]:
+            continue
         try:
-            chunk = os.read(controller, 4096)
-        except OSError:  # EIO: the process closed its end of the terminal
-            break
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: every holder of the terminal's other end closed it
+            return shown.decode()
         if not chunk:
-            break
+            return shown.decode()
         shown += chunk
-    os.close(controller)
-    assert process.stdout is not None
-    stdout = process.stdout.read().decode()
-    process.stdout.close()
-    return process.wait(timeout=60), stdout, shown.decode()
 
 
 CLEAR_LINE = "\r\x1b[K"
