@@ -289,7 +289,13 @@ class FakeUnitOfWorkFactory:
         self.max_open = 0
         #: `open_count` at each call of a watched LLM.
         self.open_during_llm_calls: list[int] = []
+        self._failures: list[BaseException] = []
         self.seed(*records)
+
+    def fail_next(self, error: BaseException, *, times: int = 1) -> None:
+        """The next `times` units of work raise `error` as they start, as a database that
+        is down (or a statement cancelled) makes a real one do."""
+        self._failures.extend([error] * times)
 
     def __call__(self, *, autocommit: bool = False) -> FakeUnitOfWork:
         uow = FakeUnitOfWork(
@@ -323,6 +329,8 @@ class FakeUnitOfWorkFactory:
         llm.on_call = on_call
 
     def _entered(self) -> None:
+        if self._failures:
+            raise self._failures.pop(0)
         self.open_count += 1
         self.max_open = max(self.max_open, self.open_count)
 

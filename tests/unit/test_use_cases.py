@@ -22,10 +22,11 @@ from qna.domain import (
     QnA,
     Status,
 )
-from qna.domain.errors import LLM_ERRORS
+from qna.domain.errors import LLM_ERRORS, StorageUnavailable
 from tests.fakes import START, FakeClock, FakeLLM, FakeTimer, FakeUnitOfWorkFactory
 
 TTL = timedelta(hours=1)
+DATABASE_DOWN = StorageUnavailable("The database is unavailable: connection refused")
 
 
 class World:
@@ -129,6 +130,27 @@ def test_the_answer_is_stored_as_a_single_record(world: World) -> None:
     qna = world.ask(FakeLLM())("One record please")
 
     assert [r.id for r in world.uow.committed_records()] == [qna.id]
+
+
+def test_an_outcome_the_database_refuses_once_is_saved_by_a_second_try(world: World) -> None:
+    llm = FakeLLM("Forty-two.", on_call=lambda _q: world.uow.fail_next(DATABASE_DOWN))
+
+    qna = world.ask(llm)("Saved after all?")
+
+    assert llm.questions == ["Saved after all?"]  # asked once, not again
+    assert world.stored(qna.id).status is Status.ANSWERED
+    assert world.stored(qna.id).answer == "Forty-two."
+
+
+def test_an_outcome_the_database_refuses_twice_leaves_the_record_pending(world: World) -> None:
+    llm = FakeLLM(on_call=lambda _q: world.uow.fail_next(DATABASE_DOWN, times=2))
+
+    with pytest.raises(StorageUnavailable):
+        world.ask(llm)("Lost?")
+
+    [record] = world.uow.committed_records()
+    assert record.status is Status.PENDING  # closed as abandoned later, like a crash
+    assert len(llm.questions) == 1
 
 
 def test_completion_from_a_script_is_returned_verbatim(world: World) -> None:

@@ -26,6 +26,7 @@ from qna.domain.errors import (
     LLMError,
     NotFound,
     QnAError,
+    StorageUnavailable,
 )
 from qna.domain.model import (
     DEFAULT_MAX_QUESTION_LENGTH,
@@ -212,6 +213,14 @@ class AskQuestion:
         )
 
     def _save(self, qna: QnA) -> None:
+        try:
+            self._save_once(qna)
+        except StorageUnavailable:
+            # The LLM has been paid for: one more try, on another connection, before
+            # the outcome is lost (a connection dropped, a statement cancelled).
+            self._save_once(qna)
+
+    def _save_once(self, qna: QnA) -> None:
         with self._uow(autocommit=True) as uow:
             uow.qnas.save(qna)
 
