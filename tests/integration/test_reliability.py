@@ -34,7 +34,7 @@ from qna.container import Container, create_container, shutdown, warm_up
 from qna.domain.errors import InvalidQuestion
 from qna.domain.model import QnA, parse_question
 from tests.integration.conftest import MAX_QUESTION_LENGTH, AppFactory
-from tests.support.fake_openai import Delay, Drop, FakeOpenAI, Raw, Status
+from tests.support.fake_openai import Delay, Drop, FakeOpenAI, Raw, Reply, Status
 from tests.support.pg_cluster import PgCluster, throwaway_cluster
 
 QUESTION = "What is the capital of France?"
@@ -560,6 +560,27 @@ def test_asks_go_on_when_the_database_kills_the_pooled_connections(
 
     assert [r.status_code for r in after] == [201] * 3, after[0].get_data(as_text=True)
     assert len(rows(database_url)) == 4
+
+
+def test_an_answer_past_what_the_database_holds_is_stored_not_lost(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    # NUL cannot be in PostgreSQL text; the model column holds 200 characters; token
+    # counts are 32-bit. The LLM has answered: store the answer, not a 500.
+    fake_openai.script(
+        Reply(text="Paris\x00.", model="m" * 300, prompt_tokens=2**31, completion_tokens=-1)
+    )
+
+    response = ask(client)
+
+    assert response.status_code == 201, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["answer"] == "Paris\ufffd."
+    assert body["response_model"] == "m" * 200
+    assert (body["prompt_tokens"], body["completion_tokens"]) == (None, None)
+    stored = client.get(f"/questions/{body['id']}").get_json()
+    assert stored == body
+    assert row_by_id(database_url, body["id"])["status"] == "answered"
 
 
 @pytest.mark.postgres

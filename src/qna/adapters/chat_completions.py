@@ -28,6 +28,7 @@ from qna.domain.errors import (
     LLMTimeout,
     LLMUnavailable,
 )
+from qna.domain.model import MAX_MODEL_LENGTH, MAX_TOKEN_COUNT
 
 # Provider messages can carry whole request echoes; an error message needs the gist.
 _DETAIL_LIMIT = 300
@@ -222,9 +223,12 @@ class ChatCompletionsLLM(ABC):
                 raise bad(f"declined to answer: {_truncate(refusal)}")
             raise bad("answered with an empty message")
         model = reply.model
+        # Made storable, not refused: the answer has been paid for. PostgreSQL's text
+        # cannot hold NUL (SQLite's can: both keep the same text this way), and a
+        # provider's model name or token counts past what the columns hold are noise.
         return Completion(
-            text=content,
-            model=model if isinstance(model, str) and model else self._model,
+            text=content.replace("\x00", "\ufffd"),
+            model=model[:MAX_MODEL_LENGTH] if isinstance(model, str) and model else self._model,
             prompt_tokens=_count(reply.prompt_tokens),
             completion_tokens=_count(reply.completion_tokens),
         )
@@ -302,7 +306,9 @@ def _truncate(text: str) -> str:
 
 
 def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    return None  # not a count, or not one we could store: unknown
 
 
 def _sleep(seconds: float) -> None:

@@ -11,6 +11,10 @@ from uuid import UUID, uuid4
 from qna.domain.errors import InvalidQuestion, LLMError
 
 DEFAULT_MAX_QUESTION_LENGTH = 4000
+# Model names as stored (the one asked for and the one that answered).
+MAX_MODEL_LENGTH = 200
+# Token counts as stored: a 32-bit signed integer column.
+MAX_TOKEN_COUNT = 2**31 - 1
 
 # Newline and tab are how people format questions; every other control character
 # (NUL above all) is a sign of a broken or hostile client.

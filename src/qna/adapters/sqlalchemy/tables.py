@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
-from qna.domain.model import QnA, Status, normalise_for_cache
+from qna.domain.model import MAX_MODEL_LENGTH, QnA, Status, normalise_for_cache
 
 # Alembic's documented naming convention, so every constraint has a predictable name
 # that later migrations can drop or alter on PostgreSQL and SQLite alike.
@@ -83,8 +83,8 @@ qn_a = Table(
     Column("question", Text, nullable=False),
     Column("question_key", String(64), nullable=False),
     Column("answer", Text),
-    Column("model", String(200), nullable=False),
-    Column("response_model", String(200)),
+    Column("model", String(MAX_MODEL_LENGTH), nullable=False),
+    Column("response_model", String(MAX_MODEL_LENGTH)),
     Column("status", String(16), nullable=False),
     Column("error_kind", String(64)),
     Column("error_message", Text),
