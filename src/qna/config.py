@@ -13,7 +13,14 @@ import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from qna.domain.model import MAX_MODEL_LENGTH
+
 DEFAULT_MODEL = "gpt-5-mini"
+# Upper bounds for durations, in seconds: past them a setting is a typo, and the
+# dates and timers built from it would overflow.
+_DAY = 86_400
+_TEN_YEARS = 10 * 365 * _DAY
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def default_database_path() -> Path:
@@ -52,28 +59,54 @@ class Settings(BaseSettings):
 
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
     openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
-    model: str = Field(DEFAULT_MODEL, min_length=1, validation_alias=_env("QNA_MODEL"))
+    model: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        max_length=MAX_MODEL_LENGTH,
+        validation_alias=_env("QNA_MODEL"),
+    )
     llm_client: Literal["openai", "http"] = Field("openai", validation_alias=_env("QNA_LLM_CLIENT"))
     llm_connect_timeout_s: float = Field(
-        5.0, gt=0, validation_alias=_env("QNA_LLM_CONNECT_TIMEOUT_S")
+        5.0, gt=0, le=_DAY, allow_inf_nan=False, validation_alias=_env("QNA_LLM_CONNECT_TIMEOUT_S")
     )
-    llm_timeout_s: float = Field(60.0, gt=0, validation_alias=_env("QNA_LLM_TIMEOUT_S"))
-    llm_deadline_s: float = Field(120.0, gt=0, validation_alias=_env("QNA_LLM_DEADLINE_S"))
+    llm_timeout_s: float = Field(
+        60.0, gt=0, le=_DAY, allow_inf_nan=False, validation_alias=_env("QNA_LLM_TIMEOUT_S")
+    )
+    llm_deadline_s: float = Field(
+        120.0, gt=0, le=_DAY, allow_inf_nan=False, validation_alias=_env("QNA_LLM_DEADLINE_S")
+    )
     llm_max_attempts: int = Field(4, ge=1, le=20, validation_alias=_env("QNA_LLM_MAX_ATTEMPTS"))
 
     max_question_length: int = Field(
         4000, ge=1, le=1_000_000, validation_alias=_env("QNA_MAX_QUESTION_LENGTH")
     )
-    cache_ttl_s: float = Field(0.0, ge=0, validation_alias=_env("QNA_CACHE_TTL"))
+    cache_ttl_s: float = Field(
+        0.0, ge=0, le=_TEN_YEARS, allow_inf_nan=False, validation_alias=_env("QNA_CACHE_TTL")
+    )
 
-    idempotency_ttl_s: float = Field(86400.0, gt=0, validation_alias=_env("QNA_IDEMPOTENCY_TTL_S"))
-    idempotency_wait_s: float = Field(30.0, ge=0, validation_alias=_env("QNA_IDEMPOTENCY_WAIT_S"))
+    idempotency_ttl_s: float = Field(
+        86400.0,
+        gt=0,
+        le=_TEN_YEARS,
+        allow_inf_nan=False,
+        validation_alias=_env("QNA_IDEMPOTENCY_TTL_S"),
+    )
+    idempotency_wait_s: float = Field(
+        30.0, ge=0, le=_DAY, allow_inf_nan=False, validation_alias=_env("QNA_IDEMPOTENCY_WAIT_S")
+    )
 
     max_body_bytes: int = Field(65536, ge=1024, validation_alias=_env("QNA_MAX_BODY_BYTES"))
     api_tokens: SecretStr | None = Field(None, validation_alias=_env("QNA_API_TOKENS"))
     rate_limit: str = Field("", validation_alias=_env("QNA_RATE_LIMIT"))
     rate_limit_storage: str = Field("memory://", validation_alias=_env("QNA_RATE_LIMIT_STORAGE"))
     log_level: str = Field("INFO", validation_alias=_env("QNA_LOG_LEVEL"))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_log_level(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().upper() in _LOG_LEVELS:
+            return value.strip().upper()
+        raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
 
     @field_validator("database_url", "openai_base_url", mode="before")
     @classmethod

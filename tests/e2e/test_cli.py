@@ -434,6 +434,13 @@ def test_no_api_key_and_no_base_url_exits_3_naming_the_key(
         ("QNA_DB_STATEMENT_TIMEOUT_S", "-1"),
         ("QNA_DB_STATEMENT_TIMEOUT_S", "nan"),
         ("QNA_DB_STATEMENT_TIMEOUT_S", "3000000"),  # past PostgreSQL's limit
+        ("QNA_CACHE_TTL", "inf"),
+        ("QNA_CACHE_TTL", "1e12"),  # dates that far back do not exist
+        ("QNA_IDEMPOTENCY_TTL_S", "1e11"),
+        ("QNA_IDEMPOTENCY_WAIT_S", "inf"),
+        ("QNA_LLM_DEADLINE_S", "1e15"),
+        ("QNA_LOG_LEVEL", "LOUD"),
+        ("QNA_MODEL", "m" * 201),  # longer than the stored column
         ("QNA_LLM_CLIENT", "curl"),
     ],
 )
