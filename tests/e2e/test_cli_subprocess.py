@@ -319,3 +319,24 @@ def test_an_error_on_a_terminal_is_one_clean_line_after_the_spinner(
     assert CLEAR_LINE in shown, shown
     # What stays on the screen once the spinner has wiped its line: the error alone.
     error_line(shown.rsplit(CLEAR_LINE, 1)[1].replace("\r\n", "\n"))
+
+
+def test_a_reader_that_goes_away_ends_qna_quietly(
+    fake_openai: FakeOpenAI, db_env: dict[str, str], database_url: str
+) -> None:
+    # Like `qna ask ... | head -c0`: the pipe's reader is gone before qna writes.
+    process = subprocess.Popen(
+        [*qna_command(), "ask", QUESTION],
+        env=db_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+
+    assert process.wait(timeout=60) == 141, stderr
+    assert stderr == ""
+    [row] = stored_rows(database_url)
+    assert row["status"] == "answered"  # the answer is kept all the same

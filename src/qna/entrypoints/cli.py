@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -55,6 +56,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# As a shell reports a process that SIGPIPE ended (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def exit_code_for(error: Exception) -> int:
     for cls, code in EXIT_CODES:
         if isinstance(error, cls):
@@ -85,6 +90,11 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
             fail(f"{exc}{suffix}", exit_code_for(exc))
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except BrokenPipeError:
+            # The reader went away (`qna history | head -1`): nothing to tell anyone.
+            # Point stdout at /dev/null so the interpreter's last flush stays quiet.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
         except Exception as exc:
             fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
         raise AssertionError("unreachable")
