@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from flask import Flask
@@ -273,6 +273,19 @@ def test_tokens_guard_the_api_but_not_the_probes_and_never_leak(
 
 
 # -- rate limit -----------------------------------------------------------------------------------
+
+
+def test_without_a_token_it_is_401_even_while_the_database_is_down(
+    make_app: AppFactory, fake_openai: FakeOpenAI
+) -> None:
+    down = "postgresql://qna:qna@127.0.0.1:1/qna"  # nothing listens on port 1
+    client = make_app(down, api_tokens=TOKENS[0], db_connect_timeout_s=1).test_client()
+    bearer = {"Authorization": f"Bearer {TOKENS[0]}"}
+
+    for response in (ask(client), client.get("/questions"), client.get(f"/questions/{uuid4()}")):
+        error_of(response, 401, "unauthorized")
+    error_of(client.get("/questions", headers=bearer), 503, "database_unavailable")
+    assert fake_openai.calls == 0
 
 
 def test_the_fourth_request_in_a_minute_is_429_and_not_asked(

@@ -43,12 +43,13 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     app.register_blueprint(views.bp)
     register_error_handlers(app)
     _install_request_log(app)
-    _install_schema_guard(app, container)
-    # Authentication runs before rate limiting: a request without a valid token is
-    # turned away before it costs anything.
+    # Authentication runs first, then rate limiting, then anything that touches the
+    # database: a request without a valid token is turned away before it costs
+    # anything, and is told 401 even while the database is down.
     tokens: list[str] = container.config.api_tokens() or []
     install_auth(app, tokens)
     install_rate_limit(app, container.config.rate_limit(), container.config.rate_limit_storage())
+    _install_schema_guard(app, container)
     return app
 
 
