@@ -108,6 +108,20 @@ class Settings(BaseSettings):
             return value.strip().upper()
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
 
+    @field_validator("rate_limit")
+    @classmethod
+    def _parsable_rate_limit(cls, value: str) -> str:
+        if value.strip():
+            from limits import parse_many  # flask-limiter's own parser; imported late
+
+            try:
+                parse_many(value)
+            except ValueError:
+                raise ValueError(
+                    'not a rate limit such as "60/minute" or "10 per second; 1000/day"'
+                ) from None
+        return value
+
     @field_validator("database_url", "openai_base_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

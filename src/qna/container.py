@@ -32,7 +32,9 @@ def engine_resource(
             connect_timeout=connect_timeout,
             statement_timeout=statement_timeout or None,
         )
-    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+    # ImportError: a dialect SQLAlchemy knows but whose driver qna does not ship
+    # (mysql://, for one).
+    except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
         raise ConfigurationError(
             "DATABASE_URL is not a database URL qna can use "
             "(expected postgresql://… or sqlite:///…)."

@@ -441,6 +441,7 @@ def test_no_api_key_and_no_base_url_exits_3_naming_the_key(
         ("QNA_LLM_DEADLINE_S", "1e15"),
         ("QNA_LOG_LEVEL", "LOUD"),
         ("QNA_MODEL", "m" * 201),  # longer than the stored column
+        ("QNA_RATE_LIMIT", "abc"),
         ("QNA_LLM_CLIENT", "curl"),
     ],
 )
@@ -456,11 +457,12 @@ def test_an_invalid_setting_exits_3_naming_it(
     assert fake.calls == 0
 
 
+@pytest.mark.parametrize("url", ["not a url", "mysql://u:p@127.0.0.1/qna"])
 def test_a_database_url_that_is_not_one_exits_3(
-    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, url: str
 ) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
-    monkeypatch.setenv("DATABASE_URL", "not a url")
+    monkeypatch.setenv("DATABASE_URL", url)
 
     result = qna("ask", QUESTION)
 
