@@ -30,7 +30,7 @@ def engine_resource(
             url,
             pool_size=pool_size,
             connect_timeout=connect_timeout,
-            statement_timeout=statement_timeout or None,
+            statement_timeout=statement_timeout,
         )
     # ImportError: a dialect SQLAlchemy knows but whose driver qna does not ship
     # (mysql://, for one).

@@ -69,7 +69,8 @@ def create_engine(
 ) -> Engine:
     """`statement_timeout` (seconds, PostgreSQL only): the server cancels any statement
     that runs longer — one stuck behind a lock, say — and the caller gets
-    StorageUnavailable instead of a request that never ends. Migrations are exempt."""
+    StorageUnavailable instead of a request that never ends; None or 0: no limit.
+    Migrations are exempt."""
     url = normalise_url(url)
     backend = make_url(url).get_backend_name()
     options: dict[str, Any] = {}
