@@ -14,7 +14,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from qna.adapters.chat_completions import ChatCompletionsLLM
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine
-from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
+from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork, write_batches_for
 from qna.adapters.structured_logging import configure_logging
 from qna.application.ports import LLM
 from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandoned
@@ -121,7 +121,9 @@ class Container(containers.DeclarativeContainer):
         connect_timeout=config.db_connect_timeout_s,
         statement_timeout=config.db_statement_timeout_s,
     )
-    unit_of_work = providers.Factory(SqlAlchemyUnitOfWork, engine=engine)
+    #: Concurrent asks' writes, shared per process (adapters/sqlalchemy/batching.py).
+    write_batches = providers.Singleton(write_batches_for, engine)
+    unit_of_work = providers.Factory(SqlAlchemyUnitOfWork, engine=engine, batches=write_batches)
 
     llm = providers.Resource(
         llm_resource,

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import IntegrityError
 
-from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
+from qna.adapters.sqlalchemy.batching import StatementBatcher
+from qna.adapters.sqlalchemy.database import create_engine
+from qna.adapters.sqlalchemy.repository import (
+    SqlAlchemyUnitOfWork,
+    WriteBatches,
+    write_batches_for,
+)
 from qna.application.ports import PageKey
 from qna.domain.errors import LLMTimeout
 from qna.domain.model import QnA, Status, normalise_for_cache
@@ -258,3 +269,145 @@ def test_a_connection_used_in_autocommit_is_transactional_again_for_the_next_uni
             # Not committed: leaving the block must roll it back.
         assert visible_elsewhere(engine, kept)
         assert not visible_elsewhere(engine, lost)
+
+
+# -- writes that concurrent asks share (batching.py; PostgreSQL only) ---------------------
+
+
+@pytest.fixture
+def pg_engine(postgres_url: str) -> Iterator[Engine]:
+    engine = create_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM qn_a"))
+    yield engine
+    engine.dispose()
+
+
+def test_only_postgresql_shares_statements(engine: Engine) -> None:
+    # sqlite3's executemany commits row by row in autocommit mode: a batch that
+    # failed halfway could not be retried row by row.
+    batches = write_batches_for(engine)
+    assert (batches is not None) == (engine.dialect.name == "postgresql")
+
+
+class Writes:
+    """Counts the INSERTs and UPDATEs of qn_a and the connections checked out; can
+    hold the first such statement until the rows behind it have queued."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.statements: list[tuple[str, bool]] = []
+        self.checkouts = 0
+        self._held = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        event.listen(engine, "before_cursor_execute", self._before_execute)
+        event.listen(engine, "checkout", self._checked_out)
+
+    def _before_execute(self, *args: Any) -> None:
+        statement, executemany = args[2], args[5]
+        if statement.startswith(("INSERT INTO qn_a", "UPDATE qn_a")):
+            self.statements.append((statement.split()[0], executemany))
+            self._held.set()
+            assert self._go.wait(10)
+
+    def _checked_out(self, *_args: Any) -> None:
+        self.checkouts += 1
+
+    def run_behind_first(
+        self, batcher: StatementBatcher, write: Callable[[QnA], None], records: list[QnA]
+    ) -> dict[str, BaseException]:
+        """Write records[0], and records[1:] while its statement runs; each write's
+        error by question."""
+        errors: dict[str, BaseException] = {}
+
+        def run(qna: QnA) -> None:
+            try:
+                write(qna)
+            except BaseException as exc:
+                errors[qna.question] = exc
+
+        self._held.clear()
+        self._go.clear()
+        threads = [threading.Thread(target=run, args=(records[0],))]
+        threads[0].start()
+        assert self._held.wait(10)
+        threads += [threading.Thread(target=run, args=(qna,)) for qna in records[1:]]
+        for thread in threads[1:]:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while batcher.queued < len(records) - 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        self._go.set()
+        for thread in threads:
+            thread.join(10)
+        return errors
+
+
+def add_with(engine: Engine, batches: WriteBatches) -> Callable[[QnA], None]:
+    def add(qna: QnA) -> None:
+        with SqlAlchemyUnitOfWork(engine, autocommit=True, batches=batches) as uow:
+            uow.qnas.add(qna)
+
+    return add
+
+
+def test_concurrent_asks_share_their_inserts_and_updates_and_each_lands(pg_engine: Engine) -> None:
+    batches, writes = WriteBatches(), Writes(pg_engine)
+    records = [QnA.ask(f"Shared {n}?", model="m", now=T0) for n in range(6)]
+
+    errors = writes.run_behind_first(batches.insert, add_with(pg_engine, batches), records)
+    assert errors == {}
+    assert writes.statements == [("INSERT", False), ("INSERT", True)]
+    # A caller whose row another ran checked out no connection.
+    assert writes.checkouts == 2
+
+    def save(qna: QnA) -> None:
+        qna.record_answer(
+            answer=f"A to {qna.question}",
+            model="m2",
+            prompt_tokens=1,
+            completion_tokens=2,
+            latency_ms=3,
+            now=T0,
+        )
+        with SqlAlchemyUnitOfWork(pg_engine, autocommit=True, batches=batches) as uow:
+            uow.qnas.save(qna)
+
+    writes.statements.clear()
+    assert writes.run_behind_first(batches.save_outcome, save, records) == {}
+    assert writes.statements == [("UPDATE", False), ("UPDATE", True)]
+
+    with SqlAlchemyUnitOfWork(pg_engine) as uow:
+        stored = [uow.qnas.get(qna.id) for qna in records]
+    assert [(s.status, s.answer, s.response_model) for s in stored if s is not None] == [
+        (Status.ANSWERED, f"A to {qna.question}", "m2") for qna in records
+    ]
+
+
+def test_a_row_that_breaks_a_constraint_fails_only_its_own_ask(pg_engine: Engine) -> None:
+    batches, writes = WriteBatches(), Writes(pg_engine)
+    taken = QnA.ask("Already here?", model="m", now=T0)
+    add_with(pg_engine, batches)(taken)
+    records = [QnA.ask(f"Fine {n}?", model="m", now=T0) for n in range(4)]
+    clash = QnA.ask("Same id?", model="m", now=T0)
+    clash.id = taken.id
+    records.insert(2, clash)
+
+    errors = writes.run_behind_first(batches.insert, add_with(pg_engine, batches), records)
+
+    assert list(errors) == ["Same id?"] and isinstance(errors["Same id?"], IntegrityError)
+    assert all(visible_elsewhere(pg_engine, qna) for qna in records if qna is not clash)
+    with SqlAlchemyUnitOfWork(pg_engine) as uow:
+        kept = uow.qnas.get(taken.id)
+    assert kept is not None and kept.question == "Already here?"
+
+
+def test_a_record_with_an_idempotency_key_is_inserted_alone(pg_engine: Engine) -> None:
+    batches, writes = WriteBatches(), Writes(pg_engine)
+    keyed = QnA.ask("Keyed?", model="m", now=T0)
+    keyed.idempotency_key = "k-1"
+    add_with(pg_engine, batches)(keyed)
+    assert batches.insert.queued == 0
+    assert writes.statements == [("INSERT", False)]
+    assert visible_elsewhere(pg_engine, keyed)

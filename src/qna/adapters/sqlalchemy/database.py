@@ -94,6 +94,10 @@ def create_engine(
             # _drop_if_closed_by_server, which costs no round trip.
             pool_pre_ping=False,
             pool_recycle=1800,
+            # Several asks' outcome UPDATEs (batching.py) in one round trip, as
+            # psycopg2's execute_batch sends them; several INSERTs are one multi-row
+            # INSERT in any mode.
+            executemany_mode="values_plus_batch",
             connect_args={"connect_timeout": max(1, round(connect_timeout)), **_TCP_KEEPALIVE},
         )
     engine = sa_create_engine(url, **options)

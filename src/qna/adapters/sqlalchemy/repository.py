@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -11,6 +12,7 @@ from uuid import UUID
 from sqlalchemy import Connection, Engine, Select, and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from qna.adapters.sqlalchemy.batching import StatementBatcher
 from qna.adapters.sqlalchemy.database import (
     UNAVAILABLE_ERRORS,
     set_driver_autocommit,
@@ -73,13 +75,43 @@ def _outcome_values(qna: QnA) -> dict[str, Any]:
     return values
 
 
+@dataclass(frozen=True)
+class WriteBatches:
+    """The statements concurrent asks share (see batching.py); one set per engine."""
+
+    insert: StatementBatcher = field(default_factory=lambda: StatementBatcher(_INSERT))
+    save_outcome: StatementBatcher = field(default_factory=lambda: StatementBatcher(_SAVE_OUTCOME))
+
+
+def write_batches_for(engine: Engine) -> WriteBatches | None:
+    """Batches for PostgreSQL, where a shared statement is all or nothing: a multi-row
+    INSERT is one statement, and psycopg2 sends the UPDATEs as one query string, which
+    the server runs as one transaction. sqlite3 runs an executemany row by row, each
+    committing on its own in autocommit mode; the embedded store writes alone."""
+    return WriteBatches() if engine.dialect.name == "postgresql" else None
+
+
 class SqlAlchemyQnARepository:
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
+    """`connect` gives the unit of work's connection, checking it out on first use.
+
+    With `batches` (autocommit units of work only), a new record and a saved outcome
+    may go to the database in one statement with other asks' (batching.py).
+    """
+
+    def __init__(
+        self, connect: Callable[[], Connection], batches: WriteBatches | None = None
+    ) -> None:
+        self._connection = connect
+        self._batches = batches
 
     def add(self, qna: QnA) -> None:
+        if self._batches is not None and qna.idempotency_key is None:
+            # A record with a key is inserted alone: its unique constraint decides
+            # between racing requests, and a conflict must fail only this ask.
+            self._batches.insert.execute(self._connection, row_values(qna))
+            return
         try:
-            self._connection.execute(_INSERT, row_values(qna))
+            self._connection().execute(_INSERT, row_values(qna))
         except IntegrityError as exc:
             # Both PostgreSQL and SQLite name the constraint or column in the message.
             if qna.idempotency_key is not None and "idempotency_key" in str(exc.orig):
@@ -87,10 +119,13 @@ class SqlAlchemyQnARepository:
             raise
 
     def save(self, qna: QnA) -> None:
-        self._connection.execute(_SAVE_OUTCOME, _outcome_values(qna))
+        if self._batches is not None:
+            self._batches.save_outcome.execute(self._connection, _outcome_values(qna))
+            return
+        self._connection().execute(_SAVE_OUTCOME, _outcome_values(qna))
 
     def close_pending(self, qna: QnA) -> bool:
-        result = self._connection.execute(_CLOSE_PENDING, _outcome_values(qna))
+        result = self._connection().execute(_CLOSE_PENDING, _outcome_values(qna))
         return result.rowcount == 1
 
     def get(self, qna_id: UUID) -> QnA | None:
@@ -105,7 +140,7 @@ class SqlAlchemyQnARepository:
                     and_(qn_a.c.created_at == before.created_at, qn_a.c.id < before.id),
                 )
             )
-        return [to_domain(row) for row in self._connection.execute(query).mappings()]
+        return [to_domain(row) for row in self._connection().execute(query).mappings()]
 
     def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
         return self._first(_FIND_ANSWERED, _find_answered_params(normalised, model, since))
@@ -117,16 +152,16 @@ class SqlAlchemyQnARepository:
             .order_by(qn_a.c.created_at)
             .limit(limit)
         )
-        return [to_domain(row) for row in self._connection.execute(query).mappings()]
+        return [to_domain(row) for row in self._connection().execute(query).mappings()]
 
     def get_by_idempotency_key(self, key: str) -> QnA | None:
         return self._first(_BY_KEY, {"key": key})
 
     def release_idempotency_key(self, qna_id: UUID) -> None:
-        self._connection.execute(_RELEASE_KEY, {"row_id": qna_id})
+        self._connection().execute(_RELEASE_KEY, {"row_id": qna_id})
 
     def _first(self, query: Select[Any], params: dict[str, Any] | None = None) -> QnA | None:
-        row = self._connection.execute(query, params or {}).mappings().first()
+        row = self._connection().execute(query, params or {}).mappings().first()
         return to_domain(row) if row is not None else None
 
 
@@ -135,28 +170,40 @@ class SqlAlchemyUnitOfWork:
 
     With `autocommit=True` the driver commits each statement as it runs: a lone
     INSERT or UPDATE is one round trip instead of three (BEGIN, the statement,
-    COMMIT). The connection goes back to the pool in transactional mode.
+    COMMIT). Such a unit checks a connection out only when a statement needs one
+    (a write that another ask runs in its batch needs none), and gives it back to the
+    pool in transactional mode.
     """
 
     qnas: SqlAlchemyQnARepository
 
-    def __init__(self, engine: Engine, *, autocommit: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, *, autocommit: bool = False, batches: WriteBatches | None = None
+    ) -> None:
         self._engine = engine
         self._autocommit = autocommit
+        self._batches = batches if autocommit else None
+        self._connection: Connection | None = None
 
     def __enter__(self) -> Self:
+        self._connection = None
+        if not self._autocommit:
+            self._connect().begin()
+        self.qnas = SqlAlchemyQnARepository(self._connect, self._batches)
+        return self
+
+    def _connect(self) -> Connection:
+        if self._connection is not None:
+            return self._connection
         try:
             # Checking out replaces pooled connections a database restart killed
             # (database._drop_if_closed_by_server), before any work depends on them.
             self._connection = self._engine.connect()
             if self._autocommit:
                 set_driver_autocommit(self._connection, True)
-            else:
-                self._connection.begin()
         except UNAVAILABLE_ERRORS as exc:
             raise storage_unavailable(exc) from exc
-        self.qnas = SqlAlchemyQnARepository(self._connection)
-        return self
+        return self._connection
 
     def __exit__(
         self,
@@ -164,33 +211,37 @@ class SqlAlchemyUnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
+        connection, self._connection = self._connection, None
+        if connection is not None:
             try:
-                self._connection.rollback()
-            finally:
-                # Even if the rollback failed: the connection must not go back to the
-                # pool in autocommit mode.
-                if self._autocommit:
-                    self._leave_autocommit()
-                self._connection.close()
-        except DBAPIError:
-            # The connection is already broken; the original error says more.
-            if exc is None:
-                raise
+                try:
+                    connection.rollback()
+                finally:
+                    # Even if the rollback failed: the connection must not go back to
+                    # the pool in autocommit mode.
+                    if self._autocommit:
+                        self._leave_autocommit(connection)
+                    connection.close()
+            except DBAPIError:
+                # The connection is already broken; the original error says more.
+                if exc is None:
+                    raise
         if isinstance(exc, UNAVAILABLE_ERRORS):
             raise storage_unavailable(exc) from exc
 
     def commit(self) -> None:
-        self._connection.commit()
+        if self._connection is not None:
+            self._connection.commit()
 
     def rollback(self) -> None:
-        self._connection.rollback()
+        if self._connection is not None:
+            self._connection.rollback()
 
-    def _leave_autocommit(self) -> None:
-        if self._connection.invalidated:
+    def _leave_autocommit(self, connection: Connection) -> None:
+        if connection.invalidated:
             return  # SQLAlchemy dropped the broken driver connection already
         try:
-            set_driver_autocommit(self._connection, False)
+            set_driver_autocommit(connection, False)
         except self._engine.dialect.loaded_dbapi.Error:
             # A connection that broke unnoticed refuses: it must not go back to the pool.
-            self._connection.invalidate()
+            connection.invalidate()

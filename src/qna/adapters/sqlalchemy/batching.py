@@ -1,0 +1,136 @@
+"""Concurrent asks share their single-row writes: many rows, one round trip.
+
+Each ask writes twice on its own (the pending record, then its outcome), each a lone
+autocommitted statement. Under load, PostgreSQL spends most of such a statement on
+what every statement costs — a round trip, parsing, planning, a commit — and little
+on the row: a ten-row INSERT costs the server about what two one-row INSERTs do.
+
+A `StatementBatcher` runs one statement for whoever needs it at the moment. The
+first caller finds it idle and runs it at once, with only its own row: a lone ask
+waits for nobody, there is no timer. Callers that arrive while it runs queue their
+rows; when it finishes, the longest-waiting of them runs the statement for all of
+the queue (`executemany`: one multi-row INSERT, or the UPDATEs sent together), and
+so on. Each caller returns only once its own row is committed, or raises its own
+error: if a shared statement fails for a reason that may be one row's (a constraint,
+a bad value), each row is run again alone, so one bad row fails only its own ask.
+
+Works with threads and with gevent's patched ones alike (the lock and the events
+are `threading`'s).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy import Connection, Executable
+from sqlalchemy.exc import DBAPIError
+
+from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS
+
+#: Rows in one statement at most; the rest of the queue goes in the next.
+MAX_BATCH = 64
+
+
+class _Waiter:
+    __slots__ = ("error", "leads", "params", "ready")
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = params
+        self.ready = threading.Event()
+        #: Set by the caller that finished, when this one is to run the next batch.
+        self.leads = False
+        self.error: BaseException | None = None
+
+
+class StatementBatcher:
+    """Runs `statement` for concurrent callers, many parameter sets at a time."""
+
+    def __init__(self, statement: Executable, *, max_batch: int = MAX_BATCH) -> None:
+        self._statement = statement
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Waiter] = []
+        self._running = False
+
+    @property
+    def queued(self) -> int:
+        """Rows no statement has taken yet."""
+        with self._lock:
+            return len(self._queue)
+
+    def execute(self, connect: Callable[[], Connection], params: Mapping[str, Any]) -> None:
+        """Run the statement with `params`, alone or with others' rows, on a connection
+        in autocommit mode that `connect` gives (called only if this caller runs it).
+        Returns once the row is committed; raises the error that kept it out."""
+        waiter = _Waiter(params)
+        with self._lock:
+            self._queue.append(waiter)
+            leads = not self._running
+            self._running = True
+        if not leads:
+            waiter.ready.wait()
+            if not waiter.leads:
+                if waiter.error is not None:
+                    raise waiter.error
+                return
+        self._run_next_batch(connect)
+        if waiter.error is not None:
+            raise waiter.error
+
+    def _run_next_batch(self, connect: Callable[[], Connection]) -> None:
+        with self._lock:
+            # The runner's own row is first: it is the oldest in the queue.
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+        try:
+            _run(connect, self._statement, batch)
+        finally:
+            with self._lock:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.leads = True
+                    successor.ready.set()
+                else:
+                    self._running = False
+            for waiter in batch[1:]:
+                waiter.ready.set()
+
+
+def _run(connect: Callable[[], Connection], statement: Executable, batch: list[_Waiter]) -> None:
+    try:
+        connection = connect()
+        try:
+            if len(batch) == 1:
+                connection.execute(statement, batch[0].params)
+            else:
+                connection.execute(statement, [waiter.params for waiter in batch])
+        except DBAPIError as exc:
+            if len(batch) == 1 or isinstance(exc, UNAVAILABLE_ERRORS):
+                _fail(batch, exc)  # the database's fault, not a row's: nobody is in
+            else:
+                _run_alone(connection, statement, batch)
+    except BaseException as exc:
+        # No connection, a killed runner (a gevent timeout, an interrupt) or a bug:
+        # the rows may or may not be in, and nobody may wait forever.
+        _fail(batch, exc)
+        raise
+
+
+def _run_alone(connection: Connection, statement: Executable, batch: list[_Waiter]) -> None:
+    """Perhaps one row's fault (a constraint, a value out of range): autocommit rolled
+    the whole statement back, so each row runs again alone, for its own outcome."""
+    for index, waiter in enumerate(batch):
+        try:
+            connection.execute(statement, waiter.params)
+        except UNAVAILABLE_ERRORS as exc:
+            _fail(batch[index:], exc)
+            return
+        except DBAPIError as exc:
+            waiter.error = exc
+
+
+def _fail(batch: list[_Waiter], exc: BaseException) -> None:
+    for waiter in batch:
+        waiter.error = exc

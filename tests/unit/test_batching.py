@@ -1,0 +1,199 @@
+"""StatementBatcher with a stand-in connection: who runs what, and who hears which error.
+
+The same class against SQLite and PostgreSQL: tests/integration/test_repository.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from qna.adapters.sqlalchemy.batching import StatementBatcher
+
+STATEMENT = text("INSERT ...")
+Params = Mapping[str, Any]
+
+
+class Killed(BaseException):
+    """Like gevent.Timeout or GreenletExit: not an Exception."""
+
+
+class FakeConnection:
+    """Records each execute; holds the first one until `release()`; fails as told."""
+
+    def __init__(self) -> None:
+        self.calls: list[Params | list[Params]] = []
+        self.connects = 0
+        self._started = threading.Event()
+        self._released = threading.Event()
+        self._released.set()
+        #: Raised for any call whose rows include one with "bad" set.
+        self.row_error: BaseException | None = None
+        #: Raised for the next call with more than one row.
+        self.batch_error: BaseException | None = None
+
+    def connect(self) -> Connection:
+        self.connects += 1
+        return self  # type: ignore[return-value]
+
+    def hold_first(self) -> None:
+        self._released.clear()
+
+    def wait_started(self) -> None:
+        assert self._started.wait(5)
+
+    def release(self) -> None:
+        self._released.set()
+
+    def execute(self, _statement: Any, params: Params | list[Params]) -> None:
+        self.calls.append(params)
+        self._started.set()
+        assert self._released.wait(5)
+        rows = params if isinstance(params, list) else [params]
+        if len(rows) > 1 and self.batch_error is not None:
+            error, self.batch_error = self.batch_error, None
+            raise error
+        if self.row_error is not None and any(row.get("bad") for row in rows):
+            raise self.row_error
+
+
+def integrity_error() -> IntegrityError:
+    return IntegrityError("INSERT ...", {}, Exception("duplicate key value"))
+
+
+def operational_error() -> OperationalError:
+    return OperationalError("INSERT ...", {}, Exception("server closed the connection"))
+
+
+class Caller(threading.Thread):
+    def __init__(self, run: Callable[[], None]) -> None:
+        super().__init__()
+        self._run = run
+        self.error: BaseException | None = None
+        self.returned = False
+
+    def run(self) -> None:
+        try:
+            self._run()
+            self.returned = True
+        except BaseException as exc:
+            self.error = exc
+
+
+def ask(batcher: StatementBatcher, connection: FakeConnection, **params: Any) -> Caller:
+    caller = Caller(lambda: batcher.execute(connection.connect, params))
+    caller.start()
+    return caller
+
+
+def wait_queued(batcher: StatementBatcher, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while batcher.queued < count:
+        assert time.monotonic() < deadline, f"{batcher.queued} of {count} rows queued"
+        time.sleep(0.001)
+
+
+def run_batch_behind_a_first_call(
+    batcher: StatementBatcher, connection: FakeConnection, rows: list[dict[str, Any]]
+) -> tuple[Caller, list[Caller]]:
+    """A first call holds the statement; `rows` queue behind it; then all finish."""
+    connection.hold_first()
+    first = ask(batcher, connection, n=0)
+    connection.wait_started()
+    callers = [ask(batcher, connection, **row) for row in rows]
+    wait_queued(batcher, len(rows))
+    connection.release()
+    for caller in [first, *callers]:
+        caller.join(5)
+        assert not caller.is_alive()
+    return first, callers
+
+
+def test_a_lone_caller_runs_its_row_at_once_on_its_own_connection() -> None:
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    batcher.execute(connection.connect, {"n": 1})
+    assert connection.calls == [{"n": 1}]
+    assert connection.connects == 1
+    assert batcher.queued == 0
+
+
+def test_rows_that_queue_while_a_statement_runs_go_together_in_the_next() -> None:
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    first, callers = run_batch_behind_a_first_call(
+        batcher, connection, [{"n": n} for n in range(1, 6)]
+    )
+    assert connection.calls[0] == {"n": 0}
+    assert len(connection.calls) == 2
+    second = connection.calls[1]
+    assert isinstance(second, list)
+    assert sorted(row["n"] for row in second) == [1, 2, 3, 4, 5]
+    # One connection per statement: the callers whose rows another ran needed none.
+    assert connection.connects == 2
+    assert all(caller.returned for caller in [first, *callers])
+
+
+def test_a_batch_is_at_most_max_batch_rows_and_every_row_runs_once() -> None:
+    batcher, connection = StatementBatcher(STATEMENT, max_batch=2), FakeConnection()
+    run_batch_behind_a_first_call(batcher, connection, [{"n": n} for n in range(1, 6)])
+    sizes = [len(call) if isinstance(call, list) else 1 for call in connection.calls]
+    assert sizes == [1, 2, 2, 1]
+    rows = [connection.calls[0]] + [
+        row for call in connection.calls[1:] for row in (call if isinstance(call, list) else [call])
+    ]
+    assert sorted(row["n"] for row in rows) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_bad_row_fails_only_its_own_caller() -> None:
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    connection.row_error = integrity_error()
+    _first, callers = run_batch_behind_a_first_call(
+        batcher, connection, [{"n": 1}, {"n": 2, "bad": True}, {"n": 3}]
+    )
+    bad = [caller for caller in callers if caller.error is not None]
+    assert len(bad) == 1 and isinstance(bad[0].error, IntegrityError)
+    assert sum(caller.returned for caller in callers) == 2
+    # The shared statement, then each of its rows alone.
+    assert isinstance(connection.calls[1], list)
+    assert sorted(call["n"] for call in connection.calls[2:]) == [1, 2, 3]  # type: ignore[call-overload]
+
+
+def test_a_database_failure_fails_the_whole_batch_without_retrying_row_by_row() -> None:
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    connection.batch_error = operational_error()
+    _first, callers = run_batch_behind_a_first_call(
+        batcher, connection, [{"n": 1}, {"n": 2}, {"n": 3}]
+    )
+    assert all(isinstance(caller.error, OperationalError) for caller in callers)
+    assert len(connection.calls) == 2
+    # The batcher is not stuck: the next caller runs.
+    batcher.execute(connection.connect, {"n": 4})
+    assert connection.calls[-1] == {"n": 4}
+
+
+def test_a_runner_killed_mid_statement_releases_everyone_it_was_running_for() -> None:
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    connection.batch_error = Killed()
+    first, callers = run_batch_behind_a_first_call(batcher, connection, [{"n": 1}, {"n": 2}])
+    assert first.returned
+    assert [type(caller.error) for caller in callers] == [Killed, Killed]
+    batcher.execute(connection.connect, {"n": 3})
+    assert connection.calls[-1] == {"n": 3}
+
+
+def test_no_connection_fails_every_row_of_the_batch() -> None:
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+
+    def no_connection() -> Connection:
+        raise operational_error()
+
+    with pytest.raises(OperationalError):
+        batcher.execute(no_connection, {"n": 1})
+    assert connection.calls == []
+    batcher.execute(connection.connect, {"n": 2})
+    assert connection.calls == [{"n": 2}]
