@@ -6,8 +6,10 @@ The README's settings table is this class, in words; keep them together.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -21,6 +23,14 @@ DEFAULT_MODEL = "gpt-5-mini"
 _DAY = 86_400
 _TEN_YEARS = 10 * 365 * _DAY
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The package each family of rate-limit storage schemes talks through (redis+sentinel
+# through redis, ...); qna ships none of them.
+_RATE_LIMIT_DRIVERS = {
+    "redis": "redis",
+    "valkey": "valkey",
+    "memcached": "pymemcache",
+    "mongodb": "pymongo",
+}
 
 
 def default_database_path() -> Path:
@@ -120,6 +130,39 @@ class Settings(BaseSettings):
                 raise ValueError(
                     'not a rate limit such as "60/minute" or "10 per second; 1000/day"'
                 ) from None
+        return value
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _usable_rate_limit_storage(cls, value: str) -> str:
+        # Checked here, not left to flask-limiter: it refuses a storage it cannot use
+        # only inside each `qna serve` worker, which then dies with a traceback.
+        # Nothing is connected to; only the scheme and its driver package are checked.
+        if not value.strip():
+            return "memory://"  # as flask-limiter reads an empty one
+        scheme = urlsplit(value.strip()).scheme.lower()
+        if scheme == "memory":
+            return value
+        from limits import storage  # imported late, as for QNA_RATE_LIMIT
+
+        # flask-limiter's storages: the synchronous ones (not limits' async+ schemes).
+        synchronous = (
+            storage.MemoryStorage,
+            storage.RedisStorage,
+            storage.RedisClusterStorage,
+            storage.RedisSentinelStorage,
+            storage.MemcachedStorage,
+            storage.MongoDBStorage,
+        )
+        if not any(scheme in (kind.STORAGE_SCHEME or []) for kind in synchronous):
+            raise ValueError(
+                "not a rate-limit storage such as memory://, redis://host:6379 "
+                "or memcached://host:11211"
+            )
+        driver = _RATE_LIMIT_DRIVERS.get(scheme.split("+")[0])
+        # find_spec looks for the package without importing it (and its TLS stack).
+        if driver is not None and importlib.util.find_spec(driver) is None:
+            raise ValueError(f"{scheme}:// needs the {driver} package: pip install {driver}")
         return value
 
     @field_validator("database_url", "openai_base_url", mode="before")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -443,6 +444,8 @@ def test_no_api_key_and_no_base_url_exits_3_naming_the_key(
         ("QNA_MODEL", "m" * 201),  # longer than the stored column
         ("QNA_RATE_LIMIT", "abc"),
         ("QNA_LLM_CLIENT", "curl"),
+        ("QNA_RATE_LIMIT_STORAGE", "foo://"),
+        ("QNA_RATE_LIMIT_STORAGE", "async+memory://"),  # flask-limiter is synchronous
     ],
 )
 def test_an_invalid_setting_exits_3_naming_it(
@@ -454,6 +457,21 @@ def test_an_invalid_setting_exits_3_naming_it(
 
     assert result.exit_code == 3
     assert name in error_line(result.stderr)
+    assert fake.calls == 0
+
+
+def test_a_rate_limit_storage_whose_package_is_missing_exits_3_naming_it(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if it were not installed
+    monkeypatch.setenv("QNA_RATE_LIMIT_STORAGE", "redis://127.0.0.1:6379")
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3
+    line = error_line(result.stderr)
+    assert "QNA_RATE_LIMIT_STORAGE" in line
+    assert "pip install redis" in line
     assert fake.calls == 0
 
 

@@ -179,6 +179,16 @@ def test_an_invalid_setting_exits_3(db_env: dict[str, str]) -> None:
     assert "QNA_LLM_MAX_ATTEMPTS" in error_line(completed.stderr)
 
 
+def test_serve_refuses_a_rate_limit_storage_it_cannot_use(env: dict[str, str]) -> None:
+    # flask-limiter would refuse it only in each worker, after gunicorn had started.
+    env = {**env, "QNA_RATE_LIMIT": "10/minute", "QNA_RATE_LIMIT_STORAGE": "foo://"}
+
+    completed = run("serve", "--port", "0", "--workers", "1", env=env)
+
+    assert completed.returncode == 3
+    assert "QNA_RATE_LIMIT_STORAGE" in error_line(completed.stderr)
+
+
 def test_an_unreachable_database_exits_6(fake_openai: FakeOpenAI, env: dict[str, str]) -> None:
     env["DATABASE_URL"] = "postgresql://u:p@127.0.0.1:1/x"
 
