@@ -39,6 +39,26 @@ def default_database_path() -> Path:
     return Path(platformdirs.user_data_dir("qna", appauthor=False)) / "qna.db"
 
 
+def _http_url_problem(url: str) -> str | None:
+    """What keeps `url` from being an absolute http(s) URL with a host, if anything.
+    Never quotes the URL: it may hold a password."""
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return "it contains spaces or control characters"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # what it refuses is a bracketed host that is not an IP address
+        return "its [bracketed] host is not an IPv6 address"
+    try:
+        parts.port  # noqa: B018 -- checked only when it is read
+    except ValueError:
+        return "its port is not a number from 0 to 65535"
+    if parts.scheme not in ("http", "https"):
+        return "it is not an http:// or https:// URL"
+    if not parts.hostname:
+        return "it names no host"
+    return None
+
+
 def _env(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
 
@@ -163,6 +183,19 @@ class Settings(BaseSettings):
         # find_spec looks for the package without importing it (and its TLS stack).
         if driver is not None and importlib.util.find_spec(driver) is None:
             raise ValueError(f"{scheme}:// needs the {driver} package: pip install {driver}")
+        return value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _usable_base_url(cls, value: str | None) -> str | None:
+        # Refused here, with the other settings: left to the LLM clients, `http://[::1`
+        # was an internal error, and `http://` was asked (and stored as failed).
+        if value is None:
+            return None
+        value = value.strip()
+        problem = _http_url_problem(value)
+        if problem:
+            raise ValueError(f"{problem}; expected a URL such as http://localhost:11434/v1")
         return value
 
     @field_validator("database_url", "openai_base_url", mode="before")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
-from urllib.parse import urlsplit
 
 from dependency_injector import containers, providers
 from sqlalchemy import Engine
@@ -73,7 +72,8 @@ def llm_resource(
 
 
 def check_llm_settings(client: str, api_key: str | None, base_url: str | None) -> None:
-    """Refuse what `llm_resource` would refuse, without building or importing a client.
+    """Refuse what `llm_resource` would refuse, without building or importing a client
+    (the URL itself was checked with the settings).
 
     `qna serve` checks this in gunicorn's master, which must not import the HTTP and
     TLS stacks: gevent workers monkey-patch them after the fork, and a module imported
@@ -85,8 +85,6 @@ def check_llm_settings(client: str, api_key: str | None, base_url: str | None) -
             "OPENAI_API_KEY is not set: export it, put it in .env, "
             "or set OPENAI_BASE_URL to an OpenAI-compatible server."
         )
-    if base_url is not None and urlsplit(base_url).scheme not in ("http", "https"):
-        raise ConfigurationError("OPENAI_BASE_URL cannot be used: it is not an http(s) URL.")
 
 
 def _llm_class(client: str) -> type[ChatCompletionsLLM]:

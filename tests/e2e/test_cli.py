@@ -460,6 +460,33 @@ def test_an_invalid_setting_exits_3_naming_it(
     assert fake.calls == 0
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1",  # unbalanced bracket
+        "http://[example.com]/v1",
+        "http://",
+        "http://:8000/v1",
+        "localhost:11434/v1",  # no scheme
+        "ftp://example.com/v1",
+        "http://localhost:99999/v1",
+        "http://localhost:port/v1",
+        "http://local host/v1",
+    ],
+)
+def test_a_base_url_that_is_not_an_http_url_with_a_host_exits_3(
+    fake: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3
+    assert "OPENAI_BASE_URL" in error_line(result.stderr)
+    assert stored_rows(database_url) == []
+    assert fake.calls == 0
+
+
 def test_a_rate_limit_storage_whose_package_is_missing_exits_3_naming_it(
     fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -197,3 +197,22 @@ def test_connect_validates_overrides_and_names_the_variable(tmp_path: Path) -> N
         qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", llm_max_attempts="abc")
     with pytest.raises(qna.ConfigurationError, match="QNA_MODEL"):
         qna.connect(qna.Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}"), model="")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/v1",
+        "https://api.openai.com/v1",
+        "http://[::1]:8000/v1",
+        "HTTP://localhost:11434/v1",
+        "https://user:secret@llm.example.com/v1",
+    ],
+)
+def test_any_http_url_with_a_host_is_a_base_url(url: str) -> None:
+    assert qna.Settings(openai_base_url=f" {url} ").openai_base_url == url
+
+
+def test_a_base_url_without_a_host_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(qna.ConfigurationError, match="OPENAI_BASE_URL"):
+        qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", openai_base_url="http://")
