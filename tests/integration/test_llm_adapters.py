@@ -169,6 +169,17 @@ def test_needs_no_api_key_for_a_local_server(fake: FakeOpenAI, make_llm: MakeLLM
     assert make_llm(api_key=None).complete("Hi?").text == DEFAULT_ANSWER
 
 
+def test_asks_an_llm_at_an_ipv6_address(adapter: type[ChatCompletionsLLM]) -> None:
+    with FakeOpenAI(host="::1") as fake:
+        llm = adapter(api_key=API_KEY, base_url=fake.base_url, model=MODEL, max_attempts=1)
+        try:
+            assert llm.complete("Hi?").text == DEFAULT_ANSWER
+        finally:
+            llm.close()
+
+    assert fake.calls == 1
+
+
 def test_a_non_http_base_url_is_refused_at_once() -> None:
     # The SDK would only fail at the first ask; the lean client says so when built.
     with pytest.raises(ValueError, match="http"):

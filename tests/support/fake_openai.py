@@ -212,7 +212,8 @@ class FakeOpenAI:
     @property
     def url(self) -> str:
         scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:

@@ -44,7 +44,9 @@ class HttpLLM(ChatCompletionsLLM):
             raise ValueError(f"Not an http(s) URL: {self._redact(base)}")
         self._set_where(base)
         # Credentials in the URL go in the Authorization header, not the request line.
-        netloc = parts.hostname + (f":{parts.port}" if parts.port is not None else "")
+        # hostname has lost the brackets of an IPv6 address, which a netloc needs.
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        netloc = host + (f":{parts.port}" if parts.port is not None else "")
         self._url = parts._replace(netloc=netloc).geturl() + "/chat/completions"
         self._headers = {
             "Content-Type": "application/json",
