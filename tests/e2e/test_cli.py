@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 from qna.config import DEFAULT_MODEL
 from qna.entrypoints.cli import cli
 from tests.e2e.helpers import error_line, stored_rows
+from tests.support.databases import BROKEN_SQLITE_FILES, broken_sqlite_file
 from tests.support.fake_openai import (
     DEFAULT_ANSWER,
     Delay,
@@ -532,6 +533,29 @@ def test_an_unreachable_database_exits_6(
     assert result.exit_code == 6
     line = error_line(result.stderr)
     assert "secret" not in line
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize("kind", BROKEN_SQLITE_FILES)
+@pytest.mark.parametrize(
+    "args",
+    [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],
+    ids=["ask", "history", "show", "db-upgrade"],
+)
+def test_a_sqlite_file_that_is_not_a_database_exits_6(
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    kind: str,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", broken_sqlite_file(tmp_path / "qna.db", kind))
+
+    result = qna(*args)
+
+    assert result.exit_code == 6
+    assert "database" in error_line(result.stderr)
     assert fake_openai.calls == 0
 
 

@@ -186,6 +186,20 @@ def test_status_is_constrained_by_the_database(engine: Engine) -> None:
         )
 
 
+def test_a_statement_the_database_refuses_is_not_taken_for_an_unavailable_database(
+    uow: SqlAlchemyUnitOfWork,
+) -> None:
+    # A broken SQLite file is reported as unavailable; a DatabaseError that says the
+    # statement was wrong (here a duplicate primary key) must stay what it is.
+    from sqlalchemy.exc import IntegrityError
+
+    qna = QnA.ask("Twice?", model="m", now=T0)
+    store(uow, qna)
+
+    with pytest.raises(IntegrityError):
+        store(uow, qna)
+
+
 def test_close_pending_writes_only_while_the_record_is_pending(uow: SqlAlchemyUnitOfWork) -> None:
     still_pending = QnA.ask("Lost?", model="m", now=T0)
     answered_since = QnA.ask("Late?", model="m", now=T0)

@@ -7,14 +7,17 @@ silently skips its database tests passes while checking nothing.
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from qna.adapters.sqlalchemy import database, migrate
 from qna.adapters.sqlalchemy.database import normalise_url
 
 
@@ -62,3 +65,24 @@ def scratch_database(server_url: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+BROKEN_SQLITE_FILES = ("not-a-database", "corrupt")
+
+
+def broken_sqlite_file(path: Path, kind: str) -> str:
+    """The URL of a SQLite file that is not a database ("not-a-database": some other
+    program's bytes) or is no longer one ("corrupt": a migrated database whose pages
+    after the first were overwritten, as a failing disk leaves it)."""
+    noise = random.Random(kind)  # the same bytes on every run
+    url = database.sqlite_url(path)
+    if kind == "not-a-database":
+        path.write_bytes(noise.randbytes(8192))
+        return url
+    engine = database.create_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()  # the last connection to close folds the WAL into the file
+    intact = path.read_bytes()
+    page = 4096
+    path.write_bytes(intact[:page] + noise.randbytes(len(intact) - page))
+    return url

@@ -30,6 +30,7 @@ from werkzeug.test import TestResponse
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
 from tests.integration.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
+from tests.support.databases import BROKEN_SQLITE_FILES, broken_sqlite_file
 from tests.support.fake_openai import DEFAULT_ANSWER, Delay, Drop, FakeOpenAI, Raw, Status
 
 QUESTION = "What is the capital of France?"
@@ -364,6 +365,19 @@ def test_without_a_database_asking_is_503_and_the_llm_is_not_asked(
     assert fake_openai.calls == 0
     assert_error(client.get("/questions"), 503, "database_unavailable")
     assert_error(client.get(f"/questions/{uuid4()}"), 503, "database_unavailable")
+
+
+@pytest.mark.parametrize("kind", BROKEN_SQLITE_FILES)
+def test_a_sqlite_file_that_is_not_a_database_is_503(
+    make_app: AppFactory, fake_openai: FakeOpenAI, tmp_path: Path, kind: str
+) -> None:
+    client = make_app(broken_sqlite_file(tmp_path / "qna.db", kind)).test_client()
+
+    assert_error(ask(client, QUESTION), 503, "database_unavailable")
+    assert fake_openai.calls == 0
+    assert_error(client.get("/questions"), 503, "database_unavailable")
+    assert_error(client.get(f"/questions/{uuid4()}"), 503, "database_unavailable")
+    assert_error(client.get("/readyz"), 503, "database_unavailable")
 
 
 @pytest.mark.postgres

@@ -11,13 +11,35 @@ from typing import Any
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DatabaseError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from qna.domain.errors import StorageUnavailable
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
 UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+# SQLite's result codes for a file that is not, or is no longer, a database (another
+# program's file at DATABASE_URL's path, a disk that lost pages). sqlite3 raises them
+# as a plain DatabaseError, the class it also uses for bugs; these two are not bugs.
+_BROKEN_SQLITE_FILE = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot do the work (down, unreachable, a broken
+    file), as opposed to a fault in what qna asked of it."""
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        return True
+    original = getattr(exc, "orig", None)
+    return (
+        isinstance(exc, DatabaseError)
+        and isinstance(original, sqlite3.DatabaseError)
+        and getattr(original, "sqlite_errorname", None) in _BROKEN_SQLITE_FILE
+    )
 
 
 def storage_unavailable(exc: BaseException) -> StorageUnavailable:

@@ -10,8 +10,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
-from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS, storage_unavailable
+from qna.adapters.sqlalchemy.database import is_unavailable, storage_unavailable
 
 # An arbitrary constant: the key of the PostgreSQL advisory lock that serialises
 # concurrent upgrades (several workers or CLI processes starting at once).
@@ -39,8 +40,10 @@ def alembic_config(connection: Connection | None = None) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     try:
         _upgrade(engine, revision)
-    except UNAVAILABLE_ERRORS as exc:
-        raise storage_unavailable(exc) from exc
+    except SQLAlchemyError as exc:
+        if is_unavailable(exc):
+            raise storage_unavailable(exc) from exc
+        raise
 
 
 def _upgrade(engine: Engine, revision: str) -> None:
@@ -70,5 +73,7 @@ def current_revision(engine: Engine) -> str | None:
 def is_at_head(engine: Engine) -> bool:
     try:
         return current_revision(engine) == head_revision()
-    except UNAVAILABLE_ERRORS as exc:
-        raise storage_unavailable(exc) from exc
+    except SQLAlchemyError as exc:
+        if is_unavailable(exc):
+            raise storage_unavailable(exc) from exc
+        raise

@@ -10,11 +10,11 @@ from typing import Any, Self
 from uuid import UUID
 
 from sqlalchemy import Connection, Engine, Select, and_, bindparam, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from qna.adapters.sqlalchemy.batching import StatementBatcher
 from qna.adapters.sqlalchemy.database import (
-    UNAVAILABLE_ERRORS,
+    is_unavailable,
     set_driver_autocommit,
     storage_unavailable,
 )
@@ -201,8 +201,10 @@ class SqlAlchemyUnitOfWork:
             self._connection = self._engine.connect()
             if self._autocommit:
                 set_driver_autocommit(self._connection, True)
-        except UNAVAILABLE_ERRORS as exc:
-            raise storage_unavailable(exc) from exc
+        except SQLAlchemyError as exc:
+            if is_unavailable(exc):
+                raise storage_unavailable(exc) from exc
+            raise
         return self._connection
 
     def __exit__(
@@ -226,7 +228,7 @@ class SqlAlchemyUnitOfWork:
                 # The connection is already broken; the original error says more.
                 if exc is None:
                     raise
-        if isinstance(exc, UNAVAILABLE_ERRORS):
+        if exc is not None and is_unavailable(exc):
             raise storage_unavailable(exc) from exc
 
     def commit(self) -> None:
