@@ -244,7 +244,8 @@ def test_history_limit_out_of_range_is_a_usage_error(fake: FakeOpenAI, limit: st
     result = qna("history", "-n", limit)
 
     assert result.exit_code == 2
-    assert "-n" in result.stderr or "--limit" in result.stderr
+    line = error_line(result.stderr)
+    assert "-n" in line or "--limit" in line
 
 
 def test_show_prints_one_record(fake: FakeOpenAI) -> None:
@@ -608,11 +609,38 @@ def test_help_needs_no_settings(args: tuple[str, ...], expected: str) -> None:
     assert result.stderr == ""
 
 
-def test_an_unknown_command_is_a_usage_error() -> None:
-    result = qna("frobnicate")
+@pytest.mark.parametrize(
+    ("args", "names", "help_of"),
+    [
+        (("frobnicate",), "frobnicate", "qna"),
+        (("--bogus",), "--bogus", "qna"),
+        (("ask", "--bogus", QUESTION), "--bogus", "qna ask"),
+        (("ask",), "QUESTION", "qna ask"),
+        (("ask", QUESTION, "extra"), "extra", "qna ask"),
+        (("show",), "ID", "qna show"),
+        (("history", "--jsn"), "--json", "qna history"),  # with Click's suggestion
+        (("db", "frob"), "frob", "qna db"),
+        (("db", "upgrade", "--x"), "--x", "qna db upgrade"),
+        (("serve", "--worker-class", "x"), "gthread", "qna serve"),
+    ],
+)
+def test_a_usage_error_is_one_line_pointing_at_the_help(
+    args: tuple[str, ...], names: str, help_of: str
+) -> None:
+    result = qna(*args)
 
     assert result.exit_code == 2
-    assert "frobnicate" in result.stderr
+    line = error_line(result.stderr)
+    assert names in line
+    assert line.endswith(f" See '{help_of} --help'.")
+    assert result.stdout == ""
+
+
+def test_qna_alone_shows_the_help() -> None:
+    result = qna()
+
+    assert result.exit_code == 2
+    assert "Commands:" in result.stderr
 
 
 def test_serve_without_an_llm_setting_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,6 +121,8 @@ def test_history_and_show_after_ask(db_env: dict[str, str]) -> None:
         pytest.param(("show", str(uuid4())), None, 5, id="unknown-id"),
         pytest.param(("show", "garbage"), None, 5, id="not-an-id"),
         pytest.param(("history", "--cursor", "bogus"), None, 4, id="bad-cursor"),
+        pytest.param(("ask", "--bogus", QUESTION), None, 2, id="unknown-option"),
+        pytest.param(("show",), None, 2, id="missing-argument"),
     ],
 )
 def test_an_error_is_one_line_and_its_exit_code(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -67,10 +67,61 @@ def exit_code_for(error: Exception) -> int:
     return EXIT_INTERNAL
 
 
-def fail(message: str, code: int) -> None:
+def error_line(message: str) -> str:
     # One line, never a traceback: the message is for a person at a terminal.
-    click.echo(f"qna: error: {' '.join(message.split())}", err=True)
+    return f"qna: error: {' '.join(message.split())}"
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(error_line(message), err=True)
     sys.exit(code)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error told like every other error: one line on stderr, with a pointer
+    to the help instead of Click's usage line, blank line and "Error:" line."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        message = self.format_message().strip()
+        if message and message[-1] not in ".?!":
+            message += "."
+        ctx = self.ctx
+        if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+            message += f" See '{ctx.command_path} --help'."
+        click.echo(error_line(message), file=file, err=True)
+
+
+@contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except OneLineUsageError:
+        raise
+    except click.UsageError as exc:
+        # One that shows something else (`qna` alone shows the help) is left to show it.
+        if type(exc).show is not click.UsageError.show:
+            raise
+        raise OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
+class QnAGroup(click.Group):
+    """The `qna` group. Click reports a usage error where `main` catches it, after
+    parsing; the group's own parsing and everything it invokes (every subcommand's
+    parsing included) happen inside these two methods."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with one_line_usage_errors():
+            return super().invoke(ctx)
 
 
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
@@ -168,7 +219,7 @@ def describe(qna: QnA) -> str:
     return "[pending]"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("qna", cls=QnAGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version("qna"), "--version", "-V", prog_name="qna")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
