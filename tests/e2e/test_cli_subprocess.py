@@ -7,6 +7,7 @@ import os
 import pty
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -189,6 +190,27 @@ def test_serve_refuses_a_rate_limit_storage_it_cannot_use(env: dict[str, str]) -
 
     assert completed.returncode == 3
     assert "QNA_RATE_LIMIT_STORAGE" in error_line(completed.stderr)
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_12(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        completed = run("serve", "--port", str(port), "--workers", "1", env=env)
+
+    assert completed.returncode == 12
+    line = error_line(completed.stderr)
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in line
+    assert completed.stdout == ""
+
+
+def test_serve_on_an_address_not_this_machines_is_exit_12(env: dict[str, str]) -> None:
+    completed = run("serve", "--host", "192.0.2.1", "--workers", "1", env=env)  # TEST-NET-1
+
+    assert completed.returncode == 12
+    assert "cannot listen on 192.0.2.1:5000" in error_line(completed.stderr)
 
 
 def test_an_unreachable_database_exits_6(fake_openai: FakeOpenAI, env: dict[str, str]) -> None:

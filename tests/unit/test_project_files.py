@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from qna.config import Settings
-from qna.entrypoints.cli import EXIT_CODES, cli
+from qna.entrypoints.cli import EXIT_BROKEN_PIPE, EXIT_CANNOT_LISTEN, EXIT_CODES, cli
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -32,7 +32,7 @@ def test_every_setting_is_in_the_readme_table_and_nothing_else() -> None:
 
 def test_every_exit_code_is_in_the_readme() -> None:
     documented = {int(code) for code in re.findall(r"^\| (\d+) \| ", README, flags=re.MULTILINE)}
-    assert {code for _, code in EXIT_CODES} <= documented
+    assert {code for _, code in EXIT_CODES} | {EXIT_CANNOT_LISTEN, EXIT_BROKEN_PIPE} <= documented
 
 
 def test_compose_runs_the_tested_serve_command_after_a_healthy_postgres() -> None:

@@ -58,6 +58,8 @@ R = TypeVar("R")
 
 # As a shell reports a process that SIGPIPE ended (128 + 13).
 EXIT_BROKEN_PIPE = 141
+# `qna serve` cannot listen on its --host and --port (in use, say).
+EXIT_CANNOT_LISTEN = 12
 
 
 def exit_code_for(error: Exception) -> int:
@@ -375,18 +377,26 @@ def serve(
     threads: int,
     graceful_timeout: int,
 ) -> None:
-    """Serve the HTTP API under gunicorn (migrates the database first)."""
+    """Serve the HTTP API under gunicorn (migrates the database first).
+
+    \b
+    Exit codes: 0 stopped by SIGTERM, 3 configuration,
+    12 cannot listen on --host and --port (in use, not this machine's address).
+    """
     from qna.entrypoints.http import server
 
-    server.serve(
-        host=host,
-        port=port,
-        workers=workers,
-        worker_class=worker_class,
-        connections=connections,
-        threads=threads,
-        graceful_timeout=graceful_timeout,
-    )
+    try:
+        server.serve(
+            host=host,
+            port=port,
+            workers=workers,
+            worker_class=worker_class,
+            connections=connections,
+            threads=threads,
+            graceful_timeout=graceful_timeout,
+        )
+    except server.CannotListen as exc:
+        fail(str(exc), EXIT_CANNOT_LISTEN)
 
 
 def _one_line(text: str, width: int) -> str:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from typing import Any
 
@@ -98,6 +99,28 @@ def _child_exit(_server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
+class CannotListen(Exception):
+    """The address `qna serve` was told to listen on cannot be had."""
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind the address as gunicorn will, and let it go again.
+
+    gunicorn meets a port in use with five retries a second apart, two log lines each,
+    and exit 1; this says so in one line first. (Another process could still take the
+    port in the moment between the two binds; gunicorn then reports it.)
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does
+            probe.bind((host, port))
+    except OSError as exc:  # in use, not this machine's address, a privileged port, ...
+        reason = (exc.strerror or str(exc)).lower()
+        raise CannotListen(f"cannot listen on {where}: {reason}") from exc
+
+
 def migrate_before_serving(settings: Settings) -> None:
     """Migrate once, in the master, before any worker starts; a database that is down
     does not stop the server (it answers 503 until the database is back)."""
@@ -141,6 +164,8 @@ def serve(
     graceful_timeout: int = 30,
 ) -> None:
     settings = Settings()
+    # Before the database is touched: a server that cannot listen changes nothing.
+    check_can_listen(host, port)
     migrate_before_serving(settings)
     # After the checks above: a server that refuses to start leaves no trace in the
     # environment of whoever called it.
