@@ -581,6 +581,33 @@ def test_a_wrong_method_is_405_with_allow(
     assert {m.strip() for m in response.headers["Allow"].split(",")} == allowed
 
 
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/ask", {"POST", "OPTIONS"}),
+        ("/questions", {"GET", "HEAD", "OPTIONS"}),
+        (f"/questions/{uuid4()}", {"GET", "HEAD", "OPTIONS"}),
+        ("/healthz", {"GET", "HEAD", "OPTIONS"}),
+    ],
+)
+def test_options_is_204_with_allow_and_no_body(
+    client: FlaskClient, fake_openai: FakeOpenAI, path: str, allowed: set[str]
+) -> None:
+    response = client.options(path)
+
+    assert response.status_code == 204
+    assert response.get_data() == b""
+    assert "Content-Type" not in response.headers
+    assert {m.strip() for m in response.headers["Allow"].split(",")} == allowed
+    assert fake_openai.calls == 0
+
+
+def test_options_needs_no_database(make_app: AppFactory) -> None:
+    client = make_app(UNREACHABLE_DATABASE).test_client()
+
+    assert client.options("/ask").status_code == 204
+
+
 def test_a_body_over_the_limit_is_413(
     client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
 ) -> None:

@@ -23,12 +23,23 @@ log = logging.getLogger("qna.http")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+class QnAFlask(Flask):
+    def make_default_options_response(self) -> Response:
+        # Flask answers OPTIONS itself with 200 and an empty text/html body; nothing
+        # this API sends is HTML. 204: the Allow header is the whole answer.
+        response = super().make_default_options_response()
+        response.status_code = 204
+        response.headers.pop("Content-Type", None)
+        response.headers.pop("Content-Length", None)
+        return response
+
+
 def create_app(container: Container | None = None, settings: Settings | None = None) -> Flask:
     """Build the HTTP application over `container` (default: built from `settings`,
     or from the environment and `.env`)."""
     if container is None:
         container = create_container(settings)
-    app = Flask("qna")
+    app = QnAFlask("qna")
     app.config["MAX_CONTENT_LENGTH"] = container.config.max_body_bytes()
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
@@ -68,7 +79,12 @@ def _install_schema_guard(app: Flask, container: Container) -> None:
 
     @app.before_request
     def ensure_schema() -> None:
-        if ready.is_set() or request.endpoint not in _DATABASE_ENDPOINTS:
+        # OPTIONS is answered from the routes alone.
+        if (
+            ready.is_set()
+            or request.endpoint not in _DATABASE_ENDPOINTS
+            or request.method == "OPTIONS"
+        ):
             return
         with lock:
             if not ready.is_set():
