@@ -678,6 +678,38 @@ def test_a_body_that_is_not_json_is_415(
     assert fake_openai.calls == 0
 
 
+@pytest.mark.parametrize(
+    ("charset", "encoding"),
+    [
+        ("utf-16", "utf-16"),
+        ("UTF-16LE", "utf-16-le"),
+        ("utf-32", "utf-32"),
+        ("iso-8859-1", "latin-1"),
+        ("latin-1", "ascii"),  # refused even when the bytes happen to be the same
+        ("klingon", "ascii"),
+    ],
+)
+def test_a_body_in_a_charset_other_than_utf8_is_415(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, charset: str, encoding: str
+) -> None:
+    body = json.dumps({"question": "Où est Zürich ?"}, ensure_ascii=encoding == "ascii")
+
+    response = post_raw(client, body.encode(encoding), f"application/json; charset={charset}")
+
+    assert charset in assert_error(response, 415, "unsupported_media_type")["message"]
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", "utf8", '"utf-8"'])
+def test_a_body_declared_utf8_is_read(client: FlaskClient, charset: str) -> None:
+    body = json.dumps({"question": "Où est Zürich ?"}, ensure_ascii=False).encode()
+
+    asked = created(post_raw(client, body, f"application/json; charset={charset}"))
+
+    assert asked["question"] == "Où est Zürich ?"
+
+
 def test_form_data_is_415(client: FlaskClient) -> None:
     response = client.post("/ask", data={"question": QUESTION})
 

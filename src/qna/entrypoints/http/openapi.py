@@ -33,7 +33,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "No such record.",
         409: "A request with this Idempotency-Key is still being answered.",
         413: "The body is larger than QNA_MAX_BODY_BYTES.",
-        415: "The body is not JSON.",
+        415: "The body is not JSON (application/json or a +json type), or is declared "
+        "in a charset other than UTF-8.",
         422: "This Idempotency-Key was used with a different body.",
         429: "Too many requests; see Retry-After.",
         500: "An unexpected error.",

@@ -31,6 +31,15 @@ def _json_body() -> bytes:
             "unsupported_media_type",
             "Send the body as JSON with Content-Type: application/json.",
         )
+    # JSON between systems is UTF-8 (RFC 8259, section 8.1), and it is what the body is
+    # parsed as: a body declared as another charset would be read as something else.
+    charset = request.mimetype_params.get("charset")
+    if charset is not None and charset.strip().lower() not in ("utf-8", "utf8"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Send the body as UTF-8 JSON; charset={charset[:40]} is not supported.",
+        )
     # Reading enforces MAX_CONTENT_LENGTH (413) when the length is declared.
     body = request.get_data(cache=False)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
