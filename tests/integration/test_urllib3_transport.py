@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from qna.adapters import openai_llm
+from qna.adapters.http_llm import HttpLLM
 from qna.adapters.openai_llm import OpenAILLM
 from qna.adapters.urllib3_transport import Urllib3Transport
 from qna.domain.errors import LLMUnavailable
@@ -38,9 +39,15 @@ class RawServer:
     """Answers every request on 127.0.0.1 with `BODY` and `extra_headers`, and keeps the
     head of each request it read; with `read=False` it accepts and never reads."""
 
-    def __init__(self, *, extra_headers: bytes = b"", read: bool = True) -> None:
+    def __init__(
+        self, *, extra_headers: bytes = b"", read: bool = True, close_after: bool = False
+    ) -> None:
         self.extra_headers = extra_headers
         self.read = read
+        #: Close each connection after one answer, with no word (no Connection: close),
+        #: as a server whose idle timeout ran out does; `closed` counts them.
+        self.close_after = close_after
+        self.closed = threading.Semaphore(0)
         self.heads: list[bytes] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._connections: list[socket.socket] = []
@@ -80,6 +87,10 @@ class RawServer:
                     + b"Content-Length: %d\r\n\r\n" % len(BODY)
                     + BODY
                 )
+                if self.close_after:
+                    connection.close()
+                    self.closed.release()
+                    return
         except OSError:
             return
 
@@ -117,6 +128,42 @@ def make_llm(base_url: str, **overrides: object) -> OpenAILLM:
     }
     options.update(overrides)
     return OpenAILLM(**options)  # type: ignore[arg-type]
+
+
+def ask_twice(server: RawServer, ask: Callable[[], object]) -> None:
+    ask()
+    assert server.closed.acquire(timeout=5)  # the server has closed the kept connection
+    ask()
+
+
+def test_a_kept_connection_the_server_closed_is_not_reused(
+    raw_server: Callable[..., RawServer], http_client: httpx2.Client
+) -> None:
+    # The transport does not retry: a request sent on the dead connection would fail.
+    server = raw_server(close_after=True)
+
+    ask_twice(server, lambda: http_client.post(f"{server.url}/chat/completions", content=b"{}"))
+
+    assert len(server.heads) == 2
+
+
+def test_the_http_client_does_not_reuse_a_connection_the_server_closed(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    server = raw_server(close_after=True)
+    llm = HttpLLM(
+        api_key="sk-test",
+        base_url=server.url,
+        model="m",
+        connect_timeout=1.0,
+        request_timeout=3.0,
+        deadline=5.0,
+        max_attempts=1,
+    )
+
+    ask_twice(server, lambda: llm.complete("Hi?"))
+
+    assert len(server.heads) == 2
 
 
 @pytest.mark.usefixtures("proxy_env")

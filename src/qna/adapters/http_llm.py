@@ -27,7 +27,7 @@ from qna.adapters.chat_completions import (
     Reply,
     error_message,
 )
-from qna.adapters.llm_pool import pool_options
+from qna.adapters.llm_pool import pool_options, with_cheap_reuse_check
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -135,8 +135,8 @@ def _pool_for(scheme: str, host: str) -> urllib3.PoolManager:
     options = pool_options()
     proxy = urllib.request.getproxies().get(scheme)
     if proxy and not urllib.request.proxy_bypass(host):
-        return urllib3.ProxyManager(proxy, **options)
-    return urllib3.PoolManager(**options)
+        return with_cheap_reuse_check(urllib3.ProxyManager(proxy, **options))
+    return with_cheap_reuse_check(urllib3.PoolManager(**options))
 
 
 def _version() -> str:

@@ -26,15 +26,17 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from qna.adapters.llm_pool import POOL_SIZE, pool_options
+from qna.adapters.llm_pool import POOL_SIZE, pool_options, with_cheap_reuse_check
 
 
 class Urllib3Transport(httpx2.BaseTransport):
     def __init__(self, *, max_connections: int = POOL_SIZE) -> None:
         # httpx's own TLS settings (its CA bundle, SSL_CERT_FILE...): the SDK trusts
         # the same servers through this transport as through its default one.
-        self._pool = urllib3.PoolManager(
-            **pool_options(max_connections), ssl_context=httpx2.create_ssl_context()
+        self._pool = with_cheap_reuse_check(
+            urllib3.PoolManager(
+                **pool_options(max_connections), ssl_context=httpx2.create_ssl_context()
+            )
         )
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:

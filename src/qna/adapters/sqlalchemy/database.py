@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import select
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from qna.adapters.sockets import readable
 from qna.domain.errors import StorageUnavailable
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
@@ -156,23 +156,8 @@ def _drop_if_closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) 
     discard the connection and check out another: the first ask after a restart
     succeeds, at no round trip per checkout (pre-ping costs one).
     """
-    if _readable(dbapi_connection.fileno()):
+    if readable(dbapi_connection.fileno()):
         raise DisconnectionError("the server closed this connection")
-
-
-# Bound when this module is imported: under gevent, a monkey-patched poll() goes
-# through gevent's hub (~30 us instead of ~1 us per call), and a zero-timeout check
-# needs none of that. `qna serve` imports this module in the master, before the
-# workers patch; imported later, the patched poll() is still correct, only slower.
-_POLL = getattr(select, "poll", None)
-
-
-def _readable(fd: int) -> bool:
-    if _POLL is not None:  # select() cannot watch descriptors past 1023
-        poller = _POLL()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
-    return bool(select.select([fd], [], [], 0)[0])  # Windows
 
 
 def set_driver_autocommit(connection: Connection, on: bool) -> None:
