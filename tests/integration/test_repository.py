@@ -311,6 +311,9 @@ class Writes:
     def __init__(self, engine: Engine) -> None:
         self.statements: list[tuple[str, bool]] = []
         self.checkouts = 0
+        #: Connections checked out once the rows had queued behind the first statement.
+        self.checked_out_while_queued: int | None = None
+        self._engine = engine
         self._held = threading.Event()
         self._go = threading.Event()
         self._go.set()
@@ -350,8 +353,9 @@ class Writes:
             thread.start()
         deadline = time.monotonic() + 10
         while batcher.queued < len(records) - 1:
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, f"{batcher.queued} rows queued"
             time.sleep(0.001)
+        self.checked_out_while_queued = self._engine.pool.checkedout()  # type: ignore[attr-defined]
         self._go.set()
         for thread in threads:
             thread.join(10)
@@ -425,3 +429,28 @@ def test_a_record_with_an_idempotency_key_is_inserted_alone(pg_engine: Engine) -
     assert batches.insert.queued == 0
     assert writes.statements == [("INSERT", False)]
     assert visible_elsewhere(pg_engine, keyed)
+
+
+def test_an_ask_waiting_for_its_turn_holds_no_connection(postgres_url: str) -> None:
+    # A pool of 2: the first statement holds one connection; two asks that looked the
+    # cache up first (so each had checked one out) queue behind it. Holding theirs
+    # while they wait, they would starve whoever runs their statement.
+    engine = create_engine(postgres_url, pool_size=2, connect_timeout=2)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM qn_a"))
+        batches, writes = WriteBatches(), Writes(engine)
+
+        def look_up_then_add(qna: QnA) -> None:
+            with SqlAlchemyUnitOfWork(engine, autocommit=True, batches=batches) as uow:
+                uow.qnas.find_answered(
+                    normalised=normalise_for_cache(qna.question), model="m", since=T0
+                )
+                uow.qnas.add(qna)
+
+        records = [QnA.ask(f"Looked up {n}?", model="m", now=T0) for n in range(3)]
+        assert writes.run_behind_first(batches.insert, look_up_then_add, records) == {}
+        assert writes.checked_out_while_queued == 1
+        assert all(visible_elsewhere(engine, qna) for qna in records)
+    finally:
+        engine.dispose()

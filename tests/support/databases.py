@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ProgrammingError
 
 from qna.adapters.sqlalchemy import database, migrate
 from qna.adapters.sqlalchemy.database import normalise_url
@@ -52,6 +54,24 @@ def postgres_server() -> Iterator[str]:
     pytest.skip(reason)
 
 
+def _drop(admin: Engine, name: str) -> None:
+    """DROP DATABASE … WITH (FORCE) ends our own sessions in it, but refuses when the
+    database holds a process of no role we may signal ("must be a member of the role
+    whose process is being terminated"; with only this role and the superuser on the
+    server, most likely an autovacuum worker). Such a process is gone within moments:
+    try again for a while."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except ProgrammingError as exc:
+            if "must be a member of the role" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @contextmanager
 def scratch_database(server_url: str) -> Iterator[str]:
     """A new, empty database on the server, dropped afterwards."""
@@ -62,8 +82,7 @@ def scratch_database(server_url: str) -> Iterator[str]:
     try:
         yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop(admin, name)
         admin.dispose()
 
 

@@ -5,6 +5,9 @@ The same class against SQLite and PostgreSQL: tests/integration/test_repository.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -15,6 +18,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from qna.adapters.sqlalchemy.batching import StatementBatcher
+from qna.domain.errors import StorageUnavailable
 
 STATEMENT = text("INSERT ...")
 Params = Mapping[str, Any]
@@ -181,9 +185,88 @@ def test_a_runner_killed_mid_statement_releases_everyone_it_was_running_for() ->
     connection.batch_error = Killed()
     first, callers = run_batch_behind_a_first_call(batcher, connection, [{"n": 1}, {"n": 2}])
     assert first.returned
-    assert [type(caller.error) for caller in callers] == [Killed, Killed]
+    # The runner is killed with its own exception; the others get an ordinary error
+    # (which AskQuestion retries), not another request's kill.
+    killed = [caller for caller in callers if isinstance(caller.error, Killed)]
+    told = [caller for caller in callers if isinstance(caller.error, StorageUnavailable)]
+    assert len(killed) == 1 and len(told) == 1
+    assert isinstance(told[0].error.__cause__, Killed)  # type: ignore[union-attr]
     batcher.execute(connection.connect, {"n": 3})
     assert connection.calls[-1] == {"n": 3}
+
+
+def test_each_caller_of_a_failed_batch_gets_its_own_error_object() -> None:
+    # One shared object would collect every caller's frames in its traceback.
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    connection.batch_error = operational_error()
+    _first, callers = run_batch_behind_a_first_call(batcher, connection, [{"n": 1}, {"n": 2}])
+    errors = [caller.error for caller in callers]
+    assert all(isinstance(error, OperationalError) for error in errors)
+    assert errors[0] is not errors[1]
+    assert str(errors[0]) == str(errors[1])
+
+
+def test_a_batch_never_outgrows_one_atomic_page_of_updates() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        StatementBatcher(STATEMENT, max_batch=101)
+
+
+# A caller that stops waiting (a gevent timeout, gevent.kill) must not stall the queue:
+# under gevent for real, in a child process (monkey-patching is for the whole process).
+GEVENT_SCRIPT = """
+from gevent import monkey; monkey.patch_all()
+import json, gevent
+from sqlalchemy import text
+from qna.adapters.sqlalchemy.batching import StatementBatcher
+from qna.domain.errors import StorageUnavailable
+
+def scenario(how):
+    batcher, calls, results = StatementBatcher(text("INSERT ...")), [], {}
+    greenlets = {}
+
+    class Connection:
+        def execute(self, _statement, params):
+            calls.append(params)
+            gevent.sleep(0.1)  # a statement in flight: the green driver parks here
+            if how == "killed-when-its-turn-came" and params == {"n": "L"}:
+                greenlets["F1"].kill(block=False)
+
+    def call(name, timeout=None):
+        try:
+            with gevent.Timeout(timeout):
+                batcher.execute(Connection, {"n": name})
+            results[name] = "ok"
+        except BaseException as exc:
+            results[name] = type(exc).__name__
+
+    greenlets["L"] = gevent.spawn(call, "L")
+    gevent.sleep(0.01)
+    greenlets["F1"] = gevent.spawn(call, "F1", 0.05 if how == "timed-out" else None)
+    gevent.sleep(0.01)
+    greenlets["F2"] = gevent.spawn(call, "F2")
+    gevent.joinall(list(greenlets.values()), timeout=3)
+    gevent.spawn(call, "Later").join(3)
+    rows = sorted(p["n"] for c in calls for p in (c if isinstance(c, list) else [c]))
+    return {"results": results, "rows": rows, "queued": batcher.queued}
+
+print(json.dumps({how: scenario(how) for how in ("timed-out", "killed-when-its-turn-came")}))
+"""
+
+
+def test_a_caller_that_stops_waiting_is_withdrawn_and_the_queue_goes_on() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", GEVENT_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout)
+    for how in ("timed-out", "killed-when-its-turn-came"):
+        result = outcome[how]
+        assert result["results"]["L"] == "ok"
+        assert result["results"]["F1"] in ("Timeout", "GreenletExit")
+        # F1's row was never written; everyone else's was, once, and nobody hangs.
+        assert result["results"]["F2"] == "ok" and result["results"]["Later"] == "ok"
+        assert result["rows"] == ["F2", "L", "Later"]
+        assert result["queued"] == 0
 
 
 def test_no_connection_fails_every_row_of_the_batch() -> None:

@@ -20,6 +20,7 @@ are `threading`'s).
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,9 +29,14 @@ from sqlalchemy import Connection, Executable
 from sqlalchemy.exc import DBAPIError
 
 from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS
+from qna.domain.errors import StorageUnavailable
 
 #: Rows in one statement at most; the rest of the queue goes in the next.
 MAX_BATCH = 64
+#: psycopg2's execute_batch sends UPDATEs in pages of 100 (SQLAlchemy's default
+#: `executemany_batch_page_size`), each page one query string and so one transaction;
+#: a bigger batch would commit its first pages even if a later one failed.
+_ATOMIC_UPDATE_PAGE = 100
 
 
 class _Waiter:
@@ -48,6 +54,8 @@ class StatementBatcher:
     """Runs `statement` for concurrent callers, many parameter sets at a time."""
 
     def __init__(self, statement: Executable, *, max_batch: int = MAX_BATCH) -> None:
+        if not 1 <= max_batch <= _ATOMIC_UPDATE_PAGE:
+            raise ValueError(f"max_batch must be between 1 and {_ATOMIC_UPDATE_PAGE}")
         self._statement = statement
         self._max_batch = max_batch
         self._lock = threading.Lock()
@@ -70,14 +78,36 @@ class StatementBatcher:
             leads = not self._running
             self._running = True
         if not leads:
-            waiter.ready.wait()
+            try:
+                waiter.ready.wait()
+            except BaseException:
+                self._withdraw(waiter)  # killed while queued (a gevent timeout, say)
+                raise
             if not waiter.leads:
                 if waiter.error is not None:
-                    raise waiter.error
+                    raise _own_copy(waiter.error)
                 return
         self._run_next_batch(connect)
         if waiter.error is not None:
             raise waiter.error
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """Take a caller that stopped waiting out of the queue, if no statement took
+        its row yet (then it is never written), and pass on its turn to run one."""
+        with self._lock:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+                if waiter.leads:
+                    self._hand_on()
+
+    def _hand_on(self) -> None:
+        """The next batch is the oldest queued caller's to run (under the lock)."""
+        if self._queue:
+            successor = self._queue[0]
+            successor.leads = True
+            successor.ready.set()
+        else:
+            self._running = False
 
     def _run_next_batch(self, connect: Callable[[], Connection]) -> None:
         with self._lock:
@@ -86,14 +116,20 @@ class StatementBatcher:
             del self._queue[: self._max_batch]
         try:
             _run(connect, self._statement, batch)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # The runner was killed: its callers get an ordinary error of their
+                # own, which AskQuestion retries, not another request's kill.
+                interrupted = StorageUnavailable(
+                    "The database write was interrupted; it may or may not have been made."
+                )
+                interrupted.__cause__ = exc
+                for waiter in batch[1:]:
+                    waiter.error = interrupted
+            raise
         finally:
             with self._lock:
-                if self._queue:
-                    successor = self._queue[0]
-                    successor.leads = True
-                    successor.ready.set()
-                else:
-                    self._running = False
+                self._hand_on()
             for waiter in batch[1:]:
                 waiter.ready.set()
 
@@ -129,6 +165,17 @@ def _run_alone(connection: Connection, statement: Executable, batch: list[_Waite
             return
         except DBAPIError as exc:
             waiter.error = exc
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """The error for one caller of a shared statement: a copy, so that each caller's
+    traceback is its own, not one that grows with every caller that raises it."""
+    try:
+        own = copy.copy(error)
+    except Exception:
+        return error
+    own.__cause__ = error.__cause__
+    return own
 
 
 def _fail(batch: list[_Waiter], exc: BaseException) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -95,19 +96,27 @@ class SqlAlchemyQnARepository:
     """`connect` gives the unit of work's connection, checking it out on first use.
 
     With `batches` (autocommit units of work only), a new record and a saved outcome
-    may go to the database in one statement with other asks' (batching.py).
+    may go to the database in one statement with other asks' (batching.py). Before
+    such a write waits for its turn, `release` gives the unit's connection back to
+    the pool: asks that wait must not hold the connections the one running their
+    statement needs (the pool has no overflow).
     """
 
     def __init__(
-        self, connect: Callable[[], Connection], batches: WriteBatches | None = None
+        self,
+        connect: Callable[[], Connection],
+        batches: WriteBatches | None = None,
+        release: Callable[[], None] = lambda: None,
     ) -> None:
         self._connection = connect
         self._batches = batches
+        self._release = release
 
     def add(self, qna: QnA) -> None:
         if self._batches is not None and qna.idempotency_key is None:
             # A record with a key is inserted alone: its unique constraint decides
             # between racing requests, and a conflict must fail only this ask.
+            self._release()
             self._batches.insert.execute(self._connection, row_values(qna))
             return
         try:
@@ -120,6 +129,7 @@ class SqlAlchemyQnARepository:
 
     def save(self, qna: QnA) -> None:
         if self._batches is not None:
+            self._release()
             self._batches.save_outcome.execute(self._connection, _outcome_values(qna))
             return
         self._connection().execute(_SAVE_OUTCOME, _outcome_values(qna))
@@ -189,7 +199,7 @@ class SqlAlchemyUnitOfWork:
         self._connection = None
         if not self._autocommit:
             self._connect().begin()
-        self.qnas = SqlAlchemyQnARepository(self._connect, self._batches)
+        self.qnas = SqlAlchemyQnARepository(self._connect, self._batches, self._release)
         return self
 
     def _connect(self) -> Connection:
@@ -216,20 +226,34 @@ class SqlAlchemyUnitOfWork:
         connection, self._connection = self._connection, None
         if connection is not None:
             try:
-                try:
-                    connection.rollback()
-                finally:
-                    # Even if the rollback failed: the connection must not go back to
-                    # the pool in autocommit mode.
-                    if self._autocommit:
-                        self._leave_autocommit(connection)
-                    connection.close()
+                self._give_back(connection)
             except DBAPIError:
                 # The connection is already broken; the original error says more.
                 if exc is None:
                     raise
         if exc is not None and is_unavailable(exc):
             raise storage_unavailable(exc) from exc
+
+    def _release(self) -> None:
+        """Give the connection back before waiting (autocommit: no transaction to keep);
+        the next statement checks one out again."""
+        if not self._autocommit:
+            return  # a transaction lives on its connection
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            # Broken, and given up by SQLAlchemy: the next statement checks out anew.
+            with contextlib.suppress(DBAPIError):
+                self._give_back(connection)
+
+    def _give_back(self, connection: Connection) -> None:
+        try:
+            connection.rollback()
+        finally:
+            # Even if the rollback failed: the connection must not go back to the pool
+            # in autocommit mode.
+            if self._autocommit:
+                self._leave_autocommit(connection)
+            connection.close()
 
     def commit(self) -> None:
         if self._connection is not None:
