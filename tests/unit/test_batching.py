@@ -34,6 +34,8 @@ class FakeConnection:
     def __init__(self) -> None:
         self.calls: list[Params | list[Params]] = []
         self.connects = 0
+        #: The rows whose callers had to wait for another's statement.
+        self.waited: list[int] = []
         self._started = threading.Event()
         self._released = threading.Event()
         self._released.set()
@@ -91,7 +93,12 @@ class Caller(threading.Thread):
 
 
 def ask(batcher: StatementBatcher, connection: FakeConnection, **params: Any) -> Caller:
-    caller = Caller(lambda: batcher.execute(connection.connect, params))
+    def before_waiting() -> None:
+        connection.waited.append(params["n"])
+
+    caller = Caller(
+        lambda: batcher.execute(connection.connect, params, before_waiting=before_waiting)
+    )
     caller.start()
     return caller
 
@@ -121,8 +128,9 @@ def run_batch_behind_a_first_call(
 
 def test_a_lone_caller_runs_its_row_at_once_on_its_own_connection() -> None:
     batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
-    batcher.execute(connection.connect, {"n": 1})
+    ask(batcher, connection, n=1).join(5)
     assert connection.calls == [{"n": 1}]
+    assert connection.waited == []
     assert connection.connects == 1
     assert batcher.queued == 0
 
@@ -137,8 +145,10 @@ def test_rows_that_queue_while_a_statement_runs_go_together_in_the_next() -> Non
     second = connection.calls[1]
     assert isinstance(second, list)
     assert sorted(row["n"] for row in second) == [1, 2, 3, 4, 5]
-    # One connection per statement: the callers whose rows another ran needed none.
+    # One connection per statement: the callers whose rows another ran needed none,
+    # and each was told it would wait (to give back a connection it held).
     assert connection.connects == 2
+    assert sorted(connection.waited) == [1, 2, 3, 4, 5]
     assert all(caller.returned for caller in [first, *callers])
 
 

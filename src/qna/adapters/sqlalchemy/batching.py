@@ -68,10 +68,18 @@ class StatementBatcher:
         with self._lock:
             return len(self._queue)
 
-    def execute(self, connect: Callable[[], Connection], params: Mapping[str, Any]) -> None:
+    def execute(
+        self,
+        connect: Callable[[], Connection],
+        params: Mapping[str, Any],
+        *,
+        before_waiting: Callable[[], None] = lambda: None,
+    ) -> None:
         """Run the statement with `params`, alone or with others' rows, on a connection
         in autocommit mode that `connect` gives (called only if this caller runs it).
-        Returns once the row is committed; raises the error that kept it out."""
+        Returns once the row is committed; raises the error that kept it out.
+        `before_waiting` runs if the caller has to wait for another's statement (to
+        give back a connection it holds, say)."""
         waiter = _Waiter(params)
         with self._lock:
             self._queue.append(waiter)
@@ -79,6 +87,7 @@ class StatementBatcher:
             self._running = True
         if not leads:
             try:
+                before_waiting()
                 waiter.ready.wait()
             except BaseException:
                 self._withdraw(waiter)  # killed while queued (a gevent timeout, say)

@@ -96,10 +96,10 @@ class SqlAlchemyQnARepository:
     """`connect` gives the unit of work's connection, checking it out on first use.
 
     With `batches` (autocommit units of work only), a new record and a saved outcome
-    may go to the database in one statement with other asks' (batching.py). Before
-    such a write waits for its turn, `release` gives the unit's connection back to
-    the pool: asks that wait must not hold the connections the one running their
-    statement needs (the pool has no overflow).
+    may go to the database in one statement with other asks' (batching.py). If such
+    a write has to wait for its turn, `release` first gives the unit's connection
+    back to the pool: asks that wait must not hold the connections the one running
+    their statement needs (the pool has no overflow).
     """
 
     def __init__(
@@ -116,8 +116,9 @@ class SqlAlchemyQnARepository:
         if self._batches is not None and qna.idempotency_key is None:
             # A record with a key is inserted alone: its unique constraint decides
             # between racing requests, and a conflict must fail only this ask.
-            self._release()
-            self._batches.insert.execute(self._connection, row_values(qna))
+            self._batches.insert.execute(
+                self._connection, row_values(qna), before_waiting=self._release
+            )
             return
         try:
             self._connection().execute(_INSERT, row_values(qna))
@@ -129,8 +130,9 @@ class SqlAlchemyQnARepository:
 
     def save(self, qna: QnA) -> None:
         if self._batches is not None:
-            self._release()
-            self._batches.save_outcome.execute(self._connection, _outcome_values(qna))
+            self._batches.save_outcome.execute(
+                self._connection, _outcome_values(qna), before_waiting=self._release
+            )
             return
         self._connection().execute(_SAVE_OUTCOME, _outcome_values(qna))
 
