@@ -290,3 +290,26 @@ def test_no_connection_fails_every_row_of_the_batch() -> None:
     assert connection.calls == []
     batcher.execute(connection.connect, {"n": 2})
     assert connection.calls == [{"n": 2}]
+
+
+def test_a_caller_that_fails_before_waiting_is_withdrawn_and_the_queue_goes_on() -> None:
+    # Giving back its connection can fail: that caller's ask fails, its row is never
+    # run, and the others are not held up.
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    connection.hold_first()
+    first = ask(batcher, connection, n=0)
+    connection.wait_started()
+
+    def cannot_give_back() -> None:
+        raise RuntimeError("rollback failed")
+
+    with pytest.raises(RuntimeError):
+        batcher.execute(connection.connect, {"n": 1}, before_waiting=cannot_give_back)
+    second = ask(batcher, connection, n=2)
+    wait_queued(batcher, 1)
+    connection.release()
+    for caller in (first, second):
+        caller.join(5)
+        assert caller.returned
+    assert connection.calls == [{"n": 0}, {"n": 2}]  # n=1 never ran
+    assert batcher.queued == 0
