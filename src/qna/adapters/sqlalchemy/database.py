@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy.exc import (
     DisconnectionError,
     InterfaceError,
     OperationalError,
+    SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -48,6 +50,18 @@ def storage_unavailable(exc: BaseException) -> StorageUnavailable:
     lines = str(original).strip().splitlines()
     reason = lines[0] if lines else type(original).__name__
     return StorageUnavailable(f"The database is unavailable: {reason}")
+
+
+@contextmanager
+def unavailable_as_storage_error() -> Iterator[None]:
+    """Inside: a database that cannot do the work raises StorageUnavailable; any
+    other SQLAlchemy error (a fault in what was asked) passes through as it is."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        if is_unavailable(exc):
+            raise storage_unavailable(exc) from exc
+        raise
 
 
 def normalise_url(url: str) -> str:

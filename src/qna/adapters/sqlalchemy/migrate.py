@@ -10,9 +10,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import SQLAlchemyError
 
-from qna.adapters.sqlalchemy.database import is_unavailable, storage_unavailable
+from qna.adapters.sqlalchemy.database import unavailable_as_storage_error
 
 # An arbitrary constant: the key of the PostgreSQL advisory lock that serialises
 # concurrent upgrades (several workers or CLI processes starting at once).
@@ -38,12 +37,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    try:
+    with unavailable_as_storage_error():
         _upgrade(engine, revision)
-    except SQLAlchemyError as exc:
-        if is_unavailable(exc):
-            raise storage_unavailable(exc) from exc
-        raise
 
 
 def _upgrade(engine: Engine, revision: str) -> None:
@@ -71,9 +66,5 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def is_at_head(engine: Engine) -> bool:
-    try:
+    with unavailable_as_storage_error():
         return current_revision(engine) == head_revision()
-    except SQLAlchemyError as exc:
-        if is_unavailable(exc):
-            raise storage_unavailable(exc) from exc
-        raise

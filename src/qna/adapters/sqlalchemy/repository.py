@@ -11,13 +11,14 @@ from typing import Any, Self
 from uuid import UUID
 
 from sqlalchemy import Connection, Engine, Select, and_, bindparam, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from qna.adapters.sqlalchemy.batching import StatementBatcher
 from qna.adapters.sqlalchemy.database import (
     is_unavailable,
     set_driver_autocommit,
     storage_unavailable,
+    unavailable_as_storage_error,
 )
 from qna.adapters.sqlalchemy.tables import (
     qn_a,
@@ -207,16 +208,12 @@ class SqlAlchemyUnitOfWork:
     def _connect(self) -> Connection:
         if self._connection is not None:
             return self._connection
-        try:
+        with unavailable_as_storage_error():
             # Checking out replaces pooled connections a database restart killed
             # (database._drop_if_closed_by_server), before any work depends on them.
             self._connection = self._engine.connect()
             if self._autocommit:
                 set_driver_autocommit(self._connection, True)
-        except SQLAlchemyError as exc:
-            if is_unavailable(exc):
-                raise storage_unavailable(exc) from exc
-            raise
         return self._connection
 
     def __exit__(
