@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, Executable
 from sqlalchemy.exc import DBAPIError
 
-from qna.adapters.sqlalchemy.database import UNAVAILABLE_ERRORS
+from qna.adapters.sqlalchemy.database import is_unavailable
 from qna.domain.errors import StorageUnavailable
 
 #: Rows in one statement at most; the rest of the queue goes in the next.
@@ -125,17 +125,6 @@ class StatementBatcher:
             del self._queue[: self._max_batch]
         try:
             _run(connect, self._statement, batch)
-        except BaseException as exc:
-            if not isinstance(exc, Exception):
-                # The runner was killed: its callers get an ordinary error of their
-                # own, which AskQuestion retries, not another request's kill.
-                interrupted = StorageUnavailable(
-                    "The database write was interrupted; it may or may not have been made."
-                )
-                interrupted.__cause__ = exc
-                for waiter in batch[1:]:
-                    waiter.error = interrupted
-            raise
         finally:
             with self._lock:
                 self._hand_on()
@@ -152,14 +141,22 @@ def _run(connect: Callable[[], Connection], statement: Executable, batch: list[_
             else:
                 connection.execute(statement, [waiter.params for waiter in batch])
         except DBAPIError as exc:
-            if len(batch) == 1 or isinstance(exc, UNAVAILABLE_ERRORS):
+            if len(batch) == 1 or is_unavailable(exc):
                 _fail(batch, exc)  # the database's fault, not a row's: nobody is in
             else:
                 _run_alone(connection, statement, batch)
+    except Exception as exc:
+        _fail(batch, exc)  # no connection, or a bug: every caller is told
+        raise
     except BaseException as exc:
-        # No connection, a killed runner (a gevent timeout, an interrupt) or a bug:
-        # the rows may or may not be in, and nobody may wait forever.
-        _fail(batch, exc)
+        # The runner was killed (a gevent timeout, an interrupt): the rows may or may
+        # not be in, and nobody may wait forever. The callers get an ordinary error of
+        # their own, which AskQuestion retries, not another request's kill.
+        interrupted = StorageUnavailable(
+            "The database write was interrupted; it may or may not have been made."
+        )
+        interrupted.__cause__ = exc
+        _fail(batch, interrupted)
         raise
 
 
@@ -169,10 +166,10 @@ def _run_alone(connection: Connection, statement: Executable, batch: list[_Waite
     for index, waiter in enumerate(batch):
         try:
             connection.execute(statement, waiter.params)
-        except UNAVAILABLE_ERRORS as exc:
-            _fail(batch[index:], exc)
-            return
         except DBAPIError as exc:
+            if is_unavailable(exc):
+                _fail(batch[index:], exc)
+                return
             waiter.error = exc
 
 
