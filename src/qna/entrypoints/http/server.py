@@ -99,6 +99,11 @@ def _child_exit(_server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
+def _address(host: str, port: int) -> str:
+    """host:port as gunicorn binds it, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class CannotListen(Exception):
     """The address `qna serve` was told to listen on cannot be had."""
 
@@ -111,7 +116,7 @@ def check_can_listen(host: str, port: int) -> None:
     port in the moment between the two binds; gunicorn then reports it.)
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = _address(host, port)
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does
@@ -171,7 +176,7 @@ def serve(
     # environment of whoever called it.
     prepare_multiprocess_metrics(workers)
     options: dict[str, Any] = {
-        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "bind": _address(host, port),
         "workers": workers,
         "worker_class": f"{__name__}.{WORKER_CLASSES[worker_class].__name__}",
         "threads": threads if worker_class == "gthread" else 1,
