@@ -9,6 +9,7 @@ pooled urllib3 request, a few times cheaper in CPU per ask).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -192,6 +193,14 @@ class ChatCompletionsLLM(ABC):
             error, what, retryable=True, cause=cause, detail=detail, retry_after=retry_after
         )
 
+    def _read_reply(self, body: bytes) -> Reply | Failure:
+        """A 2xx response's body: the chat completion in it, or why it is not one."""
+        try:
+            parsed = json.loads(body)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            return self._not_a_completion(exc)
+        return reply_from_json(parsed) or self._not_a_completion()
+
     def _not_a_completion(self, cause: BaseException | None = None) -> Failure:
         """A 2xx whose body is not a chat completion (`cause`: why it could not be read)."""
         detail = type(cause).__name__ if cause is not None else ""
@@ -277,6 +286,30 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
             when = when.replace(tzinfo=UTC)
         value = (when - datetime.now(UTC)).total_seconds()
     return max(0.0, value) if math.isfinite(value) else None
+
+
+def reply_from_json(body: object) -> Reply | None:
+    """The parts of a chat completion body, or None when it is not a JSON object."""
+    if not isinstance(body, dict):
+        return None
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return Reply(has_choices=False)
+    first = choices[0]
+    message = first.get("message") if isinstance(first, dict) else None
+    if not isinstance(message, dict):
+        message = {}
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    return Reply(
+        has_choices=True,
+        content=message.get("content"),
+        refusal=message.get("refusal"),
+        model=body.get("model"),
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+    )
 
 
 def error_message(body: object) -> object:

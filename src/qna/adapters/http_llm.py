@@ -91,35 +91,7 @@ class HttpLLM(ChatCompletionsLLM):
             return self._status_failure(
                 response.status, response.headers, error_message(_decode_error(data))
             )
-        try:
-            parsed = json.loads(data)
-        except ValueError as exc:
-            return self._not_a_completion(exc)
-        return _reply(parsed) or self._not_a_completion()
-
-
-def _reply(body: object) -> Reply | None:
-    """The parts of a chat completion body, or None when it is not a JSON object."""
-    if not isinstance(body, dict):
-        return None
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return Reply(has_choices=False)
-    first = choices[0]
-    message = first.get("message") if isinstance(first, dict) else None
-    if not isinstance(message, dict):
-        message = {}
-    usage = body.get("usage")
-    if not isinstance(usage, dict):
-        usage = {}
-    return Reply(
-        has_choices=True,
-        content=message.get("content"),
-        refusal=message.get("refusal"),
-        model=body.get("model"),
-        prompt_tokens=usage.get("prompt_tokens"),
-        completion_tokens=usage.get("completion_tokens"),
-    )
+        return self._read_reply(data)
 
 
 def _decode_error(data: bytes) -> object:
