@@ -216,3 +216,24 @@ def test_any_http_url_with_a_host_is_a_base_url(url: str) -> None:
 def test_a_base_url_without_a_host_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(qna.ConfigurationError, match="OPENAI_BASE_URL"):
         qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", openai_base_url="http://")
+
+
+def test_a_misspelt_keyword_is_refused_not_ignored(tmp_path: Path) -> None:
+    # Ignored, the typo sent the records to the default database in the home directory.
+    with pytest.raises(TypeError, match=r"'databse_url'.*did you mean 'database_url'"):
+        qna.connect(databse_url=f"sqlite:///{tmp_path / 'x.db'}", openai_base_url="http://x/v1")
+    with pytest.raises(TypeError, match="'colour'"):
+        qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", colour="blue")
+    assert not (tmp_path / "home").exists()
+
+
+def test_settings_given_by_their_variable_names_are_accepted(
+    fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    with qna.connect(DATABASE_URL=database_url, OPENAI_BASE_URL=fake_openai.base_url) as client:
+        assert client.ask(QUESTION).status is qna.Status.ANSWERED
+
+
+def test_a_url_in_place_of_settings_is_a_clear_type_error(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"qna\.Settings.*database_url="):
+        qna.connect(f"sqlite:///{tmp_path / 'x.db'}")  # type: ignore[arg-type]

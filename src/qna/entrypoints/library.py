@@ -11,6 +11,7 @@ with qna.connect() as client:           # settings from the environment / .env
 
 from __future__ import annotations
 
+import difflib
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
@@ -63,7 +64,11 @@ def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
 
     Keyword overrides use the settings' names, e.g.
     `connect(database_url="sqlite:///qna.db", openai_base_url="http://localhost:11434/v1")`.
+
+    A name that is not a setting is a TypeError, as for any Python function: ignored,
+    a misspelt `database_url` would send the records to the default database.
     """
+    _check_arguments(settings, overrides)
     container = create_container(load_settings(settings, **overrides))
     try:
         upgrade_database(container)
@@ -72,3 +77,25 @@ def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
         shutdown(container)
         raise
     return Client(container)
+
+
+def _setting_names() -> frozenset[str]:
+    """Each setting by its name (`database_url`) and its variable's (`DATABASE_URL`)."""
+    names = set(Settings.model_fields)
+    for info in Settings.model_fields.values():
+        names.update(str(alias) for alias in getattr(info.validation_alias, "choices", []))
+    return frozenset(names)
+
+
+def _check_arguments(settings: object, overrides: dict[str, Any]) -> None:
+    if settings is not None and not isinstance(settings, Settings):
+        raise TypeError(
+            f"connect() takes a qna.Settings, not {type(settings).__name__}; "
+            "give single settings by name, e.g. connect(database_url=...)"
+        )
+    known = _setting_names()
+    for name in overrides:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"connect() got an unexpected keyword argument {name!r}{hint}")
