@@ -237,3 +237,23 @@ def test_settings_given_by_their_variable_names_are_accepted(
 def test_a_url_in_place_of_settings_is_a_clear_type_error(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"qna\.Settings.*database_url="):
         qna.connect(f"sqlite:///{tmp_path / 'x.db'}")  # type: ignore[arg-type]
+
+
+def test_a_closed_client_refuses_to_work_and_closes_twice_quietly(
+    fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    with qna.connect(database_url=database_url, openai_base_url=fake_openai.base_url) as client:
+        record = client.ask(QUESTION)
+    client.close()  # again: nothing to do
+
+    # Before, each call quietly built a new engine and LLM client that nobody closed.
+    for call in (
+        lambda: client.ask(QUESTION),
+        lambda: client.get(record.id),
+        lambda: client.history(),
+        lambda: client.__enter__(),
+    ):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    assert fake_openai.calls == 1
+    assert len(stored_rows(database_url)) == 1

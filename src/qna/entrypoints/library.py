@@ -23,10 +23,16 @@ from qna.domain.model import QnA
 
 
 class Client:
-    """Ask questions and read the history. Thread-safe; close it (or use `with`) when done."""
+    """Ask questions and read the history. Thread-safe; close it (or use `with`) when done.
+
+    Once closed, every method but `close` raises RuntimeError: the container would
+    otherwise build a new engine and LLM client on the next call, and nothing would
+    close those.
+    """
 
     def __init__(self, container: Container) -> None:
         self._container = container
+        self._closed = False
 
     def ask(self, question: str, *, fresh: bool = False) -> QnA:
         """Ask, store and return the answered record.
@@ -34,20 +40,24 @@ class Client:
         Raises `qna.InvalidQuestion` before anything is stored, or a subclass of
         `qna.LLMError` (after the failure is stored) when the LLM does not answer.
         """
-        return self._container.ask_question()(question, fresh=fresh)
+        return self._open().ask_question()(question, fresh=fresh)
 
     def get(self, qna_id: UUID | str) -> QnA:
         """One stored record; raises `qna.NotFound`."""
-        return self._container.get_qna()(qna_id)
+        return self._open().get_qna()(qna_id)
 
     def history(self, *, limit: int = 20, cursor: str | None = None) -> Page:
         """Newest first; pass `page.next_cursor` back as `cursor` for older records."""
-        return self._container.list_qna()(limit=limit, cursor=cursor)
+        return self._open().list_qna()(limit=limit, cursor=cursor)
 
     def close(self) -> None:
-        shutdown(self._container)
+        """Close the database pool and the LLM client; calling it again does nothing."""
+        if not self._closed:
+            self._closed = True
+            shutdown(self._container)
 
     def __enter__(self) -> Self:
+        self._open()
         return self
 
     def __exit__(
@@ -57,6 +67,11 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def _open(self) -> Container:
+        if self._closed:
+            raise RuntimeError("This qna.Client is closed; call qna.connect() for a new one.")
+        return self._container
 
 
 def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
