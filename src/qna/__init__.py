@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qna.application.use_cases import InvalidArgument, InvalidCursor
 from qna.domain import (
     InvalidQuestion,
     LLMBadResponse,
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Client",
     "ConfigurationError",
+    "InvalidArgument",
+    "InvalidCursor",
     "InvalidQuestion",
     "LLMBadResponse",
     "LLMError",

@@ -257,3 +257,16 @@ def test_a_closed_client_refuses_to_work_and_closes_twice_quietly(
             call()
     assert fake_openai.calls == 1
     assert len(stored_rows(database_url)) == 1
+
+
+def test_bad_history_arguments_raise_errors_named_in_qna(client: qna.Client) -> None:
+    assert issubclass(qna.InvalidCursor, qna.InvalidArgument)
+    assert issubclass(qna.InvalidArgument, qna.QnAError)
+    with pytest.raises(qna.InvalidArgument, match="limit"):
+        client.history(limit=0)
+    with pytest.raises(qna.InvalidArgument, match="limit"):
+        client.history(limit="10")  # type: ignore[arg-type]
+    with pytest.raises(qna.InvalidCursor):
+        client.history(cursor="not a cursor")
+    with pytest.raises(qna.InvalidCursor):
+        client.history(cursor=123)  # type: ignore[arg-type]

@@ -486,8 +486,22 @@ def test_limit_bounds_are_inclusive(world: World, limit: int) -> None:
 
 @pytest.mark.parametrize("limit", [0, -1, 101])
 def test_limit_out_of_bounds_is_refused(world: World, limit: int) -> None:
-    with pytest.raises(InvalidArgument, match="between 1 and 100"):
+    with pytest.raises(InvalidArgument, match="integer from 1 to 100"):
         ListQnA(world.uow)(limit=limit)
+
+
+@pytest.mark.parametrize("limit", ["10", 1.5, 10.0, None, True], ids=repr)
+def test_a_limit_that_is_not_an_integer_is_refused(world: World, limit: object) -> None:
+    # Before: a TypeError about '<=' or slice indices (1.5 passed the range check).
+    with pytest.raises(InvalidArgument, match="integer from 1 to 100"):
+        ListQnA(world.uow)(limit=limit)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cursor", [123, b"abc", ["x"]], ids=repr)
+def test_a_cursor_that_is_not_a_string_is_refused(world: World, cursor: object) -> None:
+    # Before: 123 was "TypeError: object of type 'int' has no len()".
+    with pytest.raises(InvalidCursor):
+        ListQnA(world.uow)(cursor=cursor)  # type: ignore[arg-type]
 
 
 def _b64(payload: object) -> str:

@@ -268,8 +268,13 @@ class ListQnA(_ReadsHistory):
     MAX_LIMIT = 100
 
     def __call__(self, *, limit: int = 20, cursor: str | None = None) -> Page:
-        if not 1 <= limit <= self.MAX_LIMIT:
-            raise InvalidArgument(f"limit must be between 1 and {self.MAX_LIMIT}.")
+        # bool is an int to Python, and 1.5 passes a range check: neither is a limit.
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= self.MAX_LIMIT
+        ):
+            raise InvalidArgument(f"limit must be an integer from 1 to {self.MAX_LIMIT}.")
         before = decode_cursor(cursor) if cursor else None
         with self._uow() as uow:
             # One extra row tells whether another page follows without a COUNT.
@@ -333,7 +338,7 @@ _MAX_CURSOR_LENGTH = 200
 
 def decode_cursor(cursor: str) -> PageKey:
     refused = InvalidCursor("The cursor is not one this service gave out.")
-    if len(cursor) > _MAX_CURSOR_LENGTH:
+    if not isinstance(cursor, str) or len(cursor) > _MAX_CURSOR_LENGTH:
         raise refused
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))

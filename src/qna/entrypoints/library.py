@@ -47,7 +47,11 @@ class Client:
         return self._open().get_qna()(qna_id)
 
     def history(self, *, limit: int = 20, cursor: str | None = None) -> Page:
-        """Newest first; pass `page.next_cursor` back as `cursor` for older records."""
+        """Newest first; pass `page.next_cursor` back as `cursor` for older records.
+
+        Raises `qna.InvalidArgument` when `limit` is not an integer from 1 to 100, and
+        its subclass `qna.InvalidCursor` when `cursor` is not one a page gave out.
+        """
         return self._open().list_qna()(limit=limit, cursor=cursor)
 
     def close(self) -> None:
