@@ -74,3 +74,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'qna' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Without this, dir() and so help(qna) miss the lazy names: connect and Client.
+    return sorted({*globals(), *__all__})

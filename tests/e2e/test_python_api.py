@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydoc
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -270,3 +271,11 @@ def test_bad_history_arguments_raise_errors_named_in_qna(client: qna.Client) -> 
         client.history(cursor="not a cursor")
     with pytest.raises(qna.InvalidCursor):
         client.history(cursor=123)  # type: ignore[arg-type]
+
+
+def test_help_and_dir_show_everything_qna_exports() -> None:
+    # The client, connect and Settings load lazily; help(qna) listed none of them.
+    assert set(qna.__all__) <= set(dir(qna))
+    text = pydoc.render_doc(qna, renderer=pydoc.plaintext)
+    for name in ("connect(", "class Client", "class Settings", "class Page"):
+        assert name in text
