@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from qna.config import Settings
 from qna.entrypoints.cli import EXIT_BROKEN_PIPE, EXIT_CANNOT_LISTEN, EXIT_CODES, cli
+from qna.entrypoints.http.openapi import openapi_document
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -33,6 +34,21 @@ def test_every_setting_is_in_the_readme_table_and_nothing_else() -> None:
 def test_every_exit_code_is_in_the_readme() -> None:
     documented = {int(code) for code in re.findall(r"^\| (\d+) \| ", README, flags=re.MULTILINE)}
     assert {code for _, code in EXIT_CODES} | {EXIT_CANNOT_LISTEN, EXIT_BROKEN_PIPE} <= documented
+
+
+def test_every_error_code_the_openapi_document_names_is_in_the_readme() -> None:
+    document = openapi_document(max_question_length=10, max_body_bytes=1024, auth=True)
+    named = {
+        code
+        for operations in document["paths"].values()
+        for operation in operations.values()
+        for status, response in operation["responses"].items()
+        if int(status) >= 400
+        for code in re.findall(r"`([a-z_]+)`", response["description"])
+    }
+    table = README.split("| status | codes |", 1)[1].split("\n\n", 1)[0]
+
+    assert named <= set(re.findall(r"`([a-z_]+)`", table))
 
 
 def test_compose_runs_the_tested_serve_command_after_a_healthy_postgres() -> None:

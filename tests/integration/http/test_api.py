@@ -445,6 +445,44 @@ def test_openapi_states_this_servers_limits(client: FlaskClient) -> None:
     assert str(MAX_QUESTION_LENGTH) in question["description"]
 
 
+# The error codes each route can answer with, by status (the rest of this file shows
+# each one happening): the document must name them, and no other route's.
+ROUTE_ERROR_CODES = {
+    ("/ask", "post"): {
+        "400": ["invalid_json", "invalid_request", "invalid_question", "invalid_argument"],
+        "502": ["llm_refused", "llm_bad_response"],
+        "503": ["llm_unavailable", "llm_rate_limited", "database_unavailable", "misconfigured"],
+        "504": ["llm_timeout"],
+    },
+    ("/questions", "get"): {
+        "400": ["invalid_argument", "invalid_cursor"],
+        "503": ["database_unavailable"],
+    },
+    ("/questions/{id}", "get"): {"404": ["not_found"], "503": ["database_unavailable"]},
+    ("/readyz", "get"): {"503": ["database_unavailable", "migrations_pending"]},
+}
+
+
+@pytest.mark.parametrize("route", ROUTE_ERROR_CODES, ids=" ".join)
+def test_openapi_names_each_routes_error_codes(client: FlaskClient, route: tuple[str, str]) -> None:
+    path, method = route
+    responses = client.get("/openapi.json").get_json()["paths"][path][method]["responses"]
+
+    for status, codes in ROUTE_ERROR_CODES[route].items():
+        described = set(re.findall(r"`([a-z_]+)`", responses[status]["description"]))
+        assert described == set(codes), (status, responses[status]["description"])
+
+
+def test_openapi_names_a_code_for_every_error_response(secured: FlaskClient) -> None:
+    document = secured.get("/openapi.json").get_json()
+
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if int(status) >= 400:
+                    assert re.search(r"`[a-z_]+`", response["description"]), (path, method, status)
+
+
 def test_docs_is_an_html_page(client: FlaskClient) -> None:
     response = client.get("/docs")
 

@@ -25,23 +25,39 @@ def _json(model: type[BaseModel], description: str, **extra: Any) -> dict[str, A
     }
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    texts = {
-        400: "The request is malformed: invalid JSON or UTF-8, wrong types, or a question "
-        "that is empty, too long or contains control characters.",
-        401: "A bearer token is required (QNA_API_TOKENS is set) and was missing or wrong.",
-        404: "No such record.",
-        409: "A request with this Idempotency-Key is still being answered.",
-        413: "The body is larger than QNA_MAX_BODY_BYTES.",
-        415: "The body is not JSON (application/json or a +json type), or is declared "
-        "in a charset other than UTF-8.",
-        422: "This Idempotency-Key was used with a different body.",
-        429: "Too many requests; see Retry-After.",
-        500: "An unexpected error.",
-        502: "The LLM refused the request or gave an unusable answer (stored as failed).",
-        503: "The LLM or the database is unavailable or rate-limited; see Retry-After.",
-        504: "The LLM did not answer in time (stored as failed).",
-    }
+# What each error status means, and the `code`s it carries. A route whose errors of
+# one status differ from these (GET /questions's 400s are about its parameters, not a
+# question) passes its own text.
+ERROR_TEXTS = {
+    400: "The request is malformed: not JSON or not UTF-8 (`invalid_json`), the wrong "
+    "fields or types (`invalid_request`), a question that is empty, too long or contains "
+    "control characters (`invalid_question`), or an Idempotency-Key that is not 1 to 200 "
+    "printable ASCII characters (`invalid_argument`).",
+    401: "A bearer token is required (QNA_API_TOKENS is set) and was missing or wrong "
+    "(`unauthorized`).",
+    404: "No such record, or the id is not one (`not_found`).",
+    409: "A request with this Idempotency-Key is still being answered "
+    "(`idempotency_key_in_flight`).",
+    413: "The body is larger than QNA_MAX_BODY_BYTES (`payload_too_large`).",
+    415: "The body is not JSON (application/json or a +json type), or is declared "
+    "in a charset other than UTF-8 (`unsupported_media_type`).",
+    422: "This Idempotency-Key was used with a different body (`idempotency_key_reused`).",
+    429: "Too many requests; see Retry-After (`rate_limited`).",
+    500: "An unexpected error (`internal_error`).",
+    502: "The LLM refused the request (`llm_refused`) or gave an unusable answer "
+    "(`llm_bad_response`); stored as failed, the error's qna_id names the record.",
+    503: "The LLM is unavailable (`llm_unavailable`) or rate-limited us "
+    "(`llm_rate_limited`), or the database is unavailable (`database_unavailable`); "
+    "see Retry-After. An application embedded without OPENAI_API_KEY or OPENAI_BASE_URL "
+    "answers `misconfigured` (`qna serve` refuses to start without them).",
+    504: "The LLM did not answer in time (`llm_timeout`); stored as failed, the error's qna_id "
+    "names the record.",
+}
+DATABASE_UNAVAILABLE = "The database is unavailable (`database_unavailable`); see Retry-After."
+
+
+def _errors(*statuses: int, texts: dict[int, str] | None = None) -> dict[str, Any]:
+    texts = {**ERROR_TEXTS, **(texts or {})}
     headers = {
         401: {"WWW-Authenticate": {"description": "Bearer.", "schema": {"type": "string"}}},
         429: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
@@ -162,7 +178,18 @@ def openapi_document(
                     ],
                     "responses": {
                         "200": _json(QnAPage, "A page of records."),
-                        **_errors(400, 401, 429, 503),
+                        **_errors(
+                            400,
+                            401,
+                            429,
+                            503,
+                            texts={
+                                400: "limit is not an integer from 1 to 100 "
+                                "(`invalid_argument`), or cursor is not the next of a "
+                                "page (`invalid_cursor`).",
+                                503: DATABASE_UNAVAILABLE,
+                            },
+                        ),
                         **common,
                     },
                 }
@@ -177,7 +204,7 @@ def openapi_document(
                     ],
                     "responses": {
                         "200": _json(QnAOut, "The record."),
-                        **_errors(401, 404, 429, 503),
+                        **_errors(401, 404, 429, 503, texts={503: DATABASE_UNAVAILABLE}),
                         **common,
                     },
                 }
@@ -197,7 +224,11 @@ def openapi_document(
                     "security": [],
                     "responses": {
                         "200": _json(Health, "Ready."),
-                        "503": _json(ErrorResponse, "Not ready."),
+                        "503": _json(
+                            ErrorResponse,
+                            "Not ready: the database is unavailable (`database_unavailable`) "
+                            "or not at the newest migration (`migrations_pending`).",
+                        ),
                     },
                 }
             },
