@@ -224,7 +224,8 @@ def test_history_pages_with_limit_and_cursor(fake: FakeOpenAI) -> None:
     assert second["next"] is None
 
     text = qna("history", "-n", "2")
-    assert f"qna history --cursor {first['next']}" in text.stdout
+    # The hint keeps the page size: without -n it went on 20 at a time.
+    assert f"(more: qna history -n 2 --cursor {first['next']})" in text.stdout
 
 
 def test_history_of_an_empty_database_is_empty(fake: FakeOpenAI) -> None:

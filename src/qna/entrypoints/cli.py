@@ -56,6 +56,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+DEFAULT_HISTORY_LIMIT = 20
+
 # As a shell reports a process that SIGPIPE ended (128 + 13).
 EXIT_BROKEN_PIPE = 141
 # `qna serve` cannot listen on its --host and --port (in use, say).
@@ -269,7 +271,7 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
 @click.option(
     "-n",
     "--limit",
-    default=20,
+    default=DEFAULT_HISTORY_LIMIT,
     show_default=True,
     type=click.IntRange(1, 100),
     help="How many records to show.",
@@ -289,7 +291,9 @@ def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> N
         click.echo(f"{qna.id}  {stamp}  {qna.status.value:<8}  {_one_line(qna.question, 60)}")
         click.echo(f"    {_one_line(describe(qna), 100)}")
     if page.next_cursor:
-        click.echo(f"(more: qna history --cursor {page.next_cursor})")
+        # The same page size as this one: following the hint should read on, not re-page.
+        size = f"-n {limit} " if limit != DEFAULT_HISTORY_LIMIT else ""
+        click.echo(f"(more: qna history {size}--cursor {page.next_cursor})")
 
 
 @cli.command()
