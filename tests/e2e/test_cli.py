@@ -15,7 +15,10 @@ from uuid import UUID, uuid4
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import text
 
+from qna.adapters.sqlalchemy.database import create_engine
+from qna.adapters.sqlalchemy.migrate import head_revision
 from qna.config import DEFAULT_MODEL
 from qna.entrypoints.cli import cli
 from tests.e2e.helpers import error_line, stored_rows
@@ -32,6 +35,7 @@ from tests.support.fake_openai import (
 )
 
 QUESTION = "What is the capital of France?"
+HEAD = head_revision()
 
 
 def qna(*args: str, input: str | None = None) -> Result:
@@ -559,6 +563,30 @@ def test_a_sqlite_file_that_is_not_a_database_exits_6(
     assert result.exit_code == 6
     assert "database" in error_line(result.stderr)
     assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],
+    ids=["ask", "history", "show", "db-upgrade"],
+)
+def test_a_database_migrated_by_a_newer_qna_exits_6_saying_so(
+    fake: FakeOpenAI, database_url: str, args: tuple[str, ...]
+) -> None:
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+
+        result = qna(*args)
+
+        assert result.exit_code == 6, result.stderr
+        assert "newer qna" in error_line(result.stderr)
+        assert fake.calls == 0
+    finally:
+        with engine.begin() as connection:  # the next test's database is migrated
+            connection.execute(text(f"UPDATE alembic_version SET version_num = '{HEAD}'"))
+        engine.dispose()
 
 
 def test_db_upgrade_says_up_to_date(fake: FakeOpenAI) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pydoc
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -279,3 +280,14 @@ def test_help_and_dir_show_everything_qna_exports() -> None:
     text = pydoc.render_doc(qna, renderer=pydoc.plaintext)
     for name in ("connect(", "class Client", "class Settings", "class Page"):
         assert name in text
+
+
+def test_a_database_migrated_by_a_newer_qna_is_storage_unavailable(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    qna.connect(database_url=url, openai_base_url="http://127.0.0.1:1/v1").close()
+    with sqlite3.connect(tmp_path / "x.db") as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999_future'")
+
+    # Before: alembic.util.exc.CommandError ("Can't locate revision ...").
+    with pytest.raises(qna.StorageUnavailable, match="newer qna"):
+        qna.connect(database_url=url, openai_base_url="http://127.0.0.1:1/v1")

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
 from qna.adapters.sqlalchemy.tables import metadata
+from qna.domain.errors import StorageUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,5 +133,21 @@ def test_installed_wheel_migrates_an_empty_database(
     engine = create_engine(empty_postgres_url)
     try:
         assert migrate.is_at_head(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_schema_from_a_newer_qna_is_storage_unavailable_naming_it(empty_url: str) -> None:
+    # A rolled-back deploy, or an older qna pointed at a shared database: alembic's
+    # CommandError ("Can't locate revision") was an internal error everywhere.
+    engine = create_engine(empty_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+
+        with pytest.raises(StorageUnavailable, match=r"newer qna.*9999_future"):
+            migrate.upgrade(engine)
+        assert not migrate.is_at_head(engine)
     finally:
         engine.dispose()

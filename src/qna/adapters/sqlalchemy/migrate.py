@@ -12,6 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 
 from qna.adapters.sqlalchemy.database import unavailable_as_storage_error
+from qna.domain.errors import StorageUnavailable
 
 # An arbitrary constant: the key of the PostgreSQL advisory lock that serialises
 # concurrent upgrades (several workers or CLI processes starting at once).
@@ -52,7 +53,26 @@ def _upgrade(engine: Engine, revision: str) -> None:
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
             )
+        _refuse_a_newer_schema(connection)
         command.upgrade(alembic_config(connection), revision)
+
+
+def _refuse_a_newer_schema(connection: Connection) -> None:
+    # A rolled-back deploy, or an older qna pointed at a shared database, finds a
+    # revision it has no script for; alembic's "Can't locate revision" would be an
+    # internal error, with nothing to tell the user what to do.
+    current = MigrationContext.configure(connection).get_current_revision()
+    if current is not None and current not in known_revisions():
+        raise StorageUnavailable(
+            f"The database was migrated by a newer qna (schema revision {current}, "
+            "which this version does not know); upgrade qna to use it."
+        )
+
+
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(revision.revision for revision in script.walk_revisions())
 
 
 @functools.cache
