@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,8 @@ def test_installed_wheel_migrates_an_empty_database(
         capture_output=True,
     )
     wheel = next(dist.glob("qna-*.whl"))
+    # PEP 561: without the marker, mypy skips `import qna` in a user's code entirely.
+    assert "qna/py.typed" in zipfile.ZipFile(wheel).namelist()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
