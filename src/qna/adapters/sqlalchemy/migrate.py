@@ -53,15 +53,14 @@ def _upgrade(engine: Engine, revision: str) -> None:
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
             )
-        _refuse_a_newer_schema(connection)
+        _refuse_a_newer_schema(MigrationContext.configure(connection).get_current_revision())
         command.upgrade(alembic_config(connection), revision)
 
 
-def _refuse_a_newer_schema(connection: Connection) -> None:
+def _refuse_a_newer_schema(current: str | None) -> None:
     # A rolled-back deploy, or an older qna pointed at a shared database, finds a
     # revision it has no script for; alembic's "Can't locate revision" would be an
-    # internal error, with nothing to tell the user what to do.
-    current = MigrationContext.configure(connection).get_current_revision()
+    # internal error, and "migrations pending" would promise that a restart fixes it.
     if current is not None and current not in known_revisions():
         raise StorageUnavailable(
             f"The database was migrated by a newer qna (schema revision {current}, "
@@ -86,5 +85,9 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def is_at_head(engine: Engine) -> bool:
+    """Whether the schema is at the newest migration; StorageUnavailable when the
+    database cannot say, or was migrated by a newer qna."""
     with unavailable_as_storage_error():
-        return current_revision(engine) == head_revision()
+        current = current_revision(engine)
+    _refuse_a_newer_schema(current)
+    return current == head_revision()
