@@ -199,7 +199,7 @@ class ChatCompletionsLLM(ABC):
             parsed = json.loads(body)
         except ValueError as exc:  # not JSON, or not UTF-8
             return self._not_a_completion(exc)
-        return reply_from_json(parsed) or self._not_a_completion()
+        return _reply_from_json(parsed) or self._not_a_completion()
 
     def _not_a_completion(self, cause: BaseException | None = None) -> Failure:
         """A 2xx whose body is not a chat completion (`cause`: why it could not be read)."""
@@ -288,7 +288,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     return max(0.0, value) if math.isfinite(value) else None
 
 
-def reply_from_json(body: object) -> Reply | None:
+def _reply_from_json(body: object) -> Reply | None:
     """The parts of a chat completion body, or None when it is not a JSON object."""
     if not isinstance(body, dict):
         return None

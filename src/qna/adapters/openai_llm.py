@@ -49,9 +49,9 @@ class OpenAILLM(ChatCompletionsLLM):
         try:
             # The raw response: the SDK still raises its errors for a failed request
             # or a non-2xx status, but leaves the body to us. Read by the code the
-            # http client uses (chat_completions.reply_from_json), both adapters judge
-            # a body alike, and the SDK's ChatCompletion model — built, not
-            # validated, for every answer — was a quarter of its CPU per call.
+            # http client uses (ChatCompletionsLLM._read_reply), both adapters judge
+            # a body alike, and the SDK's ChatCompletion model (built, not validated,
+            # for every answer) was 15-30% of the CPU of a call here.
             response = self._client.chat.completions.with_raw_response.create(
                 model=self._model,
                 messages=[{"role": "user", "content": question}],
