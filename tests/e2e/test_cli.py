@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import text
+from sqlalchemy import delete, text
 
 from qna.adapters.sqlalchemy.database import create_engine
 from qna.adapters.sqlalchemy.migrate import head_revision
+from qna.adapters.sqlalchemy.tables import qn_a
 from qna.config import DEFAULT_MODEL
 from qna.entrypoints.cli import cli
 from tests.e2e.helpers import error_line, stored_rows
@@ -213,6 +215,9 @@ def test_history_lists_what_was_asked(fake: FakeOpenAI) -> None:
     assert asked["id"] in text.stdout
     assert QUESTION in text.stdout
     assert DEFAULT_ANSWER in text.stdout
+    # The time says its zone: without it, it read as the local time.
+    asked_at = datetime.fromisoformat(asked["created_at"]).astimezone(UTC)
+    assert asked_at.strftime("%Y-%m-%d %H:%M:%S UTC") in text.stdout
 
 
 def test_history_pages_with_limit_and_cursor(fake: FakeOpenAI) -> None:
@@ -234,7 +239,31 @@ def test_history_pages_with_limit_and_cursor(fake: FakeOpenAI) -> None:
 
 def test_history_of_an_empty_database_is_empty(fake: FakeOpenAI) -> None:
     assert qna_json("history") == {"items": [], "next": None}
+
+    # A person is told why nothing came; a script still reads no lines.
+    text = qna("history")
+    assert text.exit_code == 0
+    assert text.stdout == ""
+    assert text.stderr.strip() == "No questions yet."
     assert fake.calls == 0
+
+
+def test_history_past_the_last_record_says_so(fake: FakeOpenAI, database_url: str) -> None:
+    older = qna_json("ask", "An older question?")["id"]
+    qna_json("ask", QUESTION)
+    cursor = qna_json("history", "-n", "1")["next"]
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:  # the page the cursor points to is gone
+            connection.execute(delete(qn_a).where(qn_a.c.id == UUID(older)))
+    finally:
+        engine.dispose()
+
+    text_page = qna("history", "-n", "1", "--cursor", cursor)
+
+    assert text_page.exit_code == 0
+    assert text_page.stdout == ""
+    assert text_page.stderr.strip() == "No more questions."
 
 
 def test_history_refuses_a_cursor_it_did_not_give_out(fake: FakeOpenAI) -> None:

@@ -286,8 +286,12 @@ def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> N
     if as_json:
         emit_json({"items": [qna_to_dict(q) for q in page.items], "next": page.next_cursor})
         return
+    if not page.items:
+        # On stderr: a person sees why nothing came, a script still reads no lines.
+        click.echo("No questions yet." if cursor is None else "No more questions.", err=True)
     for qna in page.items:
-        stamp = qna.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        # Stored and shown in UTC; said so, or it reads as the local time.
+        stamp = qna.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
         click.echo(f"{qna.id}  {stamp}  {qna.status.value:<8}  {_one_line(qna.question, 60)}")
         click.echo(f"    {_one_line(describe(qna), 100)}")
     if page.next_cursor:
