@@ -655,8 +655,11 @@ def test_version() -> None:
         (("-h",), "history"),
         (("ask", "--help"), "Exit codes"),
         (("history", "--help"), "--cursor"),
+        (("history", "--help"), "4 a cursor this command did not give out"),
         (("show", "--help"), "ID"),
+        (("show", "--help"), "5 no such record"),
         (("db", "upgrade", "--help"), "migration"),
+        (("db", "upgrade", "--help"), "6 database unavailable"),
     ],
 )
 def test_help_needs_no_settings(args: tuple[str, ...], expected: str) -> None:

@@ -281,7 +281,12 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
 @pass_app
 @handles_errors
 def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> None:
-    """List recent questions, newest first."""
+    """List recent questions, newest first.
+
+    \b
+    Exit codes: 0 listed (also when there is nothing to list), 3 configuration,
+    4 a cursor this command did not give out, 6 database unavailable.
+    """
     page = app.container().list_qna()(limit=limit, cursor=cursor)
     if as_json:
         emit_json({"items": [qna_to_dict(q) for q in page.items], "next": page.next_cursor})
@@ -306,7 +311,11 @@ def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> N
 @pass_app
 @handles_errors
 def show(app: AppContext, qna_id: str, as_json: bool) -> None:
-    """Show one stored question and its answer."""
+    """Show one stored question and its answer.
+
+    \b
+    Exit codes: 0 shown, 3 configuration, 5 no such record, 6 database unavailable.
+    """
     qna = app.container().get_qna()(qna_id)
     if as_json:
         emit_json(qna_to_dict(qna))
@@ -332,7 +341,12 @@ def db() -> None:
 @pass_app
 @handles_errors
 def db_upgrade(app: AppContext) -> None:
-    """Apply every pending migration (also done automatically on start)."""
+    """Apply every pending migration (also done automatically on start).
+
+    \b
+    Exit codes: 0 up to date, 3 configuration, 6 database unavailable
+    (or migrated by a newer qna).
+    """
     app.container()
     click.echo("database is up to date")
 
