@@ -109,7 +109,7 @@ class SqlAlchemyQnARepository:
         batches: WriteBatches | None = None,
         release: Callable[[], None] = lambda: None,
     ) -> None:
-        self._connection = connect
+        self._connect = connect
         self._batches = batches
         self._release = release
 
@@ -118,11 +118,11 @@ class SqlAlchemyQnARepository:
             # A record with a key is inserted alone: its unique constraint decides
             # between racing requests, and a conflict must fail only this ask.
             self._batches.insert.execute(
-                self._connection, row_values(qna), before_waiting=self._release
+                self._connect, row_values(qna), before_waiting=self._release
             )
             return
         try:
-            self._connection().execute(_INSERT, row_values(qna))
+            self._connect().execute(_INSERT, row_values(qna))
         except IntegrityError as exc:
             # Both PostgreSQL and SQLite name the constraint or column in the message.
             if qna.idempotency_key is not None and "idempotency_key" in str(exc.orig):
@@ -132,13 +132,13 @@ class SqlAlchemyQnARepository:
     def save(self, qna: QnA) -> None:
         if self._batches is not None:
             self._batches.save_outcome.execute(
-                self._connection, _outcome_values(qna), before_waiting=self._release
+                self._connect, _outcome_values(qna), before_waiting=self._release
             )
             return
-        self._connection().execute(_SAVE_OUTCOME, _outcome_values(qna))
+        self._connect().execute(_SAVE_OUTCOME, _outcome_values(qna))
 
     def close_pending(self, qna: QnA) -> bool:
-        result = self._connection().execute(_CLOSE_PENDING, _outcome_values(qna))
+        result = self._connect().execute(_CLOSE_PENDING, _outcome_values(qna))
         return result.rowcount == 1
 
     def get(self, qna_id: UUID) -> QnA | None:
@@ -153,7 +153,7 @@ class SqlAlchemyQnARepository:
                     and_(qn_a.c.created_at == before.created_at, qn_a.c.id < before.id),
                 )
             )
-        return [to_domain(row) for row in self._connection().execute(query).mappings()]
+        return [to_domain(row) for row in self._connect().execute(query).mappings()]
 
     def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
         return self._first(_FIND_ANSWERED, _find_answered_params(normalised, model, since))
@@ -165,16 +165,16 @@ class SqlAlchemyQnARepository:
             .order_by(qn_a.c.created_at)
             .limit(limit)
         )
-        return [to_domain(row) for row in self._connection().execute(query).mappings()]
+        return [to_domain(row) for row in self._connect().execute(query).mappings()]
 
     def get_by_idempotency_key(self, key: str) -> QnA | None:
         return self._first(_BY_KEY, {"key": key})
 
     def release_idempotency_key(self, qna_id: UUID) -> None:
-        self._connection().execute(_RELEASE_KEY, {"row_id": qna_id})
+        self._connect().execute(_RELEASE_KEY, {"row_id": qna_id})
 
     def _first(self, query: Select[Any], params: dict[str, Any] | None = None) -> QnA | None:
-        row = self._connection().execute(query, params or {}).mappings().first()
+        row = self._connect().execute(query, params or {}).mappings().first()
         return to_domain(row) if row is not None else None
 
 
