@@ -69,14 +69,19 @@ def _refuse_a_newer_schema(current: str | None) -> None:
 
 
 @functools.cache
+def _scripts() -> ScriptDirectory:
+    """The migrations this qna ships, read once per process."""
+    return ScriptDirectory.from_config(alembic_config())
+
+
+@functools.cache
 def known_revisions() -> frozenset[str]:
-    script = ScriptDirectory.from_config(alembic_config())
-    return frozenset(revision.revision for revision in script.walk_revisions())
+    return frozenset(revision.revision for revision in _scripts().walk_revisions())
 
 
 @functools.cache
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return _scripts().get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
