@@ -184,19 +184,22 @@ class FakeRepository:
         newest_first = sorted(rows, key=_key, reverse=True)
         return copy.deepcopy(newest_first[:limit])
 
-    def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
-        candidates = [
-            qna
-            for qna in self._visible().values()
-            if qna.status is Status.ANSWERED
-            and qna.model == model
-            and qna.source_id is None
-            and qna.created_at >= since
-            and normalise_for_cache(qna.question) == normalised
+    def add_or_answer_from_cache(self, qna: QnA, *, since: datetime, now: datetime) -> QnA:
+        normalised = normalise_for_cache(qna.question)
+        sources = [
+            stored
+            for stored in self._visible().values()
+            if stored.status is Status.ANSWERED
+            and stored.model == qna.model
+            and stored.source_id is None
+            and stored.created_at >= since
+            and normalise_for_cache(stored.question) == normalised
         ]
-        if not candidates:
-            return None
-        return copy.deepcopy(max(candidates, key=_key))
+        added = copy.deepcopy(qna)
+        if sources:
+            added.record_cached(max(sources, key=_key), now=now)
+        self.add(added)
+        return added
 
     def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]:
         pending = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -22,7 +23,7 @@ from qna.adapters.sqlalchemy.repository import (
 )
 from qna.application.ports import PageKey
 from qna.domain.errors import LLMTimeout
-from qna.domain.model import QnA, Status, normalise_for_cache
+from qna.domain.model import QnA, Status
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -117,34 +118,68 @@ def test_list_is_newest_first_with_keyset_pages(uow: SqlAlchemyUnitOfWork) -> No
     assert [q.id for q in seen] == [q.id for q in expected]
 
 
-def test_find_answered_matches_normalised_question_and_model(uow: SqlAlchemyUnitOfWork) -> None:
+def test_add_or_answer_from_cache_answers_from_the_newest_llm_answer(
+    uow: SqlAlchemyUnitOfWork, engine: Engine
+) -> None:
     old = QnA.ask("What is 2+2?", model="m", now=T0 - timedelta(hours=2))
     old.record_answer(
         answer="3", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=T0
     )
     recent = QnA.ask("what  is 2+2?", model="m", now=T0)
     recent.record_answer(
-        answer="4", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=T0
+        answer="4", model="m-2026", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=T0
     )
+    copy_of_recent = QnA.ask("What is 2+2?", model="m", now=T0 + timedelta(seconds=1))
+    copy_of_recent.record_cached(old, now=T0)  # newer, but not answered by the LLM
     other_model = QnA.ask("What is 2+2?", model="other", now=T0 + timedelta(seconds=1))
     other_model.record_answer(
         answer="5", model="other", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=T0
     )
     failed = QnA.ask("What is 2+2?", model="m", now=T0 + timedelta(seconds=2))
     failed.record_failure(LLMTimeout("slow"), latency_ms=1, now=T0)
-    store(uow, old, recent, other_model, failed)
+    store(uow, old, recent, copy_of_recent, other_model, failed)
 
-    key = normalise_for_cache("WHAT IS 2+2?")
-    with uow:
-        hit = uow.qnas.find_answered(normalised=key, model="m", since=T0 - timedelta(hours=1))
-        miss = uow.qnas.find_answered(normalised=key, model="m", since=T0 + timedelta(seconds=1))
-        nothing = uow.qnas.find_answered(
-            normalised="other", model="m", since=T0 - timedelta(days=1)
+    asked = QnA.ask("WHAT IS 2+2?", model="m", now=T0 + timedelta(seconds=3))
+    with SqlAlchemyUnitOfWork(engine, autocommit=True) as writing:
+        added = writing.qnas.add_or_answer_from_cache(
+            asked, since=T0 - timedelta(hours=1), now=T0 + timedelta(seconds=4)
         )
+    with uow:
+        stored = uow.qnas.get(asked.id)
 
-    assert hit is not None and hit.id == recent.id
-    assert miss is None
-    assert nothing is None
+    expected = replace(asked)
+    expected.record_cached(recent, now=T0 + timedelta(seconds=4))
+    assert added == expected
+    assert stored == expected
+    assert asked.status is Status.PENDING  # the caller's record is left as it was
+
+
+@pytest.mark.parametrize(
+    ("question", "model", "since"),
+    [
+        ("What is 3+3?", "m", T0 - timedelta(hours=1)),  # another question
+        ("What is 2+2?", "other", T0 - timedelta(hours=1)),  # another model
+        ("What is 2+2?", "m", T0 + timedelta(seconds=1)),  # the answer is too old
+    ],
+)
+def test_add_or_answer_from_cache_adds_it_pending_without_a_source(
+    uow: SqlAlchemyUnitOfWork, engine: Engine, question: str, model: str, since: datetime
+) -> None:
+    answered = QnA.ask("What is 2+2?", model="m", now=T0)
+    answered.record_answer(
+        answer="4", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=T0
+    )
+    store(uow, answered)
+
+    asked = QnA.ask(question, model=model, now=T0 + timedelta(seconds=3))
+    with SqlAlchemyUnitOfWork(engine, autocommit=True) as writing:
+        added = writing.qnas.add_or_answer_from_cache(asked, since=since, now=T0)
+    with uow:
+        stored = uow.qnas.get(asked.id)
+
+    assert added == asked
+    assert stored == asked
+    assert stored is not None and stored.status is Status.PENDING
 
 
 def test_list_pending_finds_old_pending_only(uow: SqlAlchemyUnitOfWork) -> None:
@@ -432,9 +467,9 @@ def test_a_record_with_an_idempotency_key_is_inserted_alone(pg_engine: Engine) -
 
 
 def test_an_ask_waiting_for_its_turn_holds_no_connection(postgres_url: str) -> None:
-    # A pool of 2: the first statement holds one connection; two asks that looked the
-    # cache up first (so each had checked one out) queue behind it. Holding theirs
-    # while they wait, they would starve whoever runs their statement.
+    # A pool of 2: the first statement holds one connection; two units of work that
+    # read first (so each had checked one out) queue behind it. Holding theirs while
+    # they wait, they would starve whoever runs their statement.
     engine = create_engine(postgres_url, pool_size=2, connect_timeout=2)
     try:
         with engine.begin() as connection:
@@ -443,9 +478,7 @@ def test_an_ask_waiting_for_its_turn_holds_no_connection(postgres_url: str) -> N
 
         def look_up_then_add(qna: QnA) -> None:
             with SqlAlchemyUnitOfWork(engine, autocommit=True, batches=batches) as uow:
-                uow.qnas.find_answered(
-                    normalised=normalise_for_cache(qna.question), model="m", since=T0
-                )
+                uow.qnas.get(qna.id)
                 uow.qnas.add(qna)
 
         records = [QnA.ask(f"Looked up {n}?", model="m", now=T0) for n in range(3)]

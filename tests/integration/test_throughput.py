@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 import requests
@@ -17,9 +18,9 @@ from flask import Flask
 from sqlalchemy import create_engine, insert, select, text, update
 
 from qna.adapters.sqlalchemy import migrate
-from qna.adapters.sqlalchemy.repository import find_answered_query
+from qna.adapters.sqlalchemy.repository import add_or_answer_from_cache_statement
 from qna.adapters.sqlalchemy.tables import qn_a, row_values
-from qna.domain.model import QnA, normalise_for_cache
+from qna.domain.model import QnA
 from tests.integration.conftest import AppFactory
 from tests.support.databases import scratch_database
 from tests.support.fake_openai import FakeOpenAI, Status
@@ -132,7 +133,7 @@ def test_a_failed_answer_is_never_served_from_the_cache(
 @pytest.mark.postgres
 def test_the_cache_lookup_uses_its_index(empty_postgres_url: str) -> None:
     """With a realistic number of rows and fresh statistics, the planner serves the
-    repository's exact cache query from the cache index, not a scan."""
+    cache look-up in the repository's exact insert from the cache index, not a scan."""
     engine = create_engine(empty_postgres_url)
     try:
         migrate.upgrade(engine)
@@ -152,14 +153,19 @@ def test_the_cache_lookup_uses_its_index(empty_postgres_url: str) -> None:
         with engine.begin() as connection:
             connection.execute(insert(qn_a), rows)
             connection.execute(text("ANALYZE qn_a"))
-        query = find_answered_query(
-            normalise_for_cache("Question number 42?"), "gpt-test", now - timedelta(hours=1)
+        asked = QnA.ask("question NUMBER 42?", model="gpt-test", now=now)
+        statement, values = add_or_answer_from_cache_statement(
+            asked, since=now - timedelta(hours=1), now=now
         )
         with engine.connect() as connection:
-            compiled = query.compile(dialect=connection.dialect)
+            compiled = statement.compile(dialect=connection.dialect)
+            # EXPLAIN without ANALYZE plans the insert without running it.
+            params = {
+                name: str(value) if isinstance(value, UUID) else value
+                for name, value in compiled.construct_params(values).items()
+            }
             plan = "\n".join(
-                row[0]
-                for row in connection.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+                row[0] for row in connection.exec_driver_sql("EXPLAIN " + str(compiled), params)
             )
     finally:
         engine.dispose()

@@ -92,7 +92,7 @@ def test_list_orders_by_created_at_then_id_and_honours_before() -> None:
     assert [q.id for q in older] == [q.id for q in expected[3:]]
 
 
-def test_find_answered_and_list_pending() -> None:
+def test_add_or_answer_from_cache_and_list_pending() -> None:
     answered = _qna("What?", seconds=0)
     answered.record_answer(
         answer="a", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=START
@@ -102,15 +102,17 @@ def test_find_answered_and_list_pending() -> None:
     pending = _qna("What?", seconds=1)
     repo = FakeRepository({q.id: q for q in (answered, cached, pending)})
 
-    found = repo.find_answered(normalised="what?", model="m", since=START)
-    assert found is not None
-    assert found.id == answered.id
-    assert repo.find_answered(normalised="what?", model="other", since=START) is None
+    hit = repo.add_or_answer_from_cache(_qna("WHAT?", seconds=6), since=START, now=START)
+    assert hit.source_id == answered.id
+    assert repo.get(hit.id) == hit
+    other_model = _qna("What?", seconds=6, model="other")
+    assert repo.add_or_answer_from_cache(other_model, since=START, now=START) == other_model
     too_late = START + timedelta(seconds=1)
-    assert repo.find_answered(normalised="what?", model="m", since=too_late) is None
-    assert [q.id for q in repo.list_pending(created_before=START + timedelta(1), limit=5)] == [
-        pending.id
-    ]
+    late = _qna("What?", seconds=6)
+    assert repo.add_or_answer_from_cache(late, since=too_late, now=START) == late
+    assert repo.get(late.id) == late
+    before = START + timedelta(seconds=2)
+    assert [q.id for q in repo.list_pending(created_before=before, limit=5)] == [pending.id]
     assert repo.list_pending(created_before=pending.created_at, limit=5) == []
 
 

@@ -74,9 +74,15 @@ class QnARepository(Protocol):
         """Newest first, by (created_at, id)."""
         ...
 
-    def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
-        """The newest answered record of this normalised question and model, not older
-        than `since`, that was itself answered by the LLM."""
+    def add_or_answer_from_cache(self, qna: QnA, *, since: datetime, now: datetime) -> QnA:
+        """Add a pending `qna` as `add` does — answered from the cache if it can be.
+
+        The cache's source is the newest record of the same question (after
+        `normalise_for_cache`) and model, not older than `since`, that the LLM itself
+        answered. If there is one, the record goes in as `qna.record_cached(source,
+        now=now)` leaves it. Returns the record as stored; `qna` is left unchanged.
+        Looking up and adding are one round trip where the store allows.
+        """
         ...
 
     def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]: ...

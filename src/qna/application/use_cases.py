@@ -8,7 +8,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
@@ -16,7 +16,6 @@ from qna.application.ports import (
     LLM,
     DuplicateIdempotencyKey,
     PageKey,
-    QnARepository,
     UnitOfWork,
     UnitOfWorkFactory,
 )
@@ -33,7 +32,6 @@ from qna.domain.model import (
     OUTCOME_FIELDS,
     QnA,
     Status,
-    normalise_for_cache,
     parse_question,
 )
 
@@ -129,14 +127,16 @@ class AskQuestion:
         return self._ask_once(qna, fresh=fresh)
 
     def _ask(self, qna: QnA, *, fresh: bool) -> QnA:
-        # Autocommit: the look-up needs no transaction and the insert is one statement.
+        # Autocommit: the insert, the cache look-up included, is one statement.
         with self._uow(autocommit=True) as uow:
-            source = None if fresh else self._cached_source(uow.qnas, qna)
-            if source is not None:
-                qna.record_cached(source, now=self._clock())
-            uow.qnas.add(qna)
-        if source is not None:
-            return qna
+            if fresh or self._cache_ttl is None:
+                uow.qnas.add(qna)
+            else:
+                qna = uow.qnas.add_or_answer_from_cache(
+                    qna, since=qna.created_at - self._cache_ttl, now=self._clock()
+                )
+        if qna.status is Status.ANSWERED:
+            return qna  # from the cache
 
         started = self._timer()
         try:
@@ -163,9 +163,8 @@ class AskQuestion:
         give_up_at = self._timer() + self._in_flight_wait
         while True:
             try:
-                # A copy per try: _ask may have filled this one in from the cache
-                # before its insert lost the key, and the next try starts over.
-                return Asked(self._ask(replace(qna), fresh=fresh))
+                # A lost key leaves `qna` as it was: pending, and never stored.
+                return Asked(self._ask(qna, fresh=fresh))
             except DuplicateIdempotencyKey:
                 pass
             with self._uow() as uow:
@@ -201,15 +200,6 @@ class AskQuestion:
         # So is one whose asker died mid-ask, leaving it pending for good.
         return holder.status is Status.FAILED or holder.is_abandoned(
             now=asking.created_at, after=self._abandon_after
-        )
-
-    def _cached_source(self, repository: QnARepository, qna: QnA) -> QnA | None:
-        if self._cache_ttl is None:
-            return None
-        return repository.find_answered(
-            normalised=normalise_for_cache(qna.question),
-            model=qna.model,
-            since=qna.created_at - self._cache_ttl,
         )
 
     def _save(self, qna: QnA) -> None:

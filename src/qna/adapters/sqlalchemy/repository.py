@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
-from sqlalchemy import Connection, Engine, Select, and_, bindparam, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Insert,
+    Select,
+    and_,
+    bindparam,
+    case,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from qna.adapters.sqlalchemy.batching import StatementBatcher
@@ -22,7 +37,6 @@ from qna.adapters.sqlalchemy.database import (
 )
 from qna.adapters.sqlalchemy.tables import (
     qn_a,
-    question_key,
     row_values,
     to_domain,
 )
@@ -45,11 +59,12 @@ _BY_KEY = select(qn_a).where(qn_a.c.idempotency_key == bindparam("key"))
 _RELEASE_KEY = update(qn_a).where(qn_a.c.id == bindparam("row_id")).values(idempotency_key=None)
 
 
-# The answer-cache look-up; served by ix_qn_a_question_key_model_created_at.
-_FIND_ANSWERED = (
-    select(qn_a)
+# The answer cache's source: the newest answer from the LLM to the same normalised
+# question and model; served by ix_qn_a_question_key_model_created_at.
+_SOURCE = (
+    select(qn_a.c.id, qn_a.c.answer, qn_a.c.response_model)
     .where(
-        qn_a.c.question_key == bindparam("key"),
+        qn_a.c.question_key == bindparam("question_key"),
         qn_a.c.model == bindparam("model"),
         qn_a.c.created_at >= bindparam("since"),
         qn_a.c.status == Status.ANSWERED.value,
@@ -57,16 +72,55 @@ _FIND_ANSWERED = (
     )
     .order_by(qn_a.c.created_at.desc())
     .limit(1)
+    .subquery("source")
 )
 
 
-def _find_answered_params(normalised: str, model: str, since: datetime) -> dict[str, Any]:
-    return {"key": question_key(normalised), "model": model, "since": since}
+def _from_source_if_any(column: str, from_source: ColumnElement[Any]) -> ColumnElement[Any]:
+    otherwise = bindparam(column, type_=qn_a.c[column].type)
+    return case((_SOURCE.c.id.is_not(None), from_source), else_=otherwise)
 
 
-def find_answered_query(normalised: str, model: str, since: datetime) -> Select[Any]:
-    """The answer-cache look-up with its values bound (to EXPLAIN it)."""
-    return _FIND_ANSWERED.params(_find_answered_params(normalised, model, since))
+# Add the record answered from the cache — mirroring QnA.record_cached — or pending
+# as given: one row whatever the look-up finds, in one round trip. The look-up is a
+# LEFT JOIN to a one-row relation so that a miss still selects the pending row.
+_ADD_OR_ANSWER_FROM_CACHE = (
+    insert(qn_a)
+    .from_select(
+        [column.name for column in qn_a.c],
+        select(
+            *(
+                {
+                    "status": _from_source_if_any("status", literal(Status.ANSWERED.value)),
+                    "answer": _from_source_if_any("answer", _SOURCE.c.answer),
+                    "response_model": _from_source_if_any(
+                        "response_model", _SOURCE.c.response_model
+                    ),
+                    "prompt_tokens": _from_source_if_any("prompt_tokens", literal(0)),
+                    "completion_tokens": _from_source_if_any("completion_tokens", literal(0)),
+                    "latency_ms": _from_source_if_any("latency_ms", literal(0)),
+                    "answered_at": _from_source_if_any(
+                        "answered_at", bindparam("now", type_=qn_a.c.answered_at.type)
+                    ),
+                    "source_id": _from_source_if_any("source_id", _SOURCE.c.id),
+                }.get(column.name, bindparam(column.name, type_=column.type))
+                for column in qn_a.c
+            )
+        ).select_from(select(literal(1).label("one")).subquery("one").outerjoin(_SOURCE, true())),
+    )
+    .returning(*qn_a.c)
+)
+
+
+def add_or_answer_from_cache_statement(
+    qna: QnA, *, since: datetime, now: datetime
+) -> tuple[Insert, dict[str, Any]]:
+    """The statement and its parameters (to EXPLAIN it)."""
+    return _ADD_OR_ANSWER_FROM_CACHE, _add_or_answer_params(qna, since=since, now=now)
+
+
+def _add_or_answer_params(qna: QnA, *, since: datetime, now: datetime) -> dict[str, Any]:
+    return {**row_values(qna), "since": since, "now": now}
 
 
 def _outcome_values(qna: QnA) -> dict[str, Any]:
@@ -121,13 +175,8 @@ class SqlAlchemyQnARepository:
                 self._connect, row_values(qna), before_waiting=self._release
             )
             return
-        try:
+        with _duplicate_key_raised(qna):
             self._connect().execute(_INSERT, row_values(qna))
-        except IntegrityError as exc:
-            # Both PostgreSQL and SQLite name the constraint or column in the message.
-            if qna.idempotency_key is not None and "idempotency_key" in str(exc.orig):
-                raise DuplicateIdempotencyKey(qna.idempotency_key) from exc
-            raise
 
     def save(self, qna: QnA) -> None:
         if self._batches is not None:
@@ -155,8 +204,11 @@ class SqlAlchemyQnARepository:
             )
         return [to_domain(row) for row in self._connect().execute(query).mappings()]
 
-    def find_answered(self, *, normalised: str, model: str, since: datetime) -> QnA | None:
-        return self._first(_FIND_ANSWERED, _find_answered_params(normalised, model, since))
+    def add_or_answer_from_cache(self, qna: QnA, *, since: datetime, now: datetime) -> QnA:
+        params = _add_or_answer_params(qna, since=since, now=now)
+        with _duplicate_key_raised(qna):
+            row = self._connect().execute(_ADD_OR_ANSWER_FROM_CACHE, params).mappings().one()
+        return to_domain(row)
 
     def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]:
         query = (
@@ -176,6 +228,18 @@ class SqlAlchemyQnARepository:
     def _first(self, query: Select[Any], params: dict[str, Any] | None = None) -> QnA | None:
         row = self._connect().execute(query, params or {}).mappings().first()
         return to_domain(row) if row is not None else None
+
+
+@contextlib.contextmanager
+def _duplicate_key_raised(qna: QnA) -> Iterator[None]:
+    """Inserting `qna`: its idempotency key already held is DuplicateIdempotencyKey."""
+    try:
+        yield
+    except IntegrityError as exc:
+        # Both PostgreSQL and SQLite name the constraint or column in the message.
+        if qna.idempotency_key is not None and "idempotency_key" in str(exc.orig):
+            raise DuplicateIdempotencyKey(qna.idempotency_key) from exc
+        raise
 
 
 class SqlAlchemyUnitOfWork:
