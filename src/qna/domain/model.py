@@ -117,6 +117,8 @@ class QnA:
         self.answered_at = now
 
     def record_cached(self, source: QnA, *, now: datetime) -> None:
+        # The SQL store does this inside its INSERT (repository._ANSWERED_FROM_CACHE);
+        # its tests compare the row it stores with what this method makes.
         self._require_pending()
         self.status = Status.ANSWERED
         self.answer = source.answer

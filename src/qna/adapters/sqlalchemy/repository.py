@@ -11,6 +11,7 @@ from typing import Any, Self
 from uuid import UUID
 
 from sqlalchemy import (
+    Column,
     ColumnElement,
     Connection,
     Engine,
@@ -76,37 +77,38 @@ _SOURCE = (
 )
 
 
-def _from_source_if_any(column: str, from_source: ColumnElement[Any]) -> ColumnElement[Any]:
-    otherwise = bindparam(column, type_=qn_a.c[column].type)
-    return case((_SOURCE.c.id.is_not(None), from_source), else_=otherwise)
+# What QnA.record_cached sets, in SQL: the columns a record answered from the cache
+# takes from its source (or fixes), instead of the pending record's own values.
+_ANSWERED_FROM_CACHE: dict[str, ColumnElement[Any]] = {
+    "status": literal(Status.ANSWERED.value),
+    "answer": _SOURCE.c.answer,
+    "response_model": _SOURCE.c.response_model,
+    "prompt_tokens": literal(0),
+    "completion_tokens": literal(0),
+    "latency_ms": literal(0),
+    "answered_at": bindparam("now", type_=qn_a.c.answered_at.type),
+    "source_id": _SOURCE.c.id,
+}
 
 
-# Add the record answered from the cache — mirroring QnA.record_cached — or pending
-# as given: one row whatever the look-up finds, in one round trip. The look-up is a
-# LEFT JOIN to a one-row relation so that a miss still selects the pending row.
+def _value_to_add(column: Column[Any]) -> ColumnElement[Any]:
+    given = bindparam(column.name, type_=column.type)
+    from_cache = _ANSWERED_FROM_CACHE.get(column.name)
+    if from_cache is None:
+        return given
+    return case((_SOURCE.c.id.is_not(None), from_cache), else_=given)
+
+
+# The record answered from the cache if there is a source, else pending as given:
+# one row either way, in one round trip. A LEFT JOIN of the look-up to a one-row
+# relation, so that a miss still selects the pending row.
 _ADD_OR_ANSWER_FROM_CACHE = (
     insert(qn_a)
     .from_select(
         [column.name for column in qn_a.c],
-        select(
-            *(
-                {
-                    "status": _from_source_if_any("status", literal(Status.ANSWERED.value)),
-                    "answer": _from_source_if_any("answer", _SOURCE.c.answer),
-                    "response_model": _from_source_if_any(
-                        "response_model", _SOURCE.c.response_model
-                    ),
-                    "prompt_tokens": _from_source_if_any("prompt_tokens", literal(0)),
-                    "completion_tokens": _from_source_if_any("completion_tokens", literal(0)),
-                    "latency_ms": _from_source_if_any("latency_ms", literal(0)),
-                    "answered_at": _from_source_if_any(
-                        "answered_at", bindparam("now", type_=qn_a.c.answered_at.type)
-                    ),
-                    "source_id": _from_source_if_any("source_id", _SOURCE.c.id),
-                }.get(column.name, bindparam(column.name, type_=column.type))
-                for column in qn_a.c
-            )
-        ).select_from(select(literal(1).label("one")).subquery("one").outerjoin(_SOURCE, true())),
+        select(*(_value_to_add(column) for column in qn_a.c)).select_from(
+            select(literal(1).label("one")).subquery("one").outerjoin(_SOURCE, true())
+        ),
     )
     .returning(*qn_a.c)
 )
