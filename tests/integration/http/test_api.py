@@ -1062,6 +1062,41 @@ def test_rate_limits_are_per_token(make_app: AppFactory, database_url: str) -> N
     assert client.get("/questions", headers={"Authorization": "Bearer tok-b"}).status_code == 200
 
 
+# A browser's CORS preflight never carries Authorization, and precedes every request it
+# makes: it must be answered without a token and must not spend the caller's budget.
+PREFLIGHT = {
+    "Origin": "https://app.example",
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type",
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/ask", {"POST", "OPTIONS"}),
+        ("/questions", {"GET", "HEAD", "OPTIONS"}),
+        (f"/questions/{uuid4()}", {"GET", "HEAD", "OPTIONS"}),
+        ("/metrics", {"GET", "HEAD", "OPTIONS"}),
+    ],
+)
+def test_options_needs_no_token_and_spends_no_rate_budget(
+    make_app: AppFactory, database_url: str, path: str, allowed: set[str]
+) -> None:
+    client = make_app(database_url, api_tokens=TOKENS, rate_limit="1/minute").test_client()
+
+    for _ in range(3):
+        response = client.options(path, headers=PREFLIGHT)
+        assert response.status_code == 204, response.get_data(as_text=True)
+        assert {m.strip() for m in response.headers["Allow"].split(",")} == allowed
+        assert response.get_data() == b""
+    assert client.get("/questions", headers=BEARER_A).status_code == 200
+
+
+def test_options_on_an_unknown_route_is_404(secured: FlaskClient) -> None:
+    assert_error(secured.options("/nope", headers=PREFLIGHT), 404, "not_found")
+
+
 def test_a_retry_with_the_same_key_returns_the_same_record(
     client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
 ) -> None:

@@ -17,6 +17,13 @@ PUBLIC_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz", "qna.docs", "qna.open
 UNLIMITED_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz"})
 
 
+def _is_options() -> bool:
+    # OPTIONS is answered from the routes alone (the Allow header), and it is a
+    # browser's CORS preflight, which never carries Authorization and precedes every
+    # request it makes: it needs no token and spends no budget.
+    return request.method == "OPTIONS"
+
+
 def principal_of(token: str) -> str:
     """A stable, non-secret name for a token: for rate-limit buckets and key scopes."""
     return "t:" + hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -28,7 +35,7 @@ def install_auth(app: Flask, tokens: list[str]) -> None:
     @app.before_request
     def authenticate() -> None:
         g.principal = "anonymous"
-        if not encoded or request.endpoint in PUBLIC_ENDPOINTS:
+        if not encoded or request.endpoint in PUBLIC_ENDPOINTS or _is_options():
             return
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         candidate = presented.strip().encode()
@@ -73,7 +80,9 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
         storage_uri=storage_uri,
         headers_enabled=True,
         retry_after="delta-seconds",
-        application_limits_exempt_when=lambda: request.endpoint in UNLIMITED_ENDPOINTS,
+        application_limits_exempt_when=lambda: (
+            request.endpoint in UNLIMITED_ENDPOINTS or _is_options()
+        ),
         # A rate-limit store that is down must not take the whole API with it.
         swallow_errors=True,
         key_prefix="qna",
