@@ -446,13 +446,27 @@ def test_openapi_lists_every_route(app: Flask) -> None:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static" or rule.rule in served_only:
             continue
-        routes.setdefault(template(rule.rule), set()).update(rule.methods - {"HEAD", "OPTIONS"})
+        # HEAD is GET without the body; OPTIONS is an operation of its own (README).
+        routes.setdefault(template(rule.rule), set()).update(rule.methods - {"HEAD"})
 
     documented = {
         template(path): {method.upper() for method in operations}
         for path, operations in document["paths"].items()
     }
     assert documented == routes
+
+
+def test_openapi_says_options_needs_no_token_and_answers_204_with_allow(
+    secured: FlaskClient,
+) -> None:
+    document = secured.get("/openapi.json").get_json()
+
+    for path, operations in document["paths"].items():
+        options = operations["options"]
+        assert options["security"] == [], path
+        assert set(options["responses"]) == {"204"}, path
+        assert options["responses"]["204"]["headers"]["Allow"]["required"] is True, path
+        assert "content" not in options["responses"]["204"], path
 
 
 def test_openapi_states_this_servers_limits(client: FlaskClient) -> None:

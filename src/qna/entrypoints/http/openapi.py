@@ -81,6 +81,34 @@ REQUEST_ID = {
 }
 
 
+def _options(operations: dict[str, Any]) -> dict[str, Any]:
+    """OPTIONS, which every route answers from its methods alone: without a token (a
+    browser's CORS preflight carries none) and without spending the rate budget."""
+    methods = [method.upper() for method in operations]
+    if "GET" in methods:
+        methods.append("HEAD")
+    allow = ", ".join([*methods, "OPTIONS"])
+    [operation] = operations.values()
+    return {
+        "operationId": f"{operation['operationId']}Options",
+        "summary": "The methods this path accepts.",
+        "security": [],
+        "responses": {
+            "204": {
+                "description": f"No body; Allow lists the methods ({allow}).",
+                "headers": {
+                    "Allow": {
+                        "description": "The methods this path accepts.",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    **REQUEST_ID,
+                },
+            }
+        },
+    }
+
+
 def openapi_document(
     *, max_question_length: int, max_body_bytes: int, auth: bool
 ) -> dict[str, Any]:
@@ -249,6 +277,8 @@ def openapi_document(
         },
         "components": {"schemas": schemas},
     }
+    for operations in document["paths"].values():
+        operations["options"] = _options(operations)
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return document
