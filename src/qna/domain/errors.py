@@ -41,6 +41,12 @@ class StorageUnavailable(QnAError):
 
     code = "database_unavailable"
 
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        #: Whether trying again later may succeed: not for a file that is not a
+        #: database, or a schema migrated by a newer qna, which wait for a person.
+        self.retryable = retryable
+
 
 class LLMError(QnAError):
     """The LLM did not produce an answer. Subclasses say why."""

@@ -34,8 +34,10 @@ _BROKEN_SQLITE_FILE = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database cannot do the work (down, unreachable, a broken
     file), as opposed to a fault in what qna asked of it."""
-    if isinstance(exc, UNAVAILABLE_ERRORS):
-        return True
+    return isinstance(exc, UNAVAILABLE_ERRORS) or _is_broken_sqlite_file(exc)
+
+
+def _is_broken_sqlite_file(exc: BaseException) -> bool:
     original = getattr(exc, "orig", None)
     return (
         isinstance(exc, DatabaseError)
@@ -49,7 +51,10 @@ def storage_unavailable(exc: BaseException) -> StorageUnavailable:
     original = getattr(exc, "orig", None) or exc
     lines = str(original).strip().splitlines()
     reason = lines[0] if lines else type(original).__name__
-    return StorageUnavailable(f"The database is unavailable: {reason}")
+    # A broken file stays broken however long the caller waits.
+    return StorageUnavailable(
+        f"The database is unavailable: {reason}", retryable=not _is_broken_sqlite_file(exc)
+    )
 
 
 @contextmanager

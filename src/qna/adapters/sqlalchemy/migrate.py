@@ -64,7 +64,8 @@ def _refuse_a_newer_schema(current: str | None) -> None:
     if current is not None and current not in known_revisions():
         raise StorageUnavailable(
             f"The database was migrated by a newer qna (schema revision {current}, "
-            "which this version does not know); upgrade qna to use it."
+            "which this version does not know); upgrade qna to use it.",
+            retryable=False,
         )
 
 

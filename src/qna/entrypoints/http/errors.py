@@ -102,7 +102,8 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(error, StorageUnavailable):
             metrics.DATABASE_ERRORS.inc()
             log.warning("database unavailable", extra={"reason": error.message})
-            headers["Retry-After"] = "5"
+            if error.retryable:
+                headers["Retry-After"] = "5"
         if isinstance(error, LLMError):
             metrics.record_failure(error.code)
             if error.qna_id is not None:

@@ -48,12 +48,18 @@ ERROR_TEXTS = {
     "(`llm_bad_response`); stored as failed, the error's qna_id names the record.",
     503: "The LLM is unavailable (`llm_unavailable`) or rate-limited us "
     "(`llm_rate_limited`), or the database is unavailable (`database_unavailable`); "
-    "see Retry-After. An application embedded without OPENAI_API_KEY or OPENAI_BASE_URL "
-    "answers `misconfigured` (`qna serve` refuses to start without them).",
+    "see Retry-After, absent when waiting cannot help (a SQLite file that is not a "
+    "database, a schema migrated by a newer qna). An application embedded without "
+    "OPENAI_API_KEY or OPENAI_BASE_URL answers `misconfigured` (`qna serve` refuses to "
+    "start without them).",
     504: "The LLM did not answer in time (`llm_timeout`); stored as failed, the error's qna_id "
     "names the record.",
 }
-DATABASE_UNAVAILABLE = "The database is unavailable (`database_unavailable`); see Retry-After."
+DATABASE_UNAVAILABLE = (
+    "The database is unavailable (`database_unavailable`); see Retry-After, absent when "
+    "waiting cannot help (a SQLite file that is not a database, a schema migrated by a "
+    "newer qna)."
+)
 
 
 def _errors(*statuses: int, texts: dict[int, str] | None = None) -> dict[str, Any]:
