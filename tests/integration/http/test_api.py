@@ -1074,6 +1074,29 @@ def test_over_the_rate_limit_is_429_with_retry_after(
         assert client.get("/readyz").status_code == 200
 
 
+def test_a_rate_limit_leaves_the_retry_after_of_a_503_alone(
+    make_app: AppFactory, database_url: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    # The limiter sets Retry-After to its own window's reset on every response it
+    # counts; on a 503 that is not the wait the error calls for.
+    limited = {"rate_limit": "100/minute"}
+    client = make_app(database_url, **limited).test_client()
+    fake_openai.script(Status(429, headers={"Retry-After": "7"}))
+    response = ask(client, QUESTION)
+    assert_error(response, 503, "llm_rate_limited")
+    assert response.headers["Retry-After"] == "7"
+
+    down = make_app(UNREACHABLE_DATABASE, **limited).test_client()
+    response = down.get("/questions")
+    assert_error(response, 503, "database_unavailable")
+    assert response.headers["Retry-After"] == "5"
+
+    broken = make_app(broken_sqlite_file(tmp_path / "qna.db", "corrupt"), **limited)
+    response = broken.test_client().get("/questions")
+    assert_error(response, 503, "database_unavailable")
+    assert "Retry-After" not in response.headers
+
+
 def test_rate_limits_are_per_token(make_app: AppFactory, database_url: str) -> None:
     client = make_app(database_url, api_tokens=TOKENS, rate_limit="1/minute").test_client()
 

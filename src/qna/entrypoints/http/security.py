@@ -63,13 +63,20 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
     if not limit.strip():
         return None
 
-    # Registered before the limiter's own hook, so it runs after it (Flask runs
-    # after_request hooks in reverse): the limiter adds Retry-After to every response,
-    # which would tell clients of a successful request to wait.
+    # The limiter sets Retry-After on every response it counts, to the end of its
+    # window (or later): that would tell clients of a successful request to wait, and
+    # replace the wait a 503 calls for (the LLM provider's, or none when waiting cannot
+    # help). So the Retry-After the response had before the limiter's hook is kept,
+    # except on the limiter's own 429. Flask runs after_request hooks in reverse order
+    # of registration: this one runs after the limiter's hook, `keep_own_retry_after`
+    # (registered after the limiter) before it.
     @app.after_request
-    def retry_after_only_when_refused(response: Response) -> Response:
-        if response.status_code not in (429, 503):
+    def retry_after_of_the_limiter_only_on_429(response: Response) -> Response:
+        if response.status_code != 429:
             response.headers.pop("Retry-After", None)
+            own = g.pop("own_retry_after", None)
+            if own is not None:
+                response.headers["Retry-After"] = own
         return response
 
     limiter = Limiter(
@@ -87,4 +94,10 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
         swallow_errors=True,
         key_prefix="qna",
     )
+
+    @app.after_request
+    def keep_own_retry_after(response: Response) -> Response:
+        g.own_retry_after = response.headers.get("Retry-After")
+        return response
+
     return limiter
