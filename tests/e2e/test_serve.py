@@ -188,3 +188,25 @@ def test_a_chunked_body_over_the_limit_is_413(server: Server, fake_openai: FakeO
     assert reply.status == 413, reply.body
     assert reply.json()["error"]["code"] == "payload_too_large"
     assert fake_openai.calls == 0
+
+
+def test_a_malformed_chunked_body_is_400_not_a_server_error(
+    server: Server, fake_openai: FakeOpenAI
+) -> None:
+    # gunicorn finds the chunk size "zz" only when the view reads the body.
+    request = (
+        b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        body = json.loads(reply.read())
+
+    assert reply.status == 400, body
+    assert body["error"]["code"] == "bad_request"
+    assert set(body) == {"error"}
+    assert fake_openai.calls == 0
+    assert "Traceback" not in server.output()
+    assert "unhandled error" not in server.output()

@@ -487,7 +487,13 @@ def test_openapi_states_this_servers_limits(client: FlaskClient) -> None:
 # each one happening): the document must name them, and no other route's.
 ROUTE_ERROR_CODES = {
     ("/ask", "post"): {
-        "400": ["invalid_json", "invalid_request", "invalid_question", "invalid_argument"],
+        "400": [
+            "invalid_json",
+            "invalid_request",
+            "invalid_question",
+            "invalid_argument",
+            "bad_request",
+        ],
         "502": ["llm_refused", "llm_bad_response"],
         "503": ["llm_unavailable", "llm_rate_limited", "database_unavailable", "misconfigured"],
         "504": ["llm_timeout"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 
 from qna.application.use_cases import InvalidArgument
@@ -128,6 +129,13 @@ def register_error_handlers(app: Flask) -> None:
             if allowed:
                 headers["Allow"] = ", ".join(allowed)
         return error_response(status, code, message, headers)
+
+    @app.errorhandler(ParseException)
+    def malformed_body(error: ParseException) -> Response:
+        # gunicorn parses a chunked body only as the view reads it; what it refuses
+        # there (a chunk size that is not hex, a missing CRLF) is the client's mistake,
+        # as the request lines and headers it refuses itself are.
+        return error_response(400, "bad_request", f"The request body is malformed: {error}.")
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
