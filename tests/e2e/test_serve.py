@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -210,3 +211,32 @@ def test_a_malformed_chunked_body_is_400_not_a_server_error(
     assert fake_openai.calls == 0
     assert "Traceback" not in server.output()
     assert "unhandled error" not in server.output()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: qna\r\n\r\n", 414, "uri_too_long"),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: qna\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
+            431,
+            "headers_too_large",
+        ),
+    ],
+    ids=["bad-request-line", "long-uri", "long-header"],
+)
+def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
+    server: Server, request_bytes: bytes, status: int, code: str
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        body = json.loads(reply.read())
+
+    assert reply.status == status, body
+    assert reply.getheader("Content-Type") == "application/json"
+    assert body["error"]["code"] == code
+    # The README: every response carries X-Request-ID.
+    assert re.fullmatch(r"[0-9a-f]{32}", reply.getheader("X-Request-ID") or ""), reply.getheaders()

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import tempfile
+import uuid
 from typing import Any
 
 from gunicorn import util as gunicorn_util
@@ -36,7 +37,8 @@ log = logging.getLogger("qna.serve")
 
 def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     # gunicorn answers requests it cannot parse (oversized headers, bad request
-    # lines) itself, with an HTML page; our contract is JSON for every error.
+    # lines) itself, with an HTML page; our contract is JSON for every error, and an
+    # X-Request-ID on every response (new: the request's own was not read).
     code = {400: "bad_request", 414: "uri_too_long", 431: "headers_too_large"}.get(
         status_int, "bad_request" if status_int < 500 else "internal_error"
     )
@@ -45,7 +47,8 @@ def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
         f"HTTP/1.1 {status_int} {reason}\r\n"
         "Connection: close\r\n"
         "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"X-Request-ID: {uuid.uuid4().hex}\r\n\r\n"
     ).encode("latin-1")
     gunicorn_util.write_nonblock(sock, head + body)
 
