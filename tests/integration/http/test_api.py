@@ -7,6 +7,7 @@ played by a local OpenAI-compatible server.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import re
 import threading
@@ -796,6 +797,33 @@ def test_form_data_is_415(client: FlaskClient) -> None:
     response = client.post("/ask", data={"question": QUESTION})
 
     assert_error(response, 415, "unsupported_media_type")
+
+
+def encoded_json(encoding: str) -> dict[str, str]:
+    return {"Content-Type": "application/json", "Content-Encoding": encoding}
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate", "gzip, identity"])
+def test_a_compressed_body_is_415_not_read_as_plain_json(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, encoding: str
+) -> None:
+    # Even a body that happens to be plain JSON: the client said it was not.
+    body = json.dumps({"question": QUESTION}).encode()
+    compressed = gzip.compress(body)
+
+    for data in (compressed, body):
+        response = client.post("/ask", data=data, headers=encoded_json(encoding))
+        error = assert_error(response, 415, "unsupported_media_type")
+        assert "Content-Encoding" in error["message"]
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize("encoding", ["identity", "Identity", ""])
+def test_an_identity_encoded_body_is_read(client: FlaskClient, encoding: str) -> None:
+    body = json.dumps({"question": QUESTION}).encode()
+
+    created(client.post("/ask", data=body, headers=encoded_json(encoding)))
 
 
 # -- the LLM fails -------------------------------------------------------------------------------

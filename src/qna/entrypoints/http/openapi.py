@@ -40,8 +40,9 @@ ERROR_TEXTS = {
     409: "A request with this Idempotency-Key is still being answered "
     "(`idempotency_key_in_flight`).",
     413: "The body is larger than QNA_MAX_BODY_BYTES (`payload_too_large`).",
-    415: "The body is not JSON (application/json or a +json type), or is declared "
-    "in a charset other than UTF-8 (`unsupported_media_type`).",
+    415: "The body is not JSON (application/json or a +json type), is declared in a "
+    "charset other than UTF-8, or is compressed (a Content-Encoding other than identity) "
+    "(`unsupported_media_type`).",
     422: "This Idempotency-Key was used with a different body (`idempotency_key_reused`).",
     429: "Too many requests; see Retry-After (`rate_limited`).",
     500: "An unexpected error (`internal_error`).",

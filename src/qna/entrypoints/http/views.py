@@ -40,6 +40,16 @@ def _json_body() -> bytes:
             "unsupported_media_type",
             f"Send the body as UTF-8 JSON; charset={charset[:40]} is not supported.",
         )
+    # A compressed body would be parsed as if it were plain (a 400 about its JSON, or
+    # worse, accepted); RFC 9110, section 15.5.16: a content coding the server does
+    # not support is a 415.
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Send the body uncompressed; Content-Encoding: {encoding[:40]} is not supported.",
+        )
     # Reading enforces MAX_CONTENT_LENGTH (413) when the length is declared.
     body = request.get_data(cache=False)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
