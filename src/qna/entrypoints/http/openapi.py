@@ -31,9 +31,9 @@ def _json(model: type[BaseModel], description: str, **extra: Any) -> dict[str, A
 ERROR_TEXTS = {
     400: "The request is malformed: not JSON or not UTF-8 (`invalid_json`), the wrong "
     "fields or types (`invalid_request`), a question that is empty, too long or contains "
-    "control characters (`invalid_question`), an Idempotency-Key that is not 1 to 200 "
-    "printable ASCII characters (`invalid_argument`), or a malformed chunked body "
-    "(`bad_request`).",
+    "control characters (`invalid_question`), an Idempotency-Key that is not one key of 1 "
+    "to 200 printable ASCII characters without commas (`invalid_argument`), or a "
+    "malformed chunked body (`bad_request`).",
     401: "A bearer token is required (QNA_API_TOKENS is set) and was missing or wrong "
     "(`unauthorized`).",
     404: "No such record, or the id is not one (`not_found`).",
@@ -162,7 +162,7 @@ def openapi_document(
                             "same record without asking the LLM again.",
                             "schema": {
                                 "type": "string",
-                                "pattern": "^[\\x21-\\x7e]{1,200}$",
+                                "pattern": "^[\\x21-\\x2b\\x2d-\\x7e]{1,200}$",
                             },
                         }
                     ],

@@ -19,7 +19,9 @@ from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
 
 bp = Blueprint("qna", __name__)
 
-_SANE_KEY = re.compile(r"[\x21-\x7e]{1,200}")
+# Printable ASCII but the comma: a WSGI server joins two Idempotency-Key lines into
+# one value with commas (RFC 9110, section 5.3), which would be a third key.
+_SANE_KEY = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,200}")
 
 
 def _json_body() -> bytes:
@@ -82,7 +84,8 @@ def _idempotency_key() -> str | None:
         raise ApiError(
             400,
             "invalid_argument",
-            "Idempotency-Key must be 1 to 200 printable ASCII characters.",
+            "Idempotency-Key must be one key of 1 to 200 printable ASCII characters, "
+            "without commas.",
         )
     # Scoped by caller: two clients choosing the same key never see each other's asks.
     return f"{g.get('principal', 'anonymous')}:{key}"
