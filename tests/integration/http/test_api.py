@@ -330,6 +330,19 @@ def test_a_garbage_cursor_is_400(client: FlaskClient, cursor: str) -> None:
     assert_error(client.get("/questions", query_string={"cursor": cursor}), 400, "invalid_cursor")
 
 
+@pytest.mark.parametrize(
+    "query",
+    ["limit=1&limit=abc", "limit=5&limit=5", "cursor=garbage&cursor=", "limit=2&cursor=&cursor="],
+)
+def test_a_parameter_given_twice_is_400(client: FlaskClient, query: str) -> None:
+    # Which of the two was meant? Taking the first quietly answered another question.
+    for _ in range(3):
+        created(ask(client, QUESTION))
+
+    error = assert_error(client.get(f"/questions?{query}"), 400, "invalid_argument")
+    assert "once" in error["message"]
+
+
 # -- health, readiness, metrics, docs --------------------------------------------------------
 
 

@@ -220,9 +220,9 @@ def openapi_document(
                             429,
                             503,
                             texts={
-                                400: "limit is not an integer from 1 to 100 "
-                                "(`invalid_argument`), or cursor is not the next of a "
-                                "page (`invalid_cursor`).",
+                                400: "limit is not an integer from 1 to 100, or limit "
+                                "or cursor is given twice (`invalid_argument`), or cursor "
+                                "is not the next of a page (`invalid_cursor`).",
                                 503: DATABASE_UNAVAILABLE,
                             },
                         ),

@@ -122,6 +122,10 @@ def ask() -> Response:
 
 @bp.get("/questions")
 def list_questions() -> Response:
+    for name in ("limit", "cursor"):
+        # Which one was meant cannot be known; taking the first would answer a guess.
+        if len(request.args.getlist(name)) > 1:
+            raise ApiError(400, "invalid_argument", f"Give {name} at most once.")
     limit_text = request.args.get("limit", "20")
     # isdigit() alone admits "²" and 5000-digit numbers, which int() refuses.
     if not (
