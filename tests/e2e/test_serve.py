@@ -240,3 +240,24 @@ def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
     assert body["error"]["code"] == code
     # The README: every response carries X-Request-ID.
     assert re.fullmatch(r"[0-9a-f]{32}", reply.getheader("X-Request-ID") or ""), reply.getheaders()
+
+
+def test_a_body_cut_short_of_its_content_length_is_not_asked(
+    server: Server, fake_openai: FakeOpenAI
+) -> None:
+    # The client declares 100 bytes, sends a complete-looking JSON object of 17, and
+    # stops sending: the request never arrived whole, so nothing may be asked or stored.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"question":"hi"}'
+        )
+        sock.shutdown(socket.SHUT_WR)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        body = json.loads(reply.read())
+
+    assert reply.status == 400, body
+    assert body["error"]["code"] == "bad_request"
+    assert fake_openai.calls == 0
+    assert server.request("GET", "/questions").json()["items"] == []

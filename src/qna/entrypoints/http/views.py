@@ -60,6 +60,11 @@ def _json_body() -> bytes:
     # (A declared length over the limit was refused by get_data already.)
     if len(body) >= limit and request.environ["wsgi.input"].read(1):
         raise ApiError(413, "payload_too_large", "The request body is too large.")
+    # gunicorn ends the body where the client stopped sending, even short of the
+    # declared length: the request never arrived whole, whatever its prefix parses as.
+    declared = request.content_length
+    if declared is not None and len(body) < declared:
+        raise ApiError(400, "bad_request", "The body ended before its Content-Length.")
     return body
 
 
