@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
+from qna.adapters.sqlalchemy import migrate
+from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
 from tests.e2e.helpers import settings_free_environ
+from tests.support.databases import BROKEN_SQLITE_FILES, broken_sqlite_file
 from tests.support.fake_openai import DEFAULT_ANSWER, FakeOpenAI
 
 pytestmark = pytest.mark.slow
@@ -261,3 +265,44 @@ def test_a_body_cut_short_of_its_content_length_is_not_asked(
     assert body["error"]["code"] == "bad_request"
     assert fake_openai.calls == 0
     assert server.request("GET", "/questions").json()["items"] == []
+
+
+@pytest.mark.parametrize("kind", [*BROKEN_SQLITE_FILES, "newer-qna"])
+def test_serve_refuses_a_database_that_waiting_cannot_mend(tmp_path: Path, kind: str) -> None:
+    # A database that is down is waited for (503 until it is back); a file that is not
+    # a database, or a schema from a newer qna, would answer 503 for ever.
+    if kind == "newer-qna":
+        url = sqlite_url(tmp_path / "qna.db")
+        engine = create_engine(url)
+        migrate.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+        engine.dispose()
+    else:
+        url = broken_sqlite_file(tmp_path / "qna.db", kind)
+    env = {
+        **settings_free_environ(),
+        "HOME": str(tmp_path / "home"),
+        "DATABASE_URL": url,
+        "OPENAI_BASE_URL": "http://127.0.0.1:1/v1",
+    }
+    process = subprocess.Popen(
+        [*qna_command(), "serve", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"qna serve started:\n{output.decode(errors='replace')}")
+    text_output = output.decode(errors="replace")
+
+    assert process.returncode == 6, text_output
+    assert "Traceback" not in text_output
+    [line] = text_output.splitlines()
+    assert "database" in line

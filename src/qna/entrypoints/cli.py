@@ -402,8 +402,10 @@ def serve(
     """Serve the HTTP API under gunicorn (migrates the database first).
 
     \b
-    Exit codes: 0 stopped by SIGTERM, 3 configuration,
-    12 cannot listen on --host and --port (in use, not this machine's address).
+    Exit codes: 0 stopped by SIGTERM, 3 configuration, 6 a database that waiting
+    cannot mend (not a database, corrupt, migrated by a newer qna; one that is down
+    is waited for), 12 cannot listen on --host and --port (in use, not this
+    machine's address).
     """
     from qna.entrypoints.http import server
 

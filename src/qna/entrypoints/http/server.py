@@ -131,7 +131,9 @@ def check_can_listen(host: str, port: int) -> None:
 
 def migrate_before_serving(settings: Settings) -> None:
     """Migrate once, in the master, before any worker starts; a database that is down
-    does not stop the server (it answers 503 until the database is back)."""
+    does not stop the server (it answers 503 until the database is back), one that
+    waiting cannot mend (a file that is not a database, a schema migrated by a newer
+    qna) does: StorageUnavailable, not a server answering 503 for ever."""
     container = create_container(settings)
     try:
         # A server that cannot ask anything should not start: say which setting is
@@ -144,6 +146,8 @@ def migrate_before_serving(settings: Settings) -> None:
         if closed:
             log.warning("marked %d abandoned pending asks as failed", closed)
     except StorageUnavailable as exc:
+        if not exc.retryable:
+            raise
         log.warning("database not ready at start (migrations, abandoned asks): %s", exc.message)
     finally:
         shutdown(container)
