@@ -209,11 +209,17 @@ class Settings(BaseSettings):
     def _blank_key_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("api_tokens")
+    @classmethod
+    def _lists_a_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Set to close the API: a value that lists no token (",") must not leave it open.
+        if value is not None and not _split_tokens(value):
+            raise ValueError("lists no token; expected comma-separated bearer tokens")
+        return value
+
     @property
     def tokens(self) -> list[str]:
-        if self.api_tokens is None:
-            return []
-        return [t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()]
+        return _split_tokens(self.api_tokens) if self.api_tokens is not None else []
 
     @property
     def abandon_after_s(self) -> float:
@@ -250,3 +256,7 @@ def load_settings(base: Settings | None = None, **overrides: object) -> Settings
         return Settings.model_validate({**base.model_dump(), **overrides})
     except ValidationError as exc:
         raise ConfigurationError(describe_invalid_settings(exc)) from exc
+
+
+def _split_tokens(tokens: SecretStr) -> list[str]:
+    return [t.strip() for t in tokens.get_secret_value().split(",") if t.strip()]

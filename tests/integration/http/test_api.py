@@ -25,6 +25,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from sqlalchemy import text
 from werkzeug.test import TestResponse
 
@@ -1074,6 +1075,15 @@ def test_without_a_valid_token_the_api_is_401(
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert stored_rows(database_url) == []
     assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize("tokens", [",", " , ,", ",,,"])
+def test_tokens_that_list_no_token_are_refused_not_an_open_api(
+    make_app: AppFactory, database_url: str, tokens: str
+) -> None:
+    # The operator meant to close the API; a typo must not leave it open.
+    with pytest.raises(ValidationError, match="lists no token"):
+        make_app(database_url, api_tokens=tokens)
 
 
 @pytest.mark.parametrize("token", ["tok-a", "tok-b"])
