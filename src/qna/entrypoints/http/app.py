@@ -40,6 +40,9 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     if container is None:
         container = create_container(settings)
     app = QnAFlask("qna")
+    # Werkzeug answers a path with doubled slashes with a 308 and an HTML page; this
+    # API's paths are exact (a trailing slash is a 404 too), and never answered in HTML.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = container.config.max_body_bytes()
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
