@@ -306,3 +306,30 @@ def test_serve_refuses_a_database_that_waiting_cannot_mend(tmp_path: Path, kind:
     assert "Traceback" not in text_output
     [line] = text_output.splitlines()
     assert "database" in line
+
+
+def test_sighup_reloads_the_workers_and_the_server_keeps_serving(
+    server: Server, fake_openai: FakeOpenAI
+) -> None:
+    # gunicorn's graceful reload (systemd's usual ExecReload): new workers start, the
+    # old ones exit. A worker's exit must not take the metrics directory with it.
+    assert server.request("GET", "/metrics").status == 200
+    server.process.send_signal(signal.SIGHUP)
+    give_up_at = time.monotonic() + START_TIMEOUT_S
+    while (
+        server.output().count("Booting worker") < 4 or server.output().count("Worker exiting") < 2
+    ):
+        if server.process.poll() is not None or time.monotonic() > give_up_at:
+            pytest.fail(f"qna serve did not reload:\n{server.output()}")
+        time.sleep(0.1)
+
+    for _ in range(4):
+        asked = server.request(
+            "POST", "/ask", b'{"question": "hi"}', {"Content-Type": "application/json"}
+        )
+        assert asked.status == 201, asked.body
+    metrics = server.request("GET", "/metrics").body.decode()
+    answered = re.search(r'^qna_asks_total\{outcome="answered"\} (\S+)$', metrics, re.MULTILINE)
+    assert answered is not None, metrics
+    assert float(answered.group(1)) == 4
+    assert server.process.poll() is None

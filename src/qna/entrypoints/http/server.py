@@ -162,7 +162,15 @@ def prepare_multiprocess_metrics(workers: int) -> None:
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         directory = tempfile.mkdtemp(prefix="qna-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        master = os.getpid()
+
+        def remove_when_the_master_exits() -> None:
+            # Workers inherit this through fork and exit on their own (a SIGHUP
+            # reload replaces them all): the directory outlives them, as the server does.
+            if os.getpid() == master:
+                shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(remove_when_the_master_exits)
 
 
 def serve(
