@@ -262,8 +262,15 @@ def openapi_document(
                         "200": _json(Health, "Ready."),
                         "503": _json(
                             ErrorResponse,
-                            "Not ready: the database is unavailable (`database_unavailable`) "
-                            "or not at the newest migration (`migrations_pending`).",
+                            "Not ready: the database is unavailable (`database_unavailable`; "
+                            "see Retry-After, absent when waiting cannot help) or not at the "
+                            "newest migration (`migrations_pending`).",
+                            headers={
+                                "Retry-After": {
+                                    "description": "Seconds to wait.",
+                                    "schema": {"type": "string"},
+                                }
+                            },
                         ),
                     },
                 }

@@ -164,7 +164,10 @@ def readyz() -> Response:
     try:
         ready = _container().schema_ready()
     except StorageUnavailable as exc:
-        return error_response(503, "database_unavailable", exc.message)
+        # Not through the error handler: a probe's failure is not a request's, for the
+        # logs and the database error count. Retry-After as on every other 503.
+        headers = {"Retry-After": "5"} if exc.retryable else None
+        return error_response(503, "database_unavailable", exc.message, headers)
     if not ready:
         return error_response(
             503, "migrations_pending", "The database schema is not at the newest migration."
