@@ -215,6 +215,11 @@ class Settings(BaseSettings):
         # Set to close the API: a value that lists no token (",") must not leave it open.
         if value is not None and not _split_tokens(value):
             raise ValueError("lists no token; expected comma-separated bearer tokens")
+        if value is not None and not all(
+            token.isascii() and token.isprintable() for token in _split_tokens(value)
+        ):
+            # A header's bytes are read as Latin-1: a UTF-8 client's token would never match.
+            raise ValueError("a token is not printable ASCII, as bearer tokens are (RFC 6750)")
         return value
 
     @property

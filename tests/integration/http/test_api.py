@@ -1101,6 +1101,16 @@ def test_tokens_that_list_no_token_are_refused_not_an_open_api(
         make_app(database_url, api_tokens=tokens)
 
 
+@pytest.mark.parametrize("tokens", ["pässwort", "tok-a,tökén", "tok\x00a"])
+def test_a_token_beyond_printable_ascii_is_refused(
+    make_app: AppFactory, database_url: str, tokens: str
+) -> None:
+    # A header's bytes are read as Latin-1: a client sending such a token in UTF-8 was
+    # turned away with 401 on every request, and nothing said why.
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        make_app(database_url, api_tokens=tokens)
+
+
 @pytest.mark.parametrize("token", ["tok-a", "tok-b"])
 def test_any_configured_token_is_let_in(secured: FlaskClient, token: str) -> None:
     headers = {"Authorization": f"Bearer {token}"}
