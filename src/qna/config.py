@@ -222,6 +222,24 @@ class Settings(BaseSettings):
             raise ValueError("a token is not printable ASCII, as bearer tokens are (RFC 6750)")
         return value
 
+    @field_validator("openai_api_key", mode="before")
+    @classmethod
+    def _sendable_api_key(cls, value: object) -> object:
+        # It travels in an Authorization header, which holds printable ASCII only:
+        # a key with an ellipsis or a space in it failed each ask as an internal error
+        # (or as "unreachable", after every retry), leaving the question pending.
+        # A .env saved with Windows line ends leaves a \r at the end: stripped.
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not all("!" <= char <= "~" for char in value):
+            # Never quoted: it is a secret.
+            raise ValueError(
+                "it contains a space, a control character or a non-ASCII character, "
+                "which an API key cannot hold"
+            )
+        return value
+
     @property
     def tokens(self) -> list[str]:
         return _split_tokens(self.api_tokens) if self.api_tokens is not None else []

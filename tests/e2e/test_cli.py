@@ -459,6 +459,52 @@ def test_no_api_key_and_no_base_url_exits_3_naming_the_key(
     assert stored_rows(database_url) == []
 
 
+@pytest.mark.parametrize("client", ["openai", "http"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-…",  # an ellipsis copied from an example
+        "sk-abc def",
+        "sk-abc\x1bdef",
+    ],
+    ids=["non-ascii", "inner-space", "control"],
+)
+def test_an_api_key_that_cannot_be_sent_exits_3_and_stores_nothing(
+    fake: FakeOpenAI,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    client: str,
+    key: str,
+) -> None:
+    # It cannot go into an Authorization header: the request failed as an internal
+    # error, or as "unreachable" after every retry, and left the question pending.
+    monkeypatch.setenv("QNA_LLM_CLIENT", client)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3, result.stderr
+    line = error_line(result.stderr)
+    assert "OPENAI_API_KEY" in line
+    assert key not in line
+    assert stored_rows(database_url) == []
+    assert fake.calls == 0
+
+
+@pytest.mark.parametrize("client", ["openai", "http"])
+def test_an_api_key_is_sent_without_surrounding_whitespace(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
+    # A .env saved with Windows line ends keeps a \r at the end of the value.
+    monkeypatch.setenv("QNA_LLM_CLIENT", client)
+    monkeypatch.setenv("OPENAI_API_KEY", " sk-test-key\r")
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 0, result.stderr
+    assert fake.authorizations == ["Bearer sk-test-key"]
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
