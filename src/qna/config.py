@@ -267,7 +267,10 @@ def describe_invalid_settings(exc: ValidationError) -> str:
     info = Settings.model_fields.get(field)
     alias = getattr(info.validation_alias, "choices", [field]) if info else [field]
     name = str(alias[0]).upper() if alias and alias[0] else "a setting"
-    return f"{name} is invalid: {first['msg']}."
+    # A validator's own words, without the "Value error, " pydantic puts before them.
+    error = first.get("ctx", {}).get("error")
+    reason = str(error) if first["type"] == "value_error" and error else first["msg"]
+    return f"{name} is invalid: {reason}."
 
 
 def load_settings(base: Settings | None = None, **overrides: object) -> Settings:
