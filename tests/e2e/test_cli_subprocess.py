@@ -374,3 +374,30 @@ def test_a_reader_that_goes_away_ends_qna_quietly(
     assert stderr == ""
     [row] = stored_rows(database_url)
     assert row["status"] == "answered"  # the answer is kept all the same
+
+
+def run_closing(
+    redirection: str, *args: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """qna run from a shell with a stream closed (`2>&-`, `<&-`), not redirected."""
+    return subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirection}', "sh", *qna_command(), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_ask_with_stderr_closed_still_asks(
+    fake_openai: FakeOpenAI, db_env: dict[str, str], database_url: str
+) -> None:
+    # `qna ask ... 2>&-` from a cron job: there is no terminal to draw a spinner on,
+    # which is no reason to fail (it exited 1, silently, having asked nothing).
+    completed = run_closing("2>&-", "ask", QUESTION, env=db_env)
+
+    assert completed.returncode == 0
+    assert completed.stdout == DEFAULT_ANSWER + "\n"
+    [row] = stored_rows(database_url)
+    assert row["status"] == "answered"

@@ -188,7 +188,8 @@ pass_app = click.make_pass_decorator(AppContext)
 @contextmanager
 def progress(message: str) -> Iterator[None]:
     """A spinner on stderr while waiting, only when a person is watching it."""
-    if not sys.stderr.isatty():
+    # No stderr at all (`2>&-`): nobody is watching.
+    if sys.stderr is None or not sys.stderr.isatty():
         yield
         return
     done = threading.Event()
