@@ -401,3 +401,14 @@ def test_ask_with_stderr_closed_still_asks(
     assert completed.stdout == DEFAULT_ANSWER + "\n"
     [row] = stored_rows(database_url)
     assert row["status"] == "answered"
+
+
+def test_ask_dash_with_stdin_closed_exits_4(
+    fake_openai: FakeOpenAI, db_env: dict[str, str], database_url: str
+) -> None:
+    completed = run_closing("<&-", "ask", "-", env=db_env)
+
+    assert completed.returncode == 4, completed.stderr
+    assert "standard input" in error_line(completed.stderr)
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0

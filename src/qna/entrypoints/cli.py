@@ -253,8 +253,7 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     6 database unavailable, 7 LLM unavailable, 8 LLM rate-limited,
     9 LLM timed out, 10 LLM refused the request, 11 unusable LLM response.
     """
-    if question == "-":
-        question = sys.stdin.read()
+    question = read_question(question)
     # A missing API key is a configuration error, reported before the database is
     # touched: with no key and no database, the key is the thing to fix first.
     app.container(migrate=False).llm()
@@ -422,6 +421,15 @@ def serve(
         )
     except server.CannotListen as exc:
         fail(str(exc), EXIT_CANNOT_LISTEN)
+
+
+def read_question(argument: str) -> str:
+    """QUESTION, or all of stdin for `-`."""
+    if argument == "-":
+        if sys.stdin is None:  # `<&-`
+            raise InvalidQuestion("There is no standard input to read the question from.")
+        return sys.stdin.read()
+    return argument
 
 
 def _one_line(text: str, width: int) -> str:
