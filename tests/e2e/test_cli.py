@@ -40,7 +40,7 @@ QUESTION = "What is the capital of France?"
 HEAD = head_revision()
 
 
-def qna(*args: str, input: str | None = None) -> Result:
+def qna(*args: str, input: str | bytes | None = None) -> Result:
     result = CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
     assert "Traceback" not in result.stderr
     return result
@@ -169,6 +169,26 @@ def test_ask_dash_reads_the_question_from_stdin(fake: FakeOpenAI, database_url: 
     assert [row["question"] for row in stored_rows(database_url)] == [
         "What is\nthe capital of France?"
     ]
+
+
+def test_ask_dash_reads_utf8_from_stdin(fake: FakeOpenAI, database_url: str) -> None:
+    question = "Où est la tour Eiffel ? 🗼"
+
+    result = qna("ask", "-", input=question.encode())
+
+    assert result.exit_code == 0, result.stderr
+    assert [row["question"] for row in stored_rows(database_url)] == [question]
+
+
+def test_a_question_on_stdin_that_is_not_utf8_exits_4(fake: FakeOpenAI, database_url: str) -> None:
+    # Latin-1 "café": where stdin decodes strictly (a UTF-8 locale) this was an
+    # internal error, exit 1; elsewhere a "lone surrogate" nobody had typed.
+    result = qna("ask", "-", input=b"caf\xe9 ?")
+
+    assert result.exit_code == 4, result.stderr
+    assert "not valid UTF-8" in error_line(result.stderr)
+    assert stored_rows(database_url) == []
+    assert fake.calls == 0
 
 
 def test_retries_a_transient_failure_and_answers(

@@ -412,3 +412,20 @@ def test_ask_dash_with_stdin_closed_exits_4(
     assert "standard input" in error_line(completed.stderr)
     assert stored_rows(database_url) == []
     assert fake_openai.calls == 0
+
+
+def test_a_question_argument_that_is_not_utf8_exits_4(
+    fake_openai: FakeOpenAI, db_env: dict[str, str], database_url: str
+) -> None:
+    completed = subprocess.run(
+        [*qna_command(), "ask", b"caf\xe9 ?"],
+        env=db_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert completed.returncode == 4, completed.stderr
+    assert "not valid UTF-8" in error_line(completed.stderr)
+    assert stored_rows(database_url) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import os
@@ -424,12 +425,28 @@ def serve(
 
 
 def read_question(argument: str) -> str:
-    """QUESTION, or all of stdin for `-`."""
+    """QUESTION, or all of stdin for `-`, as text in the locale's encoding.
+
+    Bytes that are not text are an invalid question: read from stdin they were an
+    internal error (or a "lone surrogate", depending on the locale), and Python hands
+    over those of an argument as surrogates nobody typed.
+    """
     if argument == "-":
         if sys.stdin is None:  # `<&-`
             raise InvalidQuestion("There is no standard input to read the question from.")
-        return sys.stdin.read()
-    return argument
+        encoding = sys.stdin.encoding
+        raw = sys.stdin.buffer.read()
+    else:
+        encoding = sys.getfilesystemencoding()
+        raw = os.fsencode(argument)  # the argument's bytes, as they were given
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        name = codecs.lookup(encoding).name.upper()
+        raise InvalidQuestion(
+            f"The question is not valid {name} text: byte {raw[exc.start]:#04x} "
+            f"at offset {exc.start}."
+        ) from None
 
 
 def _one_line(text: str, width: int) -> str:
