@@ -18,6 +18,7 @@ from qna.adapters.structured_logging import configure_logging
 from qna.application.ports import LLM
 from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandoned
 from qna.config import ConfigurationError, Settings
+from qna.domain.errors import StorageUnavailable
 
 
 def engine_resource(
@@ -37,6 +38,13 @@ def engine_resource(
         raise ConfigurationError(
             "DATABASE_URL is not a database URL qna can use "
             "(expected postgresql://… or sqlite:///…)."
+        ) from exc
+    except OSError as exc:
+        # The SQLite file's directory could not be made: a file in the way, a
+        # read-only disk. As unavailable as a file that cannot be opened.
+        reason = (exc.strerror or str(exc)).lower()
+        raise StorageUnavailable(
+            f"The database is unavailable: cannot create the directory {exc.filename}: {reason}"
         ) from exc
     yield engine
     engine.dispose()

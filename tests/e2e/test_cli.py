@@ -665,6 +665,32 @@ def test_a_sqlite_file_that_is_not_a_database_exits_6(
 
 @pytest.mark.parametrize(
     "args",
+    [("ask", QUESTION), ("history",), ("db", "upgrade")],
+    ids=["ask", "history", "db-upgrade"],
+)
+def test_a_sqlite_directory_that_cannot_be_made_exits_6(
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: tuple[str, ...],
+) -> None:
+    # A file where the directory should be (as /sys refuses one, or a read-only
+    # disk): it was an internal error, exit 1, naming FileExistsError.
+    (tmp_path / "data").write_text("not a directory")
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'data' / 'qna' / 'qna.db'}")
+
+    result = qna(*args)
+
+    assert result.exit_code == 6, result.stderr
+    line = error_line(result.stderr)
+    assert "internal error" not in line
+    assert str(tmp_path / "data") in line
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize(
+    "args",
     [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],
     ids=["ask", "history", "show", "db-upgrade"],
 )

@@ -194,6 +194,18 @@ def test_an_unreachable_database_raises_storage_unavailable(fake_openai: FakeOpe
         )
 
 
+def test_a_sqlite_directory_that_cannot_be_made_raises_storage_unavailable(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    (tmp_path / "data").write_text("not a directory")
+
+    with pytest.raises(qna.StorageUnavailable, match="directory"):
+        qna.connect(
+            database_url=f"sqlite:///{tmp_path / 'data' / 'qna.db'}",
+            openai_base_url=fake_openai.base_url,
+        )
+
+
 def test_connect_validates_overrides_and_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(qna.ConfigurationError, match="QNA_LLM_MAX_ATTEMPTS"):
         qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", llm_max_attempts="abc")
