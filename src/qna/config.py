@@ -198,6 +198,27 @@ class Settings(BaseSettings):
             raise ValueError(f"{problem}; expected a URL such as http://localhost:11434/v1")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _kept_database(cls, value: str | None) -> str | None:
+        # An in-memory SQLite database lives as long as one connection: `qna ask`
+        # answered and lost the record on exit, and in a Client each thread's
+        # connection had a database of its own, without the table.
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url  # imported late: `qna --help` is quick
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except (ArgumentError, ValueError):
+            return value  # not a URL at all: refused, so worded, where the engine is built
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            raise ValueError(
+                "an in-memory SQLite database keeps nothing; name a file, e.g. sqlite:///qna.db"
+            )
+        return value
+
     @field_validator("database_url", "openai_base_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

@@ -620,6 +620,21 @@ def test_a_database_url_that_is_not_one_exits_3(
     assert "DATABASE_URL" in error_line(result.stderr)
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite:///"])
+def test_an_in_memory_sqlite_database_exits_3(
+    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    # It would answer, store the record in memory and lose it on exit, with 0.
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", url)
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3, result.stderr
+    assert "DATABASE_URL" in error_line(result.stderr)
+    assert fake_openai.calls == 0
+
+
 @pytest.mark.parametrize(
     "args",
     [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],

@@ -206,6 +206,12 @@ def test_a_sqlite_directory_that_cannot_be_made_raises_storage_unavailable(
         )
 
 
+def test_an_in_memory_sqlite_database_is_a_configuration_error(fake_openai: FakeOpenAI) -> None:
+    # Each thread's connection would hold a database of its own, without the table.
+    with pytest.raises(qna.ConfigurationError, match="DATABASE_URL"):
+        qna.connect(database_url="sqlite:///:memory:", openai_base_url=fake_openai.base_url)
+
+
 def test_connect_validates_overrides_and_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(qna.ConfigurationError, match="QNA_LLM_MAX_ATTEMPTS"):
         qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", llm_max_attempts="abc")
