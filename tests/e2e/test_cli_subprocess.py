@@ -429,3 +429,13 @@ def test_a_question_argument_that_is_not_utf8_exits_4(
     assert completed.returncode == 4, completed.stderr
     assert "not valid UTF-8" in error_line(completed.stderr)
     assert stored_rows(database_url) == []
+
+
+@pytest.mark.parametrize("host", ["", " "])
+def test_serve_refuses_an_empty_host(env: dict[str, str], host: str) -> None:
+    # `--host "$HOST"` with HOST unset listened on every address of the machine.
+    completed = run("serve", "--host", host, "--port", "0", "--workers", "1", env=env)
+
+    assert completed.returncode == 2
+    assert "--host" in error_line(completed.stderr)
+    assert completed.stdout == ""

@@ -352,8 +352,22 @@ def db_upgrade(app: AppContext) -> None:
     click.echo("database is up to date")
 
 
+def _listen_host(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    # gunicorn reads an empty host as every address: `--host "$HOST"` with HOST unset
+    # would have opened the API to the network.
+    if not value.strip():
+        raise click.BadParameter("is empty; to listen on every address, say 0.0.0.0 or ::")
+    return value
+
+
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    callback=_listen_host,
+    help="Address to listen on.",
+)
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--workers",
