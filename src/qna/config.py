@@ -138,6 +138,18 @@ class Settings(BaseSettings):
             return value.strip().upper()
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_name(cls, value: object) -> object:
+        # Sent with every ask and stored with every record: "   " or a name with a
+        # newline in it is a slip in a .env file, not a model.
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not value.isprintable():
+            raise ValueError("it contains a control character")
+        return value
+
     @field_validator("rate_limit")
     @classmethod
     def _parsable_rate_limit(cls, value: str) -> str:

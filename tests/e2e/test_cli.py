@@ -544,6 +544,8 @@ def test_an_api_key_is_sent_without_surrounding_whitespace(
         ("QNA_LLM_DEADLINE_S", "1e15"),
         ("QNA_LOG_LEVEL", "LOUD"),
         ("QNA_MODEL", "m" * 201),  # longer than the stored column
+        ("QNA_MODEL", "   "),  # asked for, and stored with every record
+        ("QNA_MODEL", "gpt-5-mini\nx"),
         ("QNA_RATE_LIMIT", "abc"),
         ("QNA_LLM_CLIENT", "curl"),
         ("QNA_RATE_LIMIT_STORAGE", "foo://"),
