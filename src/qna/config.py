@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import platformdirs
@@ -71,6 +71,18 @@ class Settings(BaseSettings):
         populate_by_name=True,
         case_sensitive=False,
     )
+
+    if not TYPE_CHECKING:  # mypy keeps the pydantic plugin's typed __init__
+
+        def __init__(self, **values: Any) -> None:
+            try:
+                super().__init__(**values)
+            except UnicodeDecodeError as exc:
+                # Saved as Latin-1 (say) by an editor; unchecked, an internal error.
+                raise ConfigurationError(
+                    f"The .env file is not UTF-8 text: byte {exc.object[exc.start]:#04x} "
+                    f"at offset {exc.start}."
+                ) from None
 
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("QNA_DB_POOL_SIZE"))

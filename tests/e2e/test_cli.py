@@ -159,6 +159,17 @@ def test_settings_are_read_from_dot_env_in_the_working_directory(
     assert fake.requests[0]["model"] == "model-from-dotenv"
 
 
+def test_a_dot_env_that_is_not_utf8_exits_3(fake: FakeOpenAI, tmp_path: Path) -> None:
+    # Saved as Latin-1 by an editor: it was an internal error, a UnicodeDecodeError.
+    (tmp_path / ".env").write_bytes(b"QNA_MODEL=caf\xe9\n")
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3, result.stderr
+    assert ".env" in error_line(result.stderr)
+    assert fake.calls == 0
+
+
 def test_ask_dash_reads_the_question_from_stdin(fake: FakeOpenAI, database_url: str) -> None:
     result = qna("ask", "-", input="What is\nthe capital of France?\n")
 

@@ -212,6 +212,13 @@ def test_an_in_memory_sqlite_database_is_a_configuration_error(fake_openai: Fake
         qna.connect(database_url="sqlite:///:memory:", openai_base_url=fake_openai.base_url)
 
 
+def test_a_dot_env_that_is_not_utf8_is_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(b"QNA_MODEL=caf\xe9\n")
+
+    with pytest.raises(qna.ConfigurationError, match=r"\.env"):
+        qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}")
+
+
 def test_connect_validates_overrides_and_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(qna.ConfigurationError, match="QNA_LLM_MAX_ATTEMPTS"):
         qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", llm_max_attempts="abc")
