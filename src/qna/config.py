@@ -7,6 +7,7 @@ The README's settings table is this class, in words; keep them together.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -224,10 +225,7 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _kept_database(cls, value: str | None) -> str | None:
-        # An in-memory SQLite database lives as long as one connection: `qna ask`
-        # answered and lost the record on exit, and in a Client each thread's
-        # connection had a database of its own, without the table.
+    def _sqlite_file(cls, value: str | None) -> str | None:
         if value is None:
             return None
         from sqlalchemy.engine import make_url  # imported late: `qna --help` is quick
@@ -237,10 +235,19 @@ class Settings(BaseSettings):
             url = make_url(value)
         except (ArgumentError, ValueError):
             return value  # not a URL at all: refused, so worded, where the engine is built
-        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        if url.get_backend_name() != "sqlite":
+            return value
+        # An in-memory SQLite database lives as long as one connection: `qna ask`
+        # answered and lost the record on exit, and in a Client each thread's
+        # connection had a database of its own, without the table.
+        if url.database in (None, "", ":memory:"):
             raise ValueError(
                 "an in-memory SQLite database keeps nothing; name a file, e.g. sqlite:///qna.db"
             )
+        # sqlite3 does not expand `~`: sqlite:///~/qna.db opened ./~/qna.db.
+        if url.database.startswith("~"):
+            url = url.set(database=os.path.expanduser(url.database))
+            return url.render_as_string(hide_password=False)
         return value
 
     @field_validator("database_url", "openai_base_url", mode="before")

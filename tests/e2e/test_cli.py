@@ -633,6 +633,22 @@ def test_a_database_url_that_is_not_one_exits_3(
     assert "DATABASE_URL" in error_line(result.stderr)
 
 
+def test_a_sqlite_path_under_home_is_expanded(
+    fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory was made under the home directory, the file then opened under a
+    # directory named "~" in the working one: "unable to open database file", exit 6.
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///~/data/qna.db")
+
+    asked = qna("ask", QUESTION)
+
+    assert asked.exit_code == 0, asked.stderr
+    [row] = stored_rows(f"sqlite:///{tmp_path / 'home' / 'data' / 'qna.db'}")
+    assert row["question"] == QUESTION
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite:///"])
 def test_an_in_memory_sqlite_database_exits_3(
     fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, url: str
