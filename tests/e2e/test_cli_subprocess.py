@@ -439,3 +439,27 @@ def test_serve_refuses_an_empty_host(env: dict[str, str], host: str) -> None:
     assert completed.returncode == 2
     assert "--host" in error_line(completed.stderr)
     assert completed.stdout == ""
+
+
+def test_commands_started_together_on_a_new_sqlite_file_all_migrate_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # `xargs -P` on a fresh machine: each process found no schema and created it,
+    # and the losers failed with "table alembic_version already exists" (exit 6).
+    for attempt in range(2):
+        url = f"sqlite:///{tmp_path / f'race-{attempt}.db'}"
+        processes = [
+            subprocess.Popen(
+                [*qna_command(), "db", "upgrade"],
+                env={**env, "DATABASE_URL": url},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(8)
+        ]
+        outcomes = [
+            (process.communicate(timeout=60)[1], process.returncode) for process in processes
+        ]
+
+        assert outcomes == [("", 0)] * len(processes)

@@ -53,7 +53,14 @@ def _upgrade(engine: Engine, revision: str) -> None:
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
             )
-        _refuse_a_newer_schema(MigrationContext.configure(connection).get_current_revision())
+        elif connection.dialect.name == "sqlite" and _revision(connection) != head_revision():
+            # The same for SQLite, when there is anything to do: its write lock, taken
+            # before the schema is read again. Without it, processes started together
+            # on a new file each found no schema, and all but one failed creating
+            # alembic_version (exit 6). A second process waits for the lock (the busy
+            # timeout), then finds the schema at head.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        _refuse_a_newer_schema(_revision(connection))
         command.upgrade(alembic_config(connection), revision)
 
 
@@ -87,7 +94,11 @@ def head_revision() -> str | None:
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        return _revision(connection)
+
+
+def _revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
 
 
 def is_at_head(engine: Engine) -> bool:
