@@ -463,3 +463,23 @@ def test_commands_started_together_on_a_new_sqlite_file_all_migrate_it(
         ]
 
         assert outcomes == [("", 0)] * len(processes)
+
+
+def test_output_in_an_encoding_without_the_characters_is_not_a_crash(
+    db_env: dict[str, str],
+) -> None:
+    # Redirected on Windows the output is cp1252, and a stored emoji was an internal
+    # error (UnicodeEncodeError) for `history`, `show` and `--json` alike.
+    asked = ask_json("Can you read 😀 ?", db_env)
+    latin1 = {**db_env, "PYTHONIOENCODING": "latin-1"}
+
+    as_json = run("history", "--json", env=latin1)
+    text = run("history", env=latin1)
+    shown = run("show", asked["id"], env=latin1)
+
+    assert (as_json.returncode, text.returncode, shown.returncode) == (0, 0, 0), (
+        as_json.stderr + text.stderr + shown.stderr
+    )
+    assert json.loads(as_json.stdout)["items"][0]["question"] == "Can you read 😀 ?"
+    assert "Can you read ? ?" in text.stdout
+    assert "question: Can you read ? ?" in shown.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import io
 import itertools
 import json
 import os
@@ -214,7 +215,11 @@ def progress(message: str) -> Iterator[None]:
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+    # Escaped where the output's encoding lacks characters (cp1252, when redirected
+    # on Windows): the same JSON, where the characters themselves were a crash.
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    escaped = codecs.lookup(encoding).name != "utf-8"
+    click.echo(json.dumps(data, ensure_ascii=escaped, indent=2))
 
 
 def describe(qna: QnA) -> str:
@@ -469,4 +474,8 @@ def _one_line(text: str, width: int) -> str:
 
 
 def main() -> None:
+    # The text output is for a person: a character the output's encoding lacks is
+    # shown as "?", instead of the stored question it is in ending the command.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")
     cli(prog_name="qna")
