@@ -17,6 +17,7 @@ from uuid import UUID, uuid4
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import delete, text
+from sqlalchemy.engine import make_url
 
 from qna.adapters.sqlalchemy.database import create_engine
 from qna.adapters.sqlalchemy.migrate import head_revision
@@ -705,6 +706,34 @@ def test_a_sqlite_file_that_is_not_a_database_exits_6(
     assert result.exit_code == 6
     assert "database" in error_line(result.stderr)
     assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ("-c default_transaction_read_only=on", "read-only"),  # as a standby is
+        ("-c search_path=nowhere", "no schema"),
+    ],
+    ids=["read-only", "no-schema"],
+)
+def test_a_postgresql_database_that_refuses_the_tables_exits_6(
+    fake_openai: FakeOpenAI,
+    empty_postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    options: str,
+    reason: str,
+) -> None:
+    # Creating the tables failed as an internal error, exit 1, with the SQL and a link.
+    url = make_url(empty_postgres_url).update_query_dict({"options": options})
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+
+    result = qna("db", "upgrade")
+
+    assert result.exit_code == 6, result.stderr
+    line = error_line(result.stderr)
+    assert reason in line
+    assert "[SQL:" not in line
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from qna.adapters.sqlalchemy.database import unavailable_as_storage_error
 from qna.domain.errors import StorageUnavailable
@@ -37,9 +38,23 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return cfg
 
 
+# SQLSTATEs of a PostgreSQL database that will not take qna's tables: the user may
+# not create them (insufficient_privilege), the database is read-only (a standby,
+# default_transaction_read_only), or no schema is on the search_path.
+_SCHEMA_REFUSED = frozenset({"42501", "25006", "3F000"})
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     with unavailable_as_storage_error():
-        _upgrade(engine, revision)
+        try:
+            _upgrade(engine, revision)
+        except DBAPIError as exc:
+            # Not a fault in qna: the same database always refuses. It was an
+            # internal error carrying the SQL of the CREATE TABLE.
+            if getattr(exc.orig, "pgcode", None) not in _SCHEMA_REFUSED:
+                raise
+            reason = str(exc.orig).strip().splitlines()[0]
+            raise StorageUnavailable(f"The database refused qna's tables: {reason}") from exc
 
 
 def _upgrade(engine: Engine, revision: str) -> None:
