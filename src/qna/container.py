@@ -12,7 +12,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from qna.adapters.chat_completions import ChatCompletionsLLM
 from qna.adapters.sqlalchemy import migrate
-from qna.adapters.sqlalchemy.database import create_engine
+from qna.adapters.sqlalchemy.database import UnknownConnectionOption, create_engine
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork, write_batches_for
 from qna.adapters.structured_logging import configure_logging
 from qna.application.ports import LLM
@@ -32,6 +32,8 @@ def engine_resource(
             connect_timeout=connect_timeout,
             statement_timeout=statement_timeout,
         )
+    except UnknownConnectionOption as exc:
+        raise ConfigurationError(f"DATABASE_URL is not a URL qna can use: {exc}.") from exc
     # ImportError: a dialect SQLAlchemy knows but whose driver qna does not ship
     # (mysql://, for one).
     except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:

@@ -634,6 +634,22 @@ def test_a_database_url_that_is_not_one_exits_3(
     assert "DATABASE_URL" in error_line(result.stderr)
 
 
+def test_a_postgresql_url_with_an_unknown_option_exits_3_naming_it(
+    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libpq refuses it only when connecting, and that was an internal error, exit 1.
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:secret@127.0.0.1:1/x?sslmod=require")
+
+    result = qna("history")
+
+    assert result.exit_code == 3, result.stderr
+    line = error_line(result.stderr)
+    assert "DATABASE_URL" in line
+    assert '"sslmod"' in line
+    assert "secret" not in line
+
+
 def test_a_sqlite_path_under_home_is_expanded(
     fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -83,6 +83,23 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+class UnknownConnectionOption(ValueError):
+    """DATABASE_URL's query names a connection option libpq does not know."""
+
+
+def _check_connection_options(engine: Engine) -> None:
+    # libpq refuses an unknown option (a misspelt ?sslmode=) only when connecting,
+    # as a ProgrammingError, which is a fault in qna's own work anywhere else.
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import make_dsn
+
+    _args, params = engine.dialect.create_connect_args(engine.url)
+    try:
+        make_dsn(**params)
+    except ProgrammingError as exc:
+        raise UnknownConnectionOption(str(exc).strip().removeprefix("invalid dsn: ")) from None
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{path}"
 
@@ -145,6 +162,7 @@ def create_engine(
     if backend == "sqlite":
         event.listen(engine, "connect", _configure_sqlite)
     else:
+        _check_connection_options(engine)
         event.listen(engine, "checkout", _drop_if_closed_by_server)
         if statement_timeout:
             event.listen(engine, "connect", _statement_timeout_setter(statement_timeout))
