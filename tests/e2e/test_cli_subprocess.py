@@ -7,6 +7,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -483,3 +484,29 @@ def test_output_in_an_encoding_without_the_characters_is_not_a_crash(
     assert json.loads(as_json.stdout)["items"][0]["question"] == "Can you read 😀 ?"
     assert "Can you read ? ?" in text.stdout
     assert "question: Can you read ? ?" in shown.stdout
+
+
+def test_ctrl_c_while_the_llm_thinks_closes_the_record(
+    fake_openai: FakeOpenAI, db_env: dict[str, str], database_url: str
+) -> None:
+    # The record stayed pending, as if still being answered, until it was old enough
+    # to count as abandoned (the LLM deadline and a minute later).
+    fake_openai.latency = 30
+    process = subprocess.Popen(
+        [*qna_command(), "ask", QUESTION],
+        env=db_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while fake_openai.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 130, stderr
+    assert error_line(stderr) == "qna: error: interrupted"
+    assert stdout == ""
+    [row] = stored_rows(database_url)
+    assert (row["status"], row["error_kind"]) == ("failed", "abandoned")

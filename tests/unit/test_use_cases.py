@@ -194,6 +194,19 @@ def test_a_failure_is_stored_then_the_same_error_is_raised_with_the_record_id(
     assert stored.question == "Will this work?"
 
 
+def test_an_ask_interrupted_while_the_llm_thinks_is_stored_closed(world: World) -> None:
+    # Ctrl-C at the command line: left pending, the record read as still being
+    # answered until it was old enough to count as abandoned.
+    llm = FakeLLM(script=[KeyboardInterrupt()])
+
+    with pytest.raises(KeyboardInterrupt):
+        world.ask(llm)("Will this work?")
+
+    [stored] = world.uow.store.values()
+    assert stored.status is Status.FAILED
+    assert stored.error_kind == "abandoned"
+
+
 def test_retry_after_survives_the_reraise(world: World) -> None:
     error = LLMRateLimited("slow down", retry_after=7.5)
 

@@ -146,6 +146,12 @@ class AskQuestion:
             self._save(qna)
             error.qna_id = qna.id
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C at the command line: the asker stops, and says so now rather than
+            # leave the record pending until it is old enough to count as abandoned.
+            qna.abandon(now=self._clock())
+            self._save(qna)
+            raise
         qna.record_answer(
             answer=completion.text,
             model=completion.model,
