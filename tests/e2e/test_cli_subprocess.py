@@ -510,3 +510,30 @@ def test_ctrl_c_while_the_llm_thinks_closes_the_record(
     assert stdout == ""
     [row] = stored_rows(database_url)
     assert (row["status"], row["error_kind"]) == ("failed", "abandoned")
+
+
+@pytest.mark.parametrize(
+    "redirection",
+    [
+        ">&-",
+        pytest.param(
+            ">/dev/full",
+            marks=pytest.mark.skipif(not Path("/dev/full").exists(), reason="Linux's full disk"),
+        ),
+    ],
+    ids=["closed", "disk-full"],
+)
+@pytest.mark.parametrize("args", [("ask", QUESTION), ("history",)], ids=["ask", "history"])
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(
+    db_env: dict[str, str], redirection: str, args: tuple[str, ...]
+) -> None:
+    # Closed, the output vanished and qna exited 0; on a full disk it was called an
+    # internal error, naming OSError.
+    ask_json(QUESTION, db_env)  # something for history to list
+
+    completed = run_closing(redirection, *args, env=db_env)
+
+    assert completed.returncode == 1
+    line = error_line(completed.stderr)
+    assert line.startswith("qna: error: cannot write the output: ")
+    assert "internal error" not in line

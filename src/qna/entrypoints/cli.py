@@ -78,6 +78,22 @@ def error_line(message: str) -> str:
     return f"qna: error: {' '.join(message.split())}"
 
 
+class OutputError(Exception):
+    """Standard output cannot be written: closed (`>&-`), or its disk is full."""
+
+
+def say(text: str) -> None:
+    """Write a line of the command's output on stdout."""
+    if sys.stdout is None:  # click would drop the line, and qna exit 0
+        raise OutputError("standard output is closed")
+    try:
+        click.echo(text)
+    except BrokenPipeError:
+        raise  # the reader went away: see handles_errors
+    except OSError as exc:
+        raise OutputError((exc.strerror or str(exc)).lower()) from exc
+
+
 def fail(message: str, code: int) -> None:
     click.echo(error_line(message), err=True)
     sys.exit(code)
@@ -147,6 +163,8 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
             fail(f"{exc}{suffix}", exit_code_for(exc))
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except OutputError as exc:
+            fail(f"cannot write the output: {exc}", EXIT_INTERNAL)
         except BrokenPipeError:
             # The reader went away (`qna history | head -1`): nothing to tell anyone.
             # Point stdout at /dev/null so the interpreter's last flush stays quiet.
@@ -219,7 +237,7 @@ def emit_json(data: Any) -> None:
     # on Windows): the same JSON, where the characters themselves were a crash.
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     escaped = codecs.lookup(encoding).name != "utf-8"
-    click.echo(json.dumps(data, ensure_ascii=escaped, indent=2))
+    say(json.dumps(data, ensure_ascii=escaped, indent=2))
 
 
 def describe(qna: QnA) -> str:
@@ -270,7 +288,7 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     if as_json:
         emit_json(qna_to_dict(qna))
     else:
-        click.echo(qna.answer)
+        say(qna.answer or "")
 
 
 @cli.command()
@@ -303,12 +321,12 @@ def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> N
     for qna in page.items:
         # Stored and shown in UTC; said so, or it reads as the local time.
         stamp = qna.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
-        click.echo(f"{qna.id}  {stamp}  {qna.status.value:<8}  {_one_line(qna.question, 60)}")
-        click.echo(f"    {_one_line(describe(qna), 100)}")
+        say(f"{qna.id}  {stamp}  {qna.status.value:<8}  {_one_line(qna.question, 60)}")
+        say(f"    {_one_line(describe(qna), 100)}")
     if page.next_cursor:
         # The same page size as this one: following the hint should read on, not re-page.
         size = f"-n {limit} " if limit != DEFAULT_HISTORY_LIMIT else ""
-        click.echo(f"(more: qna history {size}--cursor {page.next_cursor})")
+        say(f"(more: qna history {size}--cursor {page.next_cursor})")
 
 
 @cli.command()
@@ -326,16 +344,16 @@ def show(app: AppContext, qna_id: str, as_json: bool) -> None:
     if as_json:
         emit_json(qna_to_dict(qna))
         return
-    click.echo(f"id:       {qna.id}")
-    click.echo(f"asked:    {qna.created_at.isoformat()}")
-    click.echo(f"status:   {qna.status.value}")
-    click.echo(f"model:    {qna.model}")
+    say(f"id:       {qna.id}")
+    say(f"asked:    {qna.created_at.isoformat()}")
+    say(f"status:   {qna.status.value}")
+    say(f"model:    {qna.model}")
     if qna.latency_ms is not None:
-        click.echo(f"latency:  {qna.latency_ms} ms")
+        say(f"latency:  {qna.latency_ms} ms")
     if qna.prompt_tokens is not None or qna.completion_tokens is not None:
-        click.echo(f"tokens:   {qna.prompt_tokens} prompt, {qna.completion_tokens} completion")
-    click.echo(f"question: {qna.question}")
-    click.echo(f"answer:   {describe(qna)}")
+        say(f"tokens:   {qna.prompt_tokens} prompt, {qna.completion_tokens} completion")
+    say(f"question: {qna.question}")
+    say(f"answer:   {describe(qna)}")
 
 
 @cli.group()
@@ -354,7 +372,7 @@ def db_upgrade(app: AppContext) -> None:
     (or migrated by a newer qna).
     """
     app.container()
-    click.echo("database is up to date")
+    say("database is up to date")
 
 
 def _listen_host(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
