@@ -537,3 +537,17 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_1(
     line = error_line(completed.stderr)
     assert line.startswith("qna: error: cannot write the output: ")
     assert "internal error" not in line
+
+
+def test_serve_takes_an_ipv6_host_in_brackets(env: dict[str, str]) -> None:
+    # Written as in a URL (and as gunicorn's --bind takes it), it was looked up as
+    # a host name: "cannot listen on [[::1]]:5000: name or service not known".
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        completed = run("serve", "--host", "[::1]", "--port", str(port), env=env)
+
+    assert completed.returncode == 12
+    assert f"cannot listen on [::1]:{port}: address already in use" in error_line(completed.stderr)

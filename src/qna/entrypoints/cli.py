@@ -380,6 +380,9 @@ def _listen_host(_ctx: click.Context, _param: click.Parameter, value: str) -> st
     # would have opened the API to the network.
     if not value.strip():
         raise click.BadParameter("is empty; to listen on every address, say 0.0.0.0 or ::")
+    # An IPv6 address written as in a URL, [::1], is the address inside the brackets.
+    if value.startswith("[") and value.endswith("]"):
+        return value[1:-1]
     return value
 
 
@@ -389,7 +392,7 @@ def _listen_host(_ctx: click.Context, _param: click.Parameter, value: str) -> st
     default="127.0.0.1",
     show_default=True,
     callback=_listen_host,
-    help="Address to listen on.",
+    help="Address to listen on; 0.0.0.0 or :: for every address.",
 )
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
