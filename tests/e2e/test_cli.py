@@ -298,8 +298,11 @@ def test_history_past_the_last_record_says_so(fake: FakeOpenAI, database_url: st
     assert text_page.stderr.strip() == "No more questions."
 
 
-def test_history_refuses_a_cursor_it_did_not_give_out(fake: FakeOpenAI) -> None:
-    result = qna("history", "--cursor", "not-a-cursor")
+@pytest.mark.parametrize("cursor", ["not-a-cursor", ""])
+def test_history_refuses_a_cursor_it_did_not_give_out(fake: FakeOpenAI, cursor: str) -> None:
+    # An empty one, say from `jq -r '.next // empty'` after the last page, was read as
+    # no cursor: the first page again, and a script paging on looped for ever.
+    result = qna("history", "--cursor", cursor)
 
     assert result.exit_code == 4
     assert "cursor" in error_line(result.stderr)

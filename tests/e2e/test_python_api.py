@@ -297,6 +297,8 @@ def test_bad_history_arguments_raise_errors_named_in_qna(client: qna.Client) -> 
         client.history(cursor="not a cursor")
     with pytest.raises(qna.InvalidCursor):
         client.history(cursor=123)  # type: ignore[arg-type]
+    with pytest.raises(qna.InvalidCursor):  # no page gives it out; it was the first page
+        client.history(cursor="")
 
 
 def test_help_and_dir_show_everything_qna_exports() -> None:

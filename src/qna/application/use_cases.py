@@ -271,7 +271,9 @@ class ListQnA(_ReadsHistory):
             or not 1 <= limit <= self.MAX_LIMIT
         ):
             raise InvalidArgument(f"limit must be an integer from 1 to {self.MAX_LIMIT}.")
-        before = decode_cursor(cursor) if cursor else None
+        # "" is no cursor a page gave out, not the first page: a caller paging on
+        # with one would start over, for ever.
+        before = decode_cursor(cursor) if cursor is not None else None
         with self._uow() as uow:
             # One extra row tells whether another page follows without a COUNT.
             rows = list(uow.qnas.list(limit=limit + 1, before=before))
