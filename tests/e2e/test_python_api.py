@@ -261,6 +261,31 @@ def test_settings_given_by_their_variable_names_are_accepted(
         assert client.ask(QUESTION).status is qna.Status.ANSWERED
 
 
+def test_variable_names_override_a_settings_object(
+    fake_openai: FakeOpenAI, database_url: str, tmp_path: Path
+) -> None:
+    # Merged with the object's own values under the settings' names, the variable's
+    # name lost: the records went to the object's database instead.
+    settings = qna.Settings(
+        database_url=f"sqlite:///{tmp_path / 'other.db'}", openai_base_url=fake_openai.base_url
+    )
+
+    with qna.connect(settings, DATABASE_URL=database_url, QNA_MODEL="from-override") as client:
+        record = client.ask(QUESTION)
+
+    assert record.model == "from-override"
+    assert [row["id"] for row in stored_rows(database_url)] == [record.id]
+
+
+def test_a_setting_given_by_both_names_is_a_type_error(tmp_path: Path) -> None:
+    # One of the two was silently dropped.
+    with pytest.raises(TypeError, match="database_url"):
+        qna.connect(
+            database_url=f"sqlite:///{tmp_path / 'a.db'}",
+            DATABASE_URL=f"sqlite:///{tmp_path / 'b.db'}",
+        )
+
+
 def test_a_url_in_place_of_settings_is_a_clear_type_error(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"qna\.Settings.*database_url="):
         qna.connect(f"sqlite:///{tmp_path / 'x.db'}")  # type: ignore[arg-type]

@@ -87,8 +87,7 @@ def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
     A name that is not a setting is a TypeError, as for any Python function: ignored,
     a misspelt `database_url` would send the records to the default database.
     """
-    _check_arguments(settings, overrides)
-    container = create_container(load_settings(settings, **overrides))
+    container = create_container(load_settings(settings, **_by_field(settings, overrides)))
     try:
         upgrade_database(container)
         warm_up(container)
@@ -98,23 +97,32 @@ def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
     return Client(container)
 
 
-def _setting_names() -> frozenset[str]:
-    """Each setting by its name (`database_url`) and its variable's (`DATABASE_URL`)."""
-    names = set(Settings.model_fields)
-    for info in Settings.model_fields.values():
-        names.update(str(alias) for alias in getattr(info.validation_alias, "choices", []))
-    return frozenset(names)
+def _setting_fields() -> dict[str, str]:
+    """Each setting's field, by its name (`database_url`) and its variable's (`DATABASE_URL`)."""
+    fields = {name: name for name in Settings.model_fields}
+    for name, info in Settings.model_fields.items():
+        for alias in getattr(info.validation_alias, "choices", []):
+            fields[str(alias)] = name
+    return fields
 
 
-def _check_arguments(settings: object, overrides: dict[str, Any]) -> None:
+def _by_field(settings: object, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` under the settings' own names: merged with a Settings object's
+    values, a variable's name (`DATABASE_URL=`) lost to the object's `database_url`."""
     if settings is not None and not isinstance(settings, Settings):
         raise TypeError(
             f"connect() takes a qna.Settings, not {type(settings).__name__}; "
             "give single settings by name, e.g. connect(database_url=...)"
         )
-    known = _setting_names()
-    for name in overrides:
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
+    fields = _setting_fields()
+    by_field: dict[str, Any] = {}
+    for name, value in overrides.items():
+        field = fields.get(name)
+        if field is None:
+            close = difflib.get_close_matches(name, sorted(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"connect() got an unexpected keyword argument {name!r}{hint}")
+        if field in by_field:
+            raise TypeError(f"connect() got the setting {field!r} twice, by two of its names")
+        by_field[field] = value
+    return by_field
