@@ -10,7 +10,13 @@ import yaml
 from click.testing import CliRunner
 
 from qna.config import Settings
-from qna.entrypoints.cli import EXIT_BROKEN_PIPE, EXIT_CANNOT_LISTEN, EXIT_CODES, cli
+from qna.entrypoints.cli import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CANNOT_LISTEN,
+    EXIT_CODES,
+    EXIT_INTERRUPTED,
+    cli,
+)
 from qna.entrypoints.http.openapi import openapi_document
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +39,11 @@ def test_every_setting_is_in_the_readme_table_and_nothing_else() -> None:
 
 def test_every_exit_code_is_in_the_readme() -> None:
     documented = {int(code) for code in re.findall(r"^\| (\d+) \| ", README, flags=re.MULTILINE)}
-    assert {code for _, code in EXIT_CODES} | {EXIT_CANNOT_LISTEN, EXIT_BROKEN_PIPE} <= documented
+    assert {code for _, code in EXIT_CODES} | {
+        EXIT_CANNOT_LISTEN,
+        EXIT_BROKEN_PIPE,
+        EXIT_INTERRUPTED,
+    } <= documented
 
 
 def test_every_error_code_the_openapi_document_names_is_in_the_readme() -> None:

@@ -64,6 +64,8 @@ DEFAULT_HISTORY_LIMIT = 20
 EXIT_BROKEN_PIPE = 141
 # `qna serve` cannot listen on its --host and --port (in use, say).
 EXIT_CANNOT_LISTEN = 12
+# As a shell reports a process that SIGINT ended (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def exit_code_for(error: Exception) -> int:
@@ -162,7 +164,7 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
             suffix = f" (recorded as {qna_id})" if qna_id else ""
             fail(f"{exc}{suffix}", exit_code_for(exc))
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            fail("interrupted", EXIT_INTERRUPTED)
         except OutputError as exc:
             fail(f"cannot write the output: {exc}", EXIT_INTERNAL)
         except BrokenPipeError:
