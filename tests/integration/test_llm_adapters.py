@@ -476,6 +476,20 @@ def test_credentials_in_the_base_url_stay_out_of_messages(
     assert closed_port_url in caught.value.message
 
 
+def test_a_key_in_the_base_urls_query_stays_out_of_messages(
+    make_llm: MakeLLM, closed_port_url: str
+) -> None:
+    # Gateways that take the key as ?key= or ?api-key=: the message is shown on the
+    # command line, stored with the failed record and served by the HTTP API.
+    url = f"{closed_port_url}?api-key=hunter2#hunter2"
+
+    with pytest.raises(LLMUnavailable) as caught:
+        make_llm(base_url=url, max_attempts=1).complete("Q?")
+
+    assert "hunter2" not in caught.value.message
+    assert closed_port_url in caught.value.message
+
+
 # -- the deadline ---------------------------------------------------------------------------
 
 

@@ -214,7 +214,7 @@ class ChatCompletionsLLM(ABC):
 
     def _set_where(self, base_url: str) -> None:
         """The server named in error messages: the base URL, without credentials."""
-        self._where = without_credentials(base_url.rstrip("/"))
+        self._where = without_credentials(base_url).rstrip("/")
 
     # -- inside ------------------------------------------------------------------------------
 
@@ -324,10 +324,11 @@ def error_message(body: object) -> object:
 
 
 def without_credentials(url: str) -> str:
-    # A base URL may embed user:password; error messages are shown and stored.
-    parts = urlsplit(url)
+    # A base URL may embed user:password, or a key in its query (?key=, ?api-key=);
+    # error messages are shown and stored.
+    parts = urlsplit(url)._replace(query="", fragment="")
     if parts.username is None and parts.password is None:
-        return url
+        return urlunsplit(parts)
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port is not None else host
     return urlunsplit(parts._replace(netloc=netloc))
