@@ -253,8 +253,11 @@ class Settings(BaseSettings):
     @field_validator("database_url", "openai_base_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
-        # `DATABASE_URL=` in a .env file means "not set", not "the empty URL".
-        return None if isinstance(value, str) and not value.strip() else value
+        # `DATABASE_URL=` in a .env file means "not set", not "the empty URL"; and
+        # "sqlite:///qna.db " (or with a \r) is qna.db, not a file named with a space.
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
 
     @field_validator("openai_api_key", "api_tokens", mode="before")
     @classmethod

@@ -655,6 +655,22 @@ def test_a_postgresql_url_with_an_unknown_option_exits_3_naming_it(
     assert "secret" not in line
 
 
+def test_a_database_url_is_read_without_surrounding_whitespace(
+    fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The records went to a file named "qna.db " (or "qna.db\r"), next to the one the
+    # user would look in.
+    url = f"sqlite:///{tmp_path / 'qna.db'}"
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", f" {url} \r")
+
+    asked = qna("ask", QUESTION)
+
+    assert asked.exit_code == 0, asked.stderr
+    assert [row["question"] for row in stored_rows(url)] == [QUESTION]
+    assert [path.name for path in tmp_path.iterdir() if path.name != path.name.strip()] == []
+
+
 def test_a_sqlite_path_under_home_is_expanded(
     fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
