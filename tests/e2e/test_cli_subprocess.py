@@ -378,11 +378,12 @@ def test_a_reader_that_goes_away_ends_qna_quietly(
 
 
 def run_closing(
-    redirection: str, *args: str, env: dict[str, str]
+    redirection: str, *args: str, env: dict[str, str], memory_limit_kb: int | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """qna run from a shell with a stream closed (`2>&-`, `<&-`), not redirected."""
+    """qna run from a shell with a stream closed (`2>&-`, `<&-`) or redirected."""
+    limit = f"ulimit -v {memory_limit_kb}; " if memory_limit_kb else ""
     return subprocess.run(
-        ["sh", "-c", f'exec "$@" {redirection}', "sh", *qna_command(), *args],
+        ["sh", "-c", f'{limit}exec "$@" {redirection}', "sh", *qna_command(), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -551,3 +552,17 @@ def test_serve_takes_an_ipv6_host_in_brackets(env: dict[str, str]) -> None:
 
     assert completed.returncode == 12
     assert f"cannot listen on [::1]:{port}: address already in use" in error_line(completed.stderr)
+
+
+def test_a_question_stream_that_never_ends_is_refused_unread(
+    db_env: dict[str, str], database_url: str
+) -> None:
+    # `yes | qna ask -`: all of stdin was read before its length was checked, until
+    # memory ran out (here capped, so that it ends as a MemoryError).
+    env = {**db_env, "QNA_MAX_QUESTION_LENGTH": "100"}
+
+    completed = run_closing("</dev/zero", "ask", "-", env=env, memory_limit_kb=1_000_000)
+
+    assert completed.returncode == 4, completed.stderr
+    assert "standard input" in error_line(completed.stderr)
+    assert stored_rows(database_url) == []

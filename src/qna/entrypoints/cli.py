@@ -64,6 +64,8 @@ DEFAULT_HISTORY_LIMIT = 20
 EXIT_BROKEN_PIPE = 141
 # `qna serve` cannot listen on its --host and --port (in use, say).
 EXIT_CANNOT_LISTEN = 12
+# Whitespace `qna ask -` reads beyond the longest question's bytes before refusing.
+STDIN_SLACK_BYTES = 64 * 1024
 # As a shell reports a process that SIGINT ended (128 + 2).
 EXIT_INTERRUPTED = 130
 
@@ -279,7 +281,8 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     6 database unavailable, 7 LLM unavailable, 8 LLM rate-limited,
     9 LLM timed out, 10 LLM refused the request, 11 unusable LLM response.
     """
-    question = read_question(question)
+    max_length = app.container(migrate=False).config.max_question_length()
+    question = read_question(question, max_length=max_length)
     # A missing API key is a configuration error, reported before the database is
     # touched: with no key and no database, the key is the thing to fix first.
     app.container(migrate=False).llm()
@@ -466,7 +469,7 @@ def serve(
         fail(str(exc), EXIT_CANNOT_LISTEN)
 
 
-def read_question(argument: str) -> str:
+def read_question(argument: str, *, max_length: int) -> str:
     """QUESTION, or all of stdin for `-`, as text in the locale's encoding.
 
     Bytes that are not text are an invalid question: read from stdin they were an
@@ -477,7 +480,16 @@ def read_question(argument: str) -> str:
         if sys.stdin is None:  # `<&-`
             raise InvalidQuestion("There is no standard input to read the question from.")
         encoding = sys.stdin.encoding
-        raw = sys.stdin.buffer.read()
+        # Room for the longest question (4 bytes a character at most) and blank lines
+        # around it. Past that it is too long, whatever follows: reading on, `yes |
+        # qna ask -` ran until memory did.
+        room = 4 * max_length + STDIN_SLACK_BYTES
+        raw = sys.stdin.buffer.read(room + 1)
+        if len(raw) > room:
+            raise InvalidQuestion(
+                f"The question on standard input is longer than the limit of {max_length} "
+                "characters."
+            )
     else:
         encoding = sys.getfilesystemencoding()
         raw = os.fsencode(argument)  # the argument's bytes, as they were given
