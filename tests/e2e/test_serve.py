@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
-from qna.adapters.sqlalchemy import migrate
-from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
+from qna.adapters.sqlalchemy.database import sqlite_url
 from tests.e2e.helpers import settings_free_environ
-from tests.support.databases import BROKEN_SQLITE_FILES, broken_sqlite_file
+from tests.support.databases import (
+    BROKEN_SQLITE_FILES,
+    broken_sqlite_file,
+    migrate_as_a_newer_qna,
+)
 from tests.support.fake_openai import DEFAULT_ANSWER, FakeOpenAI
 
 pytestmark = pytest.mark.slow
@@ -275,11 +277,7 @@ def test_serve_refuses_a_database_that_waiting_cannot_mend(tmp_path: Path, kind:
     # a database, or a schema from a newer qna, would answer 503 for ever.
     if kind == "newer-qna":
         url = sqlite_url(tmp_path / "qna.db")
-        engine = create_engine(url)
-        migrate.upgrade(engine)
-        with engine.begin() as connection:
-            connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
-        engine.dispose()
+        migrate_as_a_newer_qna(url)
     else:
         url = broken_sqlite_file(tmp_path / "qna.db", kind)
     env = {

@@ -105,3 +105,21 @@ def broken_sqlite_file(path: Path, kind: str) -> str:
     page = 4096
     path.write_bytes(intact[:page] + noise.randbytes(len(intact) - page))
     return url
+
+
+#: A schema revision no qna migration has: what a newer qna would leave.
+NEWER_REVISION = "9999_future"
+
+
+def migrate_as_a_newer_qna(url: str) -> None:
+    """Migrate the database at `url`, then stamp it with NEWER_REVISION, as if a newer
+    qna had migrated it (a rolled-back deploy, an older qna on a shared database)."""
+    engine = database.create_engine(url)
+    try:
+        migrate.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(
+                text("UPDATE alembic_version SET version_num = :v"), {"v": NEWER_REVISION}
+            )
+    finally:
+        engine.dispose()

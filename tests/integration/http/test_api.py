@@ -32,7 +32,11 @@ from werkzeug.test import TestResponse
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
 from tests.integration.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
-from tests.support.databases import BROKEN_SQLITE_FILES, broken_sqlite_file
+from tests.support.databases import (
+    BROKEN_SQLITE_FILES,
+    broken_sqlite_file,
+    migrate_as_a_newer_qna,
+)
 from tests.support.fake_openai import DEFAULT_ANSWER, Delay, Drop, FakeOpenAI, Raw, Status
 
 QUESTION = "What is the capital of France?"
@@ -407,11 +411,7 @@ def test_a_database_migrated_by_a_newer_qna_is_503_saying_so(
     make_app: AppFactory, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
     url = sqlite_url(tmp_path / "qna.db")
-    engine = create_engine(url)
-    migrate.upgrade(engine)
-    with engine.begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
-    engine.dispose()
+    migrate_as_a_newer_qna(url)
     client = make_app(url).test_client()
 
     # /readyz said migrations_pending, as if the next start would migrate it.
