@@ -261,9 +261,10 @@ class Page:
 class ListQnA(_ReadsHistory):
     """The history, newest first, a page at a time (keyset pagination)."""
 
+    DEFAULT_LIMIT = 20
     MAX_LIMIT = 100
 
-    def __call__(self, *, limit: int = 20, cursor: str | None = None) -> Page:
+    def __call__(self, *, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
         # bool is an int to Python, and 1.5 passes a range check: neither is a limit.
         if (
             isinstance(limit, bool)

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
 import click
 from pydantic import ValidationError
 
-from qna.application.use_cases import InvalidArgument
+from qna.application.use_cases import InvalidArgument, ListQnA
 from qna.config import ConfigurationError, Settings, describe_invalid_settings
 from qna.domain.errors import (
     InvalidQuestion,
@@ -57,8 +57,6 @@ EXIT_CODES: list[tuple[type[Exception], int]] = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-
-DEFAULT_HISTORY_LIMIT = 20
 
 # As a shell reports a process that SIGPIPE ended (128 + 13).
 EXIT_BROKEN_PIPE = 141
@@ -300,9 +298,9 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
 @click.option(
     "-n",
     "--limit",
-    default=DEFAULT_HISTORY_LIMIT,
+    default=ListQnA.DEFAULT_LIMIT,
     show_default=True,
-    type=click.IntRange(1, 100),
+    type=click.IntRange(1, ListQnA.MAX_LIMIT),
     help="How many records to show.",
 )
 @click.option("--cursor", help="Continue from the `next` cursor of an earlier --json page.")
@@ -330,7 +328,7 @@ def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> N
         say(f"    {_one_line(describe(qna), 100)}")
     if page.next_cursor:
         # The same page size as this one: following the hint should read on, not re-page.
-        size = f"-n {limit} " if limit != DEFAULT_HISTORY_LIMIT else ""
+        size = f"-n {limit} " if limit != ListQnA.DEFAULT_LIMIT else ""
         say(f"(more: qna history {size}--cursor {page.next_cursor})")
 
 

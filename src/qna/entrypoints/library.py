@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
-from qna.application.use_cases import Page
+from qna.application.use_cases import ListQnA, Page
 from qna.config import Settings, load_settings
 from qna.container import Container, create_container, shutdown, upgrade_database, warm_up
 from qna.domain.model import QnA
@@ -46,7 +46,7 @@ class Client:
         """One stored record; raises `qna.NotFound`."""
         return self._open().get_qna()(qna_id)
 
-    def history(self, *, limit: int = 20, cursor: str | None = None) -> Page:
+    def history(self, *, limit: int = ListQnA.DEFAULT_LIMIT, cursor: str | None = None) -> Page:
         """Newest first; pass `page.next_cursor` back as `cursor` for older records.
 
         Raises `qna.InvalidArgument` when `limit` is not an integer from 1 to 100, and

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from qna.application.use_cases import ListQnA
 from qna.entrypoints.presenters import AskRequest, ErrorResponse, Health, QnAOut, QnAPage
 
 REF = "#/components/schemas/{model}"
@@ -200,8 +201,8 @@ def openapi_document(
                             "schema": {
                                 "type": "integer",
                                 "minimum": 1,
-                                "maximum": 100,
-                                "default": 20,
+                                "maximum": ListQnA.MAX_LIMIT,
+                                "default": ListQnA.DEFAULT_LIMIT,
                             },
                         },
                         {
@@ -220,7 +221,8 @@ def openapi_document(
                             429,
                             503,
                             texts={
-                                400: "limit is not an integer from 1 to 100, or limit "
+                                400: "limit is not an integer from 1 to "
+                                f"{ListQnA.MAX_LIMIT}, or limit "
                                 "or cursor is given twice (`invalid_argument`), or cursor "
                                 "is not the next of a page (`invalid_cursor`).",
                                 503: DATABASE_UNAVAILABLE,

@@ -131,7 +131,7 @@ def list_questions() -> Response:
         # Which one was meant cannot be known; taking the first would answer a guess.
         if len(request.args.getlist(name)) > 1:
             raise ApiError(400, "invalid_argument", f"Give {name} at most once.")
-    limit_text = request.args.get("limit", "20")
+    limit_text = request.args.get("limit", str(ListQnA.DEFAULT_LIMIT))
     # isdigit() alone admits "²" and 5000-digit numbers, which int() refuses.
     if not (
         limit_text.isascii()
