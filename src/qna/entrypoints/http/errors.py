@@ -90,6 +90,11 @@ def error_response(
     return response
 
 
+def database_retry_after(error: StorageUnavailable) -> dict[str, str]:
+    """The Retry-After of a 503 database_unavailable: only when waiting may help."""
+    return {"Retry-After": "5"} if error.retryable else {}
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(error: ApiError) -> Response:
@@ -103,8 +108,7 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(error, StorageUnavailable):
             metrics.DATABASE_ERRORS.inc()
             log.warning("database unavailable", extra={"reason": error.message})
-            if error.retryable:
-                headers["Retry-After"] = "5"
+            headers.update(database_retry_after(error))
         if isinstance(error, LLMError):
             metrics.record_failure(error.code)
             if error.qna_id is not None:

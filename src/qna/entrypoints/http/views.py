@@ -13,7 +13,7 @@ from qna.container import Container
 from qna.domain.errors import StorageUnavailable
 from qna.domain.model import QnA
 from qna.entrypoints.http import metrics
-from qna.entrypoints.http.errors import ApiError, error_response
+from qna.entrypoints.http.errors import ApiError, database_retry_after, error_response
 from qna.entrypoints.http.openapi import DOCS_PAGE
 from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
 
@@ -166,8 +166,7 @@ def readyz() -> Response:
     except StorageUnavailable as exc:
         # Not through the error handler: a probe's failure is not a request's, for the
         # logs and the database error count. Retry-After as on every other 503.
-        headers = {"Retry-After": "5"} if exc.retryable else None
-        return error_response(503, "database_unavailable", exc.message, headers)
+        return error_response(503, "database_unavailable", exc.message, database_retry_after(exc))
     if not ready:
         return error_response(
             503, "migrations_pending", "The database schema is not at the newest migration."
