@@ -250,29 +250,28 @@ class Settings(BaseSettings):
             return url.render_as_string(hide_password=False)
         return value
 
-    @field_validator("database_url", "openai_base_url", mode="before")
+    @field_validator(
+        "database_url", "openai_base_url", "openai_api_key", "api_tokens", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `DATABASE_URL=` in a .env file means "not set", not "the empty URL"; and
         # "sqlite:///qna.db " (or with a \r) is qna.db, not a file named with a space.
+        # (Tokens are stripped one by one when split; an API key, when it is checked.)
         if isinstance(value, str):
             return value.strip() or None
         return value
 
-    @field_validator("openai_api_key", "api_tokens", mode="before")
-    @classmethod
-    def _blank_key_is_unset(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
     @field_validator("api_tokens")
     @classmethod
     def _lists_a_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        tokens = _split_tokens(value)
         # Set to close the API: a value that lists no token (",") must not leave it open.
-        if value is not None and not _split_tokens(value):
+        if not tokens:
             raise ValueError("lists no token; expected comma-separated bearer tokens")
-        if value is not None and not all(
-            token.isascii() and token.isprintable() for token in _split_tokens(value)
-        ):
+        if not all(token.isascii() and token.isprintable() for token in tokens):
             # A header's bytes are read as Latin-1: a UTF-8 client's token would never match.
             raise ValueError("a token is not printable ASCII, as bearer tokens are (RFC 6750)")
         return value
