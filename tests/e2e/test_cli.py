@@ -38,6 +38,12 @@ from tests.support.fake_openai import (
 )
 
 QUESTION = "What is the capital of France?"
+# Each command that opens the database, with arguments that get it that far.
+EVERY_COMMAND_THAT_OPENS_THE_DATABASE = pytest.mark.parametrize(
+    "args",
+    [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],
+    ids=["ask", "history", "show", "db-upgrade"],
+)
 HEAD = head_revision()
 
 
@@ -702,11 +708,7 @@ def test_an_in_memory_sqlite_database_exits_3(
     assert fake_openai.calls == 0
 
 
-@pytest.mark.parametrize(
-    "args",
-    [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],
-    ids=["ask", "history", "show", "db-upgrade"],
-)
+@EVERY_COMMAND_THAT_OPENS_THE_DATABASE
 def test_an_unreachable_database_exits_6(
     fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
 ) -> None:
@@ -723,11 +725,7 @@ def test_an_unreachable_database_exits_6(
 
 
 @pytest.mark.parametrize("kind", BROKEN_SQLITE_FILES)
-@pytest.mark.parametrize(
-    "args",
-    [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],
-    ids=["ask", "history", "show", "db-upgrade"],
-)
+@EVERY_COMMAND_THAT_OPENS_THE_DATABASE
 def test_a_sqlite_file_that_is_not_a_database_exits_6(
     fake_openai: FakeOpenAI,
     monkeypatch: pytest.MonkeyPatch,
@@ -799,11 +797,7 @@ def test_a_sqlite_directory_that_cannot_be_made_exits_6(
     assert fake_openai.calls == 0
 
 
-@pytest.mark.parametrize(
-    "args",
-    [("ask", QUESTION), ("history",), ("show", str(uuid4())), ("db", "upgrade")],
-    ids=["ask", "history", "show", "db-upgrade"],
-)
+@EVERY_COMMAND_THAT_OPENS_THE_DATABASE
 def test_a_database_migrated_by_a_newer_qna_exits_6_saying_so(
     fake: FakeOpenAI, database_url: str, args: tuple[str, ...]
 ) -> None:
