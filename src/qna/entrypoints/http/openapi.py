@@ -13,6 +13,10 @@ from qna.entrypoints.presenters import AskRequest, ErrorResponse, Health, QnAOut
 
 REF = "#/components/schemas/{model}"
 
+# An Idempotency-Key: printable ASCII but the comma, which a WSGI server puts between
+# two header lines of one name (RFC 9110, section 5.3): their join would be a third key.
+IDEMPOTENCY_KEY_PATTERN = r"[\x21-\x2b\x2d-\x7e]{1,200}"
+
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": REF.format(model=model.__name__)}
@@ -163,7 +167,7 @@ def openapi_document(
                             "same record without asking the LLM again.",
                             "schema": {
                                 "type": "string",
-                                "pattern": "^[\\x21-\\x2b\\x2d-\\x7e]{1,200}$",
+                                "pattern": f"^{IDEMPOTENCY_KEY_PATTERN}$",
                             },
                         }
                     ],

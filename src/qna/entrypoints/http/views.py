@@ -14,14 +14,12 @@ from qna.domain.errors import StorageUnavailable
 from qna.domain.model import QnA
 from qna.entrypoints.http import metrics
 from qna.entrypoints.http.errors import ApiError, database_retry_after, error_response
-from qna.entrypoints.http.openapi import DOCS_PAGE
+from qna.entrypoints.http.openapi import DOCS_PAGE, IDEMPOTENCY_KEY_PATTERN
 from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
 
 bp = Blueprint("qna", __name__)
 
-# Printable ASCII but the comma: a WSGI server joins two Idempotency-Key lines into
-# one value with commas (RFC 9110, section 5.3), which would be a third key.
-_SANE_KEY = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,200}")
+_SANE_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 def _json_body() -> bytes:
