@@ -151,6 +151,12 @@ class Settings(BaseSettings):
             return value.strip().upper()
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
 
+    @field_validator("llm_client", mode="before")
+    @classmethod
+    def _client_in_any_case(cls, value: object) -> object:
+        # As QNA_LOG_LEVEL is read: `QNA_LLM_CLIENT=HTTP` names a client, not a typo.
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("model", mode="before")
     @classmethod
     def _model_name(cls, value: object) -> object:

@@ -87,10 +87,12 @@ def test_ask_prints_the_answer(fake: FakeOpenAI, database_url: str) -> None:
     assert [row["question"] for row in stored_rows(database_url)] == [QUESTION]
 
 
+# In any case, as QNA_LOG_LEVEL: "HTTP" names the client, it is no typo to refuse.
+@pytest.mark.parametrize("client", ["http", "HTTP", " Http "])
 def test_ask_works_through_the_lean_http_client(
-    fake: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch
+    fake: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch, client: str
 ) -> None:
-    monkeypatch.setenv("QNA_LLM_CLIENT", "http")
+    monkeypatch.setenv("QNA_LLM_CLIENT", client)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
 
     result = qna("ask", QUESTION)
