@@ -16,6 +16,7 @@ import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from qna.domain.errors import QnAError
 from qna.domain.model import MAX_MODEL_LENGTH
 
 DEFAULT_MODEL = "gpt-5-mini"
@@ -76,8 +77,12 @@ class Settings(BaseSettings):
     if not TYPE_CHECKING:  # mypy keeps the pydantic plugin's typed __init__
 
         def __init__(self, **values: Any) -> None:
+            # Settings built directly (`qna.Settings(...)`) refuse a value as every
+            # entrypoint does: with the error a caller of qna catches, naming the variable.
             try:
                 super().__init__(**values)
+            except ValidationError as exc:
+                raise ConfigurationError(describe_invalid_settings(exc)) from exc
             except UnicodeDecodeError as exc:
                 # Saved as Latin-1 (say) by an editor; unchecked, an internal error.
                 raise ConfigurationError(
@@ -316,8 +321,12 @@ class Settings(BaseSettings):
         return f"sqlite+pysqlite:///{default_database_path()}"
 
 
-class ConfigurationError(Exception):
-    """A setting is missing or wrong. The message names the variable to fix."""
+class ConfigurationError(QnAError):
+    """A setting is missing or wrong. The message names the variable to fix.
+
+    A QnAError, so that one `except qna.QnAError` covers all that qna refuses."""
+
+    code = "misconfigured"
 
 
 def describe_invalid_settings(exc: ValidationError) -> str:
@@ -336,9 +345,10 @@ def describe_invalid_settings(exc: ValidationError) -> str:
 def load_settings(base: Settings | None = None, **overrides: object) -> Settings:
     """Settings from the environment (or `base`) with `overrides`, all validated;
     a wrong value is a ConfigurationError that names its variable."""
+    if base is None:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    # model_validate does not go through Settings.__init__, which words the error.
     try:
-        if base is None:
-            return Settings(**overrides)  # type: ignore[arg-type]
         return Settings.model_validate({**base.model_dump(), **overrides})
     except ValidationError as exc:
         raise ConfigurationError(describe_invalid_settings(exc)) from exc

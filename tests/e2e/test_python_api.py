@@ -226,6 +226,27 @@ def test_connect_validates_overrides_and_names_the_variable(tmp_path: Path) -> N
         qna.connect(qna.Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}"), model="")
 
 
+def test_settings_built_directly_refuse_a_wrong_value_with_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pydantic's ValidationError escaped here: a second error type, worded for pydantic.
+    with pytest.raises(qna.ConfigurationError, match=r"^QNA_LLM_MAX_ATTEMPTS is invalid"):
+        qna.Settings(llm_max_attempts="abc")
+    monkeypatch.setenv("QNA_LLM_CLIENT", "curl")
+    with pytest.raises(qna.ConfigurationError, match=r"^QNA_LLM_CLIENT is invalid"):
+        qna.Settings()
+
+
+def test_every_error_qna_exports_is_a_qna_error() -> None:
+    # One `except qna.QnAError` catches whatever qna refuses, a bad setting included.
+    exported = [getattr(qna, name) for name in qna.__all__]
+    errors = [item for item in exported if isinstance(item, type) and issubclass(item, Exception)]
+
+    assert qna.ConfigurationError in errors
+    assert [error for error in errors if not issubclass(error, qna.QnAError)] == []
+    assert qna.ConfigurationError("x").code == "misconfigured"
+
+
 @pytest.mark.parametrize(
     "url",
     [

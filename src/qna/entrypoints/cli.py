@@ -16,10 +16,9 @@ from importlib.metadata import version
 from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
-from pydantic import ValidationError
 
 from qna.application.use_cases import InvalidArgument, ListQnA
-from qna.config import ConfigurationError, Settings, describe_invalid_settings
+from qna.config import ConfigurationError, Settings
 from qna.domain.errors import (
     InvalidQuestion,
     LLMBadResponse,
@@ -155,8 +154,6 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
-        except ValidationError as exc:
-            fail(describe_invalid_settings(exc), exit_code_for(ConfigurationError()))
         except (ConfigurationError, InvalidQuestion, InvalidArgument, NotFound) as exc:
             fail(str(exc), exit_code_for(exc))
         except (StorageUnavailable, LLMError) as exc:
