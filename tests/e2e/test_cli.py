@@ -32,6 +32,7 @@ from tests.support.fake_openai import (
     Drop,
     FakeOpenAI,
     Raw,
+    Reply,
     Status,
     Step,
     chat_completion,
@@ -237,6 +238,75 @@ def test_the_cache_answers_a_repeated_question_unless_fresh(
     fresh = qna_json("ask", "--fresh", QUESTION)
     assert fake.calls == 2
     assert fresh["source_id"] is None
+
+
+# -- what reaches the terminal -----------------------------------------------------------------
+
+# What an LLM (or a server posing as one) may send: a window title, colours, a C1 CSI
+# that clears the screen, a lone carriage return that hides what came before it, DEL.
+HOSTILE = "Paris\x1b]0;owned\x07 is \x1b[31mred\x1b[0m.\nA\ttab\x9b2J\rhidden\x7f"
+HOSTILE_SHOWN = "Paris\\x1b]0;owned\\x07 is \\x1b[31mred\\x1b[0m.\nA\ttab\\x9b2J\\x0dhidden\\x7f"
+
+
+def test_ask_shows_the_control_characters_of_an_answer_escaped(
+    fake: FakeOpenAI, database_url: str
+) -> None:
+    fake.script(Reply(text=HOSTILE))
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes == (HOSTILE_SHOWN + "\n").encode()
+    # --json stays exact: JSON escapes what it must itself, and a program reads it.
+    [item] = qna_json("history")["items"]
+    assert item["answer"] == HOSTILE
+
+
+def test_a_crlf_line_end_in_an_answer_is_kept(fake: FakeOpenAI) -> None:
+    # Harmless on a terminal; escaped, every line of such an answer ended in \x0d.
+    fake.script(Reply(text="One.\r\nTwo."))
+
+    result = qna("ask", QUESTION)
+
+    assert result.stdout_bytes == b"One.\r\nTwo.\n"
+
+
+def test_history_and_show_escape_the_control_characters_of_a_record(
+    fake: FakeOpenAI, database_url: str
+) -> None:
+    fake.script(Reply(text=HOSTILE))
+    asked = qna_json("ask", QUESTION)
+    # A question qna would refuse today, stored all the same (by hand, by an older qna).
+    question = "Title\x1b]0;owned\x07?"
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(qn_a.update().values(question=question))
+    finally:
+        engine.dispose()
+
+    show = qna("show", asked["id"])
+    history = qna("history")
+
+    assert "question: Title\\x1b]0;owned\\x07?\n" in show.stdout
+    assert f"answer:   {HOSTILE_SHOWN}\n" in show.stdout
+    assert "Title\\x1b]0;owned\\x07?" in history.stdout
+    assert "Paris\\x1b]0;owned\\x07 is \\x1b[31mred" in history.stdout
+    for output in (show.stdout, history.stdout):
+        assert not any(char in output for char in "\x1b\x07\x9b\r\x7f")
+    assert qna_json("show", asked["id"])["question"] == question
+
+
+@pytest.mark.usefixtures("one_attempt")
+def test_an_error_message_from_the_llm_is_shown_escaped(fake: FakeOpenAI) -> None:
+    fake.script(Status(500, body={"error": {"message": "Overloaded\x1b[2J\x1b]52;c;cm0K\x07"}}))
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 7
+    line = error_line(result.stderr)
+    assert "Overloaded\\x1b[2J\\x1b]52;c;cm0K\\x07" in line
+    assert "\x1b" not in line
 
 
 # -- history and show ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -74,9 +75,24 @@ def exit_code_for(error: Exception) -> int:
     return EXIT_INTERNAL
 
 
+# Control characters (C0, DEL, C1) but newline, tab and the CR of a CRLF line end.
+_CONTROL_CHARACTERS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters shown escaped (ESC as `\\x1b`): what an LLM
+    wrote is for the terminal to show, not to obey (an escape sequence can retitle the
+    window, redraw the screen, set the clipboard).
+
+    On a terminal or not: piped text reaches one too (`| less -R`, `cat` of a file),
+    and the output should not depend on where it goes. `--json` is the exact text."""
+    return _CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def error_line(message: str) -> str:
-    # One line, never a traceback: the message is for a person at a terminal.
-    return f"qna: error: {' '.join(message.split())}"
+    # One line, never a traceback: the message is for a person at a terminal, and
+    # may quote what the LLM's server said.
+    return f"qna: error: {printable(' '.join(message.split()))}"
 
 
 class OutputError(Exception):
@@ -84,7 +100,12 @@ class OutputError(Exception):
 
 
 def say(text: str) -> None:
-    """Write a line of the command's output on stdout."""
+    """Write a line of the command's human-readable output on stdout (see `printable`)."""
+    write_line(printable(text))
+
+
+def write_line(text: str) -> None:
+    """Write a line on stdout as it is."""
     if sys.stdout is None:  # click would drop the line, and qna exit 0
         raise OutputError("standard output is closed")
     try:
@@ -236,7 +257,7 @@ def emit_json(data: Any) -> None:
     # on Windows): the same JSON, where the characters themselves were a crash.
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     escaped = codecs.lookup(encoding).name != "utf-8"
-    say(json.dumps(data, ensure_ascii=escaped, indent=2))
+    write_line(json.dumps(data, ensure_ascii=escaped, indent=2))
 
 
 def describe(qna: QnA) -> str:
@@ -256,6 +277,8 @@ def cli(ctx: click.Context) -> None:
     Settings come from the environment or a .env file (see the README's settings
     table): OPENAI_API_KEY, OPENAI_BASE_URL, QNA_MODEL, DATABASE_URL, ...
     Without DATABASE_URL, records go to an embedded SQLite file.
+
+    Text output shows control characters escaped (ESC as \\x1b); --json is exact.
     """
     app = AppContext()
     ctx.obj = app
