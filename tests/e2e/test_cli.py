@@ -529,6 +529,34 @@ def test_an_llm_failure_exits_with_its_code_and_is_recorded(
     assert (row["status"], row["error_kind"]) == ("failed", error_kind)
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_an_answer_the_database_refuses_is_printed_all_the_same_and_exits_6(
+    fake_openai: FakeOpenAI,
+    outcomes_refused: str,
+    monkeypatch: pytest.MonkeyPatch,
+    as_json: bool,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", outcomes_refused)
+
+    result = qna("ask", QUESTION, *(["--json"] if as_json else []))
+
+    # The LLM answered, and was paid: the answer reaches the asker, then the error.
+    assert result.exit_code == 6
+    [row] = stored_rows(outcomes_refused)
+    assert row["status"] == "pending"  # until it is closed as abandoned
+    line = error_line(result.stderr)
+    assert "No space left on device" in line
+    assert f"not stored: record {row['id']} stays pending" in line
+    if as_json:
+        record = json.loads(result.stdout)
+        assert (record["id"], record["status"]) == (str(row["id"]), "answered")
+        assert record["answer"] == DEFAULT_ANSWER
+    else:
+        assert result.stdout == DEFAULT_ANSWER + "\n"
+    assert fake_openai.calls == 1
+
+
 @pytest.mark.usefixtures("one_attempt")
 def test_a_failed_ask_shows_as_failed(fake: FakeOpenAI) -> None:
     fake.script(Status(429))

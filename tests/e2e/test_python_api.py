@@ -133,6 +133,20 @@ def test_an_llm_failure_raises_and_the_failure_is_kept(
     assert [item.id for item in client.history().items] == [failed.id]
 
 
+def test_an_answer_the_database_refuses_comes_with_the_error(
+    fake_openai: FakeOpenAI, outcomes_refused: str
+) -> None:
+    with qna.connect(database_url=outcomes_refused, openai_base_url=fake_openai.base_url) as client:
+        with pytest.raises(qna.OutcomeNotStored, match="No space left on device") as raised:
+            client.ask(QUESTION)
+
+        assert isinstance(raised.value, qna.StorageUnavailable)
+        assert raised.value.qna.status is qna.Status.ANSWERED
+        assert raised.value.qna.answer == DEFAULT_ANSWER
+        assert client.get(raised.value.qna.id).status is qna.Status.PENDING
+    assert fake_openai.calls == 1
+
+
 def test_connect_reads_the_environment(
     fake_openai: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,7 +22,7 @@ from qna.domain import (
     QnA,
     Status,
 )
-from qna.domain.errors import LLM_ERRORS, StorageUnavailable
+from qna.domain.errors import LLM_ERRORS, OutcomeNotStored, StorageUnavailable
 from tests.fakes import START, FakeClock, FakeLLM, FakeTimer, FakeUnitOfWorkFactory
 
 TTL = timedelta(hours=1)
@@ -143,14 +143,35 @@ def test_an_outcome_the_database_refuses_once_is_saved_by_a_second_try(world: Wo
 
 
 def test_an_outcome_the_database_refuses_twice_leaves_the_record_pending(world: World) -> None:
-    llm = FakeLLM(on_call=lambda _q: world.uow.fail_next(DATABASE_DOWN, times=2))
+    llm = FakeLLM("Forty-two.", on_call=lambda _q: world.uow.fail_next(DATABASE_DOWN, times=2))
 
-    with pytest.raises(StorageUnavailable):
+    with pytest.raises(OutcomeNotStored) as raised:
         world.ask(llm)("Lost?")
 
     [record] = world.uow.committed_records()
     assert record.status is Status.PENDING  # closed as abandoned later, like a crash
     assert len(llm.questions) == 1
+    # Not lost to the asker, who paid for it: the answer comes with the error.
+    assert isinstance(raised.value, StorageUnavailable)
+    assert raised.value.message == DATABASE_DOWN.message
+    assert raised.value.retryable
+    assert raised.value.qna.id == record.id
+    assert raised.value.qna.status is Status.ANSWERED
+    assert raised.value.qna.answer == "Forty-two."
+
+
+def test_a_failure_the_database_refuses_twice_comes_with_the_error(world: World) -> None:
+    llm = FakeLLM(
+        script=[LLMRateLimited("slow down")],
+        on_call=lambda _q: world.uow.fail_next(DATABASE_DOWN, times=2),
+    )
+
+    with pytest.raises(OutcomeNotStored) as raised:
+        world.ask(llm)("Lost?")
+
+    assert raised.value.qna.status is Status.FAILED
+    assert raised.value.qna.error_kind == "llm_rate_limited"
+    assert world.uow.committed_records()[0].status is Status.PENDING
 
 
 def test_completion_from_a_script_is_returned_verbatim(world: World) -> None:

@@ -24,6 +24,7 @@ from qna.domain.errors import (
     IdempotencyKeyReused,
     LLMError,
     NotFound,
+    OutcomeNotStored,
     QnAError,
     StorageUnavailable,
 )
@@ -214,7 +215,10 @@ class AskQuestion:
         except StorageUnavailable:
             # The LLM has been paid for: one more try, on another connection, before
             # the outcome is lost (a connection dropped, a statement cancelled).
-            self._save_once(qna)
+            try:
+                self._save_once(qna)
+            except StorageUnavailable as error:
+                raise OutcomeNotStored(error.message, qna, retryable=error.retryable) from error
 
     def _save_once(self, qna: QnA) -> None:
         with self._uow(autocommit=True) as uow:

@@ -9,6 +9,7 @@ from qna.domain.errors import (
     LLMTimeout,
     LLMUnavailable,
     NotFound,
+    OutcomeNotStored,
     QnAError,
     StorageUnavailable,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "LLMTimeout",
     "LLMUnavailable",
     "NotFound",
+    "OutcomeNotStored",
     "QnA",
     "QnAError",
     "Status",

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from uuid import UUID
+
+if TYPE_CHECKING:
+    from qna.domain.model import QnA
 
 
 class QnAError(Exception):
@@ -46,6 +50,19 @@ class StorageUnavailable(QnAError):
         #: Whether trying again later may succeed: not for a file that is not a
         #: database, or a schema migrated by a newer qna, which wait for a person.
         self.retryable = retryable
+
+
+class OutcomeNotStored(StorageUnavailable):
+    """The LLM answered (or failed), but the database would not take the outcome.
+
+    The stored record stays pending until it is closed as abandoned. The outcome
+    travels with the error instead, so that an answer already paid for still
+    reaches whoever asked."""
+
+    def __init__(self, message: str, qna: QnA, *, retryable: bool = True) -> None:
+        super().__init__(message, retryable=retryable)
+        #: The record as the ask left it (answered, or failed), not as stored.
+        self.qna = qna
 
 
 class LLMError(QnAError):

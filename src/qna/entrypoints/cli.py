@@ -29,6 +29,7 @@ from qna.domain.errors import (
     LLMTimeout,
     LLMUnavailable,
     NotFound,
+    OutcomeNotStored,
     StorageUnavailable,
 )
 from qna.domain.model import QnA, Status
@@ -178,9 +179,7 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
         except (ConfigurationError, InvalidQuestion, InvalidArgument, NotFound) as exc:
             fail(str(exc), exit_code_for(exc))
         except (StorageUnavailable, LLMError) as exc:
-            qna_id = exc.qna_id if isinstance(exc, LLMError) else None
-            suffix = f" (recorded as {qna_id})" if qna_id else ""
-            fail(f"{exc}{suffix}", exit_code_for(exc))
+            fail(f"{exc}{record_note(exc)}", exit_code_for(exc))
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
         except OutputError as exc:
@@ -195,6 +194,15 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+def record_note(error: StorageUnavailable | LLMError) -> str:
+    """What became of the ask's record, for an error raised after it was stored."""
+    if isinstance(error, LLMError) and error.qna_id is not None:
+        return f" (recorded as {error.qna_id})"
+    if isinstance(error, OutcomeNotStored):
+        return f" (not stored: record {error.qna.id} stays pending)"
+    return ""
 
 
 class AppContext:
@@ -260,6 +268,14 @@ def emit_json(data: Any) -> None:
     write_line(json.dumps(data, ensure_ascii=escaped, indent=2))
 
 
+def print_asked(qna: QnA, *, as_json: bool) -> None:
+    """What `qna ask` prints: the record with --json, else the answer if there is one."""
+    if as_json:
+        emit_json(qna_to_dict(qna))
+    elif qna.status is Status.ANSWERED:
+        say(qna.answer or "")
+
+
 def describe(qna: QnA) -> str:
     if qna.status is Status.ANSWERED:
         return qna.answer or ""
@@ -296,8 +312,9 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
 
     \b
     Exit codes: 0 answered, 3 configuration, 4 invalid question,
-    6 database unavailable, 7 LLM unavailable, 8 LLM rate-limited,
-    9 LLM timed out, 10 LLM refused the request, 11 unusable LLM response.
+    6 database unavailable (an answer it could not store is printed all the same),
+    7 LLM unavailable, 8 LLM rate-limited, 9 LLM timed out,
+    10 LLM refused the request, 11 unusable LLM response.
     """
     max_length = app.container(migrate=False).config.max_question_length()
     question = read_question(question, max_length=max_length)
@@ -306,12 +323,14 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     app.container(migrate=False).llm()
     container = app.container()
     ask_question = container.ask_question()
-    with progress(f"Asking {container.config.model()}…"):
-        qna = ask_question(question, fresh=fresh)
-    if as_json:
-        emit_json(qna_to_dict(qna))
-    else:
-        say(qna.answer or "")
+    try:
+        with progress(f"Asking {container.config.model()}…"):
+            qna = ask_question(question, fresh=fresh)
+    except OutcomeNotStored as exc:
+        # The LLM has been paid for: its answer reaches the asker all the same.
+        print_asked(exc.qna, as_json=as_json)
+        raise
+    print_asked(qna, as_json=as_json)
 
 
 @cli.command()

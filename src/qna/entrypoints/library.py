@@ -38,7 +38,8 @@ class Client:
         """Ask, store and return the answered record.
 
         Raises `qna.InvalidQuestion` before anything is stored, or a subclass of
-        `qna.LLMError` (after the failure is stored) when the LLM does not answer.
+        `qna.LLMError` (after the failure is stored) when the LLM does not answer;
+        `qna.OutcomeNotStored` carries the answer the database would not take.
         """
         return self._open().ask_question()(question, fresh=fresh)
 
