@@ -557,6 +557,31 @@ def test_an_answer_the_database_refuses_is_printed_all_the_same_and_exits_6(
     assert fake_openai.calls == 1
 
 
+@pytest.mark.parametrize(
+    ("step", "exit_code", "error_kind"),
+    [
+        pytest.param(Status(429), 8, "llm_rate_limited", id="429"),
+        pytest.param(Raw(body=NO_CHOICES), 11, "llm_bad_response", id="no-choices"),
+    ],
+)
+@pytest.mark.usefixtures("one_attempt")
+def test_a_failed_ask_with_json_prints_the_stored_failed_record(
+    fake: FakeOpenAI, database_url: str, step: Step, exit_code: int, error_kind: str
+) -> None:
+    fake.script(step)
+
+    result = qna("ask", "--json", QUESTION)
+
+    assert result.exit_code == exit_code
+    record = json.loads(result.stdout)
+    assert (record["status"], record["error"]["code"]) == ("failed", error_kind)
+    assert record["answer"] is None
+    assert record == qna_json("show", record["id"])  # as stored, in the same shape
+    assert f"(recorded as {record['id']})" in error_line(result.stderr)
+    [row] = stored_rows(database_url)
+    assert row["id"] == UUID(record["id"])
+
+
 @pytest.mark.usefixtures("one_attempt")
 def test_a_failed_ask_shows_as_failed(fake: FakeOpenAI) -> None:
     fake.script(Status(429))

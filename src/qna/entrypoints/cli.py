@@ -276,6 +276,19 @@ def print_asked(qna: QnA, *, as_json: bool) -> None:
         say(qna.answer or "")
 
 
+def emit_stored_failure(container: Container, error: LLMError) -> None:
+    """`ask --json` after the LLM failed: the failed record, as stored and shaped as an
+    answered one, so a script reads what `qna show --json` would. Nothing when it
+    cannot be read back: the LLM's error is the one to report, with its exit code."""
+    if error.qna_id is None:
+        return
+    try:
+        qna = container.get_qna()(error.qna_id)
+    except StorageUnavailable:
+        return
+    emit_json(qna_to_dict(qna))
+
+
 def describe(qna: QnA) -> str:
     if qna.status is Status.ANSWERED:
         return qna.answer or ""
@@ -303,7 +316,12 @@ def cli(ctx: click.Context) -> None:
 
 @cli.command()
 @click.argument("question")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole stored record as JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the whole stored record as JSON, a failed one too (with its exit code).",
+)
 @click.option("--fresh", is_flag=True, help="Always ask the LLM, even when the cache is on.")
 @pass_app
 @handles_errors
@@ -329,6 +347,10 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     except OutcomeNotStored as exc:
         # The LLM has been paid for: its answer reaches the asker all the same.
         print_asked(exc.qna, as_json=as_json)
+        raise
+    except LLMError as exc:
+        if as_json:
+            emit_stored_failure(container, exc)
         raise
     print_asked(qna, as_json=as_json)
 
