@@ -13,7 +13,7 @@ from qna.domain.model import QnA
 
 
 class AskRequest(BaseModel):
-    """The body of POST /ask. Unknown fields are ignored."""
+    """The body of POST /ask. Unknown fields are ignored; no object may name a key twice."""
 
     model_config = ConfigDict(
         extra="ignore",

@@ -641,6 +641,30 @@ def test_a_question_at_the_limit_is_accepted(client: FlaskClient) -> None:
     assert body["question"] == question
 
 
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"question": "a", "question": "b"}', "question"),
+        (b'{"question": "a", "question": "a"}', "question"),
+        (b'{"question": "a", "\\u0071uestion": "b"}', "question"),
+        (b'{"question": "a", "fresh": false, "fresh": true}', "fresh"),
+        (b'{"question": "a", "extra": {"x": 1, "x": 2}}', "x"),
+    ],
+    ids=["question", "same-value", "escaped-spelling", "fresh", "nested-unknown"],
+)
+def test_a_key_given_twice_is_400_and_nothing_is_stored(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, body: bytes, key: str
+) -> None:
+    # Which one was meant cannot be known: the last one silently won, so a client (or a
+    # proxy that appends a field) asked a question other than the one it checked.
+    error = assert_error(post_raw(client, body), 400, "invalid_request")
+
+    assert f'"{key}"' in error["message"]
+    assert "twice" in error["message"]
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
 def test_unknown_fields_are_ignored(client: FlaskClient) -> None:
     body = created(ask(client, QUESTION, extra={"nested": [1, 2]}, id="forged"))
 

@@ -35,10 +35,11 @@ def _json(model: type[BaseModel], description: str, **extra: Any) -> dict[str, A
 # question) passes its own text.
 ERROR_TEXTS = {
     400: "The request is malformed: not JSON or not UTF-8 (`invalid_json`), the wrong "
-    "fields or types (`invalid_request`), a question that is empty, too long or contains "
-    "control characters (`invalid_question`), an Idempotency-Key that is not one key of 1 "
-    "to 200 printable ASCII characters without commas (`invalid_argument`), or a "
-    "malformed chunked body or one cut short of its Content-Length (`bad_request`).",
+    "fields or types, or a key given twice in one object (`invalid_request`), a question "
+    "that is empty, too long or contains control characters (`invalid_question`), an "
+    "Idempotency-Key that is not one key of 1 to 200 printable ASCII characters without "
+    "commas (`invalid_argument`), or a malformed chunked body or one cut short of its "
+    "Content-Length (`bad_request`).",
     401: "A bearer token is required (QNA_API_TOKENS is set) and was missing or wrong "
     "(`unauthorized`).",
     404: "No such record, or the id is not one (`not_found`).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -68,7 +69,7 @@ def _json_body() -> bytes:
 
 def _parse_ask(body: bytes) -> AskRequest:
     try:
-        return AskRequest.model_validate_json(body)
+        parsed = AskRequest.model_validate_json(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         if first["type"] == "json_invalid":
@@ -77,6 +78,43 @@ def _parse_ask(body: bytes) -> AskRequest:
             ) from None
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise ApiError(400, "invalid_request", f"{where}: {first['msg']}.") from None
+    _refuse_duplicate_keys(body)
+    return parsed
+
+
+def _refuse_duplicate_keys(body: bytes) -> None:
+    """pydantic's parser keeps the last of two equal keys without a word: a client (or
+    a proxy appending a field) would be answered a question it did not check. Which
+    one was meant cannot be known, so neither is taken.
+
+    A second parse, run only on bodies pydantic accepted (valid JSON, at most 200
+    deep), and only when a key can be there twice: an object of two members has two
+    name separators, while the usual ask, {"question": ...}, has one colon at all.
+    """
+    if body.count(b":") > 1:
+        _KEY_CHECK.decode(body.decode())
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                # In ASCII escapes: the key is the client's, whatever it holds.
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"The key {json.dumps(key[:40])} is given twice in one object; "
+                    "give each key once.",
+                )
+            seen.add(key)
+    return members
+
+
+# Made once: json.loads with arguments builds a decoder per call, which costs more than
+# the parse. parse_int=str: an integer of any length is not this check's business.
+_KEY_CHECK = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_int=str)
 
 
 def _idempotency_key() -> str | None:
