@@ -106,7 +106,11 @@ def wait_until_healthy(server: Server) -> None:
 
 
 @pytest.fixture
-def server(fake_openai: FakeOpenAI, postgres_url: str, tmp_path: Path) -> Iterator[Server]:
+def server(
+    fake_openai: FakeOpenAI, postgres_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Server]:
+    """`qna serve` with its default worker class, or the one a test passes indirectly."""
+    worker_class = getattr(request, "param", "gevent")
     port = free_port()
     env = {
         **settings_free_environ(),
@@ -118,7 +122,11 @@ def server(fake_openai: FakeOpenAI, postgres_url: str, tmp_path: Path) -> Iterat
     log = tmp_path / "serve.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [*qna_command(), "serve", "--port", str(port), "--workers", "2", "--threads", "8"],
+            [
+                *qna_command(),
+                *("serve", "--port", str(port), "--workers", "2", "--threads", "8"),
+                *("--worker-class", worker_class),
+            ],
             env=env,
             cwd=tmp_path,
             stdout=output,
@@ -217,6 +225,29 @@ def test_a_malformed_chunked_body_is_400_not_a_server_error(
     assert fake_openai.calls == 0
     assert "Traceback" not in server.output()
     assert "unhandled error" not in server.output()
+
+
+@pytest.mark.parametrize("server", ["gevent", "gthread"], indirect=True)
+def test_after_a_malformed_chunked_body_the_response_says_connection_close(
+    server: Server,
+) -> None:
+    # Where the next request starts is unknown after a broken body, so gunicorn closes
+    # the connection; a response saying keep-alive made a client (or a proxy's pool)
+    # send its next request into a connection that was going away.
+    request = (
+        b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        reply.read()
+        after = sock.recv(1024)
+
+    assert reply.status == 400
+    assert reply.getheader("Connection") == "close", reply.getheaders()
+    assert after == b"", after  # closed, and no second response to the leftover bytes
 
 
 @pytest.mark.parametrize(

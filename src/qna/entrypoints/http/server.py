@@ -25,6 +25,7 @@ from typing import Any
 
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
+from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -53,11 +54,31 @@ def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     gunicorn_util.write_nonblock(sock, head + body)
 
 
+class ClosingResponse(gunicorn_wsgi.Response):  # type: ignore[misc]
+    """gunicorn's response, saying `Connection: close` whenever gunicorn will close.
+
+    After a request whose body could not be read (a malformed chunk: where the next
+    request starts is unknown), gunicorn closes the connection, but it chose the
+    Connection header without looking: the 400 said keep-alive, and a client or a
+    proxy's pool sent its next request into a connection that was going away.
+    """
+
+    def should_close(self) -> bool:
+        body = getattr(self.req, "body", None)
+        return bool(super().should_close()) or getattr(body, "failed", False) is True
+
+
+def _adapt_gunicorn() -> None:
+    # In each worker, before it serves: wsgi.create builds gunicorn's Response by name.
+    gunicorn_util.write_error = _json_error
+    gunicorn_wsgi.Response = ClosingResponse
+
+
 class JsonErrorThreadWorker(ThreadWorker):  # type: ignore[misc]
     """gunicorn's threaded worker, answering its own parse errors in JSON."""
 
     def init_process(self) -> None:
-        gunicorn_util.write_error = _json_error
+        _adapt_gunicorn()
         super().init_process()
 
 
@@ -72,7 +93,7 @@ class JsonErrorGeventWorker(GeventWorker):  # type: ignore[misc]
         make_psycopg_cooperative()
 
     def init_process(self) -> None:
-        gunicorn_util.write_error = _json_error
+        _adapt_gunicorn()
         super().init_process()
 
 
