@@ -957,6 +957,28 @@ def test_the_providers_retry_after_is_passed_on(
     assert response.headers["Retry-After"] == "7"
 
 
+@pytest.mark.parametrize(
+    ("header", "value", "retry_after"),
+    [
+        ("retry-after-ms", "2500", "3"),
+        ("retry-after-ms", "1400", "2"),
+        ("retry-after-ms", "200", "1"),
+        ("Retry-After", "0", "1"),
+    ],
+)
+def test_the_providers_wait_is_rounded_up_never_down(
+    client: FlaskClient, fake_openai: FakeOpenAI, header: str, value: str, retry_after: str
+) -> None:
+    # Retry-After counts whole seconds: a client sent back after 2 s of a 2.5 s wait is
+    # refused again, and a wait of 0 sends it back at once.
+    fake_openai.script(Status(429, headers={header: value}))
+
+    response = ask(client, QUESTION)
+
+    assert_error(response, 503, "llm_rate_limited")
+    assert response.headers["Retry-After"] == retry_after
+
+
 def test_a_dropped_connection_is_503(client: FlaskClient, fake_openai: FakeOpenAI) -> None:
     fake_openai.script(Drop())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from flask import Flask, Response, jsonify
 from gunicorn.http.errors import ParseException
@@ -90,6 +91,12 @@ def error_response(
     return response
 
 
+def retry_after_header(seconds: float) -> str:
+    """Retry-After in the whole seconds it counts, rounded up: a client sent back before
+    the wait is over is refused again, and a 0 sends it back at once."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def database_retry_after(error: StorageUnavailable) -> dict[str, str]:
     """The Retry-After of a 503 database_unavailable: only when waiting may help."""
     return {"Retry-After": "5"} if error.retryable else {}
@@ -114,7 +121,7 @@ def register_error_handlers(app: Flask) -> None:
             if error.qna_id is not None:
                 extra["qna_id"] = error.qna_id
             if status == 503:
-                headers["Retry-After"] = str(max(1, round(error.retry_after or 1)))
+                headers["Retry-After"] = retry_after_header(error.retry_after or 1)
         return error_response(status, error.code, error.message, headers, **extra)
 
     @app.errorhandler(ConfigurationError)
