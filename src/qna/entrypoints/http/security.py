@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
-from qna.entrypoints.http.errors import ApiError
+from qna.entrypoints.http.errors import ApiError, retry_after_header
 
 # Open without a token: probes, and the description of the API itself.
 PUBLIC_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz", "qna.docs", "qna.openapi_json"})
@@ -77,6 +78,11 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
             own = g.pop("own_retry_after", None)
             if own is not None:
                 response.headers["Retry-After"] = own
+        elif (reset := response.headers.get("X-RateLimit-Reset", "")).isdigit():
+            # The limiter's own Retry-After rounds the time to its reset down: in the
+            # last second of a window it said 0, and a client honouring it was refused
+            # again at once. Its reset time is rounded up; count to it, rounded up.
+            response.headers["Retry-After"] = retry_after_header(int(reset) - time.time())
         return response
 
     limiter = Limiter(
