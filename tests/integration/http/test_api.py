@@ -317,6 +317,10 @@ def test_a_bad_limit_is_400(client: FlaskClient, limit: str) -> None:
         cursor_of([1, 2]),
         cursor_of(["9999-12-31T23:59:59-23:59", str(uuid4())]),
         cursor_of(["0001-01-01T00:00:00+14:00", str(uuid4())]),
+        # Say from `jq -r '.next // empty'` after the last page: read as no cursor, it
+        # was the first page again, and a script paging on looped for ever (as the CLI
+        # and the Python API did).
+        "",
     ],
     ids=[
         "word",
@@ -329,6 +333,7 @@ def test_a_bad_limit_is_400(client: FlaskClient, limit: str) -> None:
         "numbers",
         "overflow",
         "underflow",
+        "empty",
     ],
 )
 def test_a_garbage_cursor_is_400(client: FlaskClient, cursor: str) -> None:

@@ -215,7 +215,7 @@ def openapi_document(
                             "in": "query",
                             "required": False,
                             "description": "The `next` value of the previous page.",
-                            "schema": {"type": "string"},
+                            "schema": {"type": "string", "minLength": 1},
                         },
                     ],
                     "responses": {

@@ -179,7 +179,9 @@ def list_questions() -> Response:
             400, "invalid_argument", f"limit must be an integer from 1 to {ListQnA.MAX_LIMIT}."
         )
     list_qna: ListQnA = _container().list_qna()
-    page = list_qna(limit=int(limit_text), cursor=request.args.get("cursor") or None)
+    # An empty cursor is passed on, and refused: no page gives it out, and read as none
+    # it was the first page again, so a client paging on after the last one looped.
+    page = list_qna(limit=int(limit_text), cursor=request.args.get("cursor"))
     body = QnAPage(items=[QnAOut.from_domain(q) for q in page.items], next=page.next_cursor)
     return jsonify(body.model_dump(mode="json"))
 
