@@ -877,6 +877,32 @@ def test_a_compressed_body_is_415_not_read_as_plain_json(
     assert fake_openai.calls == 0
 
 
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked", "x-foo, chunked"])
+def test_a_transfer_coding_other_than_chunked_is_400_not_read_as_plain_json(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, coding: str
+) -> None:
+    # gunicorn takes the chunked framing off and hands over what is under it, still
+    # gzipped: a plain body so labelled was asked, a gzipped one was invalid_json.
+    body = json.dumps({"question": QUESTION}).encode()
+    headers = {"Content-Type": "application/json", "Transfer-Encoding": coding}
+
+    response = client.post("/ask", data=body, headers=headers, environ_overrides=STREAMED)
+
+    error = assert_error(response, 400, "bad_request")
+
+    assert "Transfer-Encoding" in error["message"]
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize("coding", ["chunked", "Chunked"])
+def test_a_chunked_body_is_read(client: FlaskClient, coding: str) -> None:
+    body = json.dumps({"question": QUESTION}).encode()
+    headers = {"Content-Type": "application/json", "Transfer-Encoding": coding}
+
+    created(client.post("/ask", data=body, headers=headers, environ_overrides=STREAMED))
+
+
 @pytest.mark.parametrize("encoding", ["identity", "Identity", ""])
 def test_an_identity_encoded_body_is_read(client: FlaskClient, encoding: str) -> None:
     body = json.dumps({"question": QUESTION}).encode()

@@ -38,8 +38,8 @@ ERROR_TEXTS = {
     "fields or types, or a key given twice in one object (`invalid_request`), a question "
     "that is empty, too long or contains control characters (`invalid_question`), an "
     "Idempotency-Key that is not one key of 1 to 200 printable ASCII characters without "
-    "commas (`invalid_argument`), or a malformed chunked body or one cut short of its "
-    "Content-Length (`bad_request`).",
+    "commas (`invalid_argument`), or a malformed chunked body, one cut short of its "
+    "Content-Length or one in a Transfer-Encoding other than chunked (`bad_request`).",
     401: "A bearer token is required (QNA_API_TOKENS is set) and was missing or wrong "
     "(`unauthorized`).",
     404: "No such record, or the id is not one (`not_found`).",

@@ -51,6 +51,17 @@ def _json_body() -> bytes:
             "unsupported_media_type",
             f"Send the body uncompressed; Content-Encoding: {encoding[:40]} is not supported.",
         )
+    # gunicorn takes the chunked framing off "Transfer-Encoding: gzip, chunked" and
+    # hands over what lies under it, still gzipped; every other coding it cannot take
+    # off (gzip alone, identity) it refuses itself, with 400 bad_request: so do we.
+    transfer = request.headers.get("Transfer-Encoding")
+    if transfer is not None and transfer.strip().lower() != "chunked":
+        raise ApiError(
+            400,
+            "bad_request",
+            f"Send the body chunked or with a Content-Length; Transfer-Encoding: "
+            f"{transfer[:40]} is not supported.",
+        )
     # Reading enforces MAX_CONTENT_LENGTH (413) when the length is declared.
     body = request.get_data(cache=False)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
