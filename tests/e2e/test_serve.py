@@ -34,6 +34,11 @@ pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"
 START_TIMEOUT_S = 20
 STOP_TIMEOUT_S = 15
+# gunicorn finds the chunk size "zz" only when the view reads the body.
+MALFORMED_CHUNKED_ASK = (
+    b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+)
 
 
 @dataclass
@@ -208,13 +213,8 @@ def test_a_chunked_body_over_the_limit_is_413(server: Server, fake_openai: FakeO
 def test_a_malformed_chunked_body_is_400_not_a_server_error(
     server: Server, fake_openai: FakeOpenAI
 ) -> None:
-    # gunicorn finds the chunk size "zz" only when the view reads the body.
-    request = (
-        b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
-    )
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(request)
+        sock.sendall(MALFORMED_CHUNKED_ASK)
         reply = http.client.HTTPResponse(sock)
         reply.begin()
         body = json.loads(reply.read())
@@ -234,12 +234,8 @@ def test_after_a_malformed_chunked_body_the_response_says_connection_close(
     # Where the next request starts is unknown after a broken body, so gunicorn closes
     # the connection; a response saying keep-alive made a client (or a proxy's pool)
     # send its next request into a connection that was going away.
-    request = (
-        b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
-    )
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(request)
+        sock.sendall(MALFORMED_CHUNKED_ASK)
         reply = http.client.HTTPResponse(sock)
         reply.begin()
         reply.read()
