@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from qna.adapters.sqlalchemy.database import sqlite_url
+from qna.entrypoints.http.server import METRICS_PREFIX, remove_abandoned_metrics_directories
 from tests.e2e.helpers import settings_free_environ
 from tests.support.databases import (
     BROKEN_SQLITE_FILES,
@@ -360,3 +361,42 @@ def test_sighup_reloads_the_workers_and_the_server_keeps_serving(
     assert answered is not None, metrics
     assert float(answered.group(1)) == 4
     assert server.process.poll() is None
+
+
+def test_a_metrics_directory_is_removed_once_its_server_is_gone(tmp_path: Path) -> None:
+    # atexit never runs in a server killed outright (SIGKILL, the OOM killer): the
+    # next server to start removes what it left in the temporary directory.
+    def made_by_a_process(then: str) -> tuple[subprocess.Popen[str], str]:
+        maker = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys\n"
+                "from qna.entrypoints.http.server import make_metrics_directory\n"
+                f"print(make_metrics_directory({str(tmp_path)!r}), flush=True)\n"
+                f"{then}\n",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert maker.stdout is not None
+        return maker, maker.stdout.readline().strip()
+
+    killed, abandoned = made_by_a_process("sys.stdin.read()")
+    killed.kill()
+    killed.wait(timeout=10)
+    running, in_use = made_by_a_process("sys.stdin.read()")
+    older = tmp_path / f"{METRICS_PREFIX}from-an-older-qna"
+    older.mkdir()
+    try:
+        remove_abandoned_metrics_directories(str(tmp_path))
+
+        assert not Path(abandoned).exists()
+        assert Path(in_use).is_dir()  # its server still runs
+        assert older.is_dir()  # no lock to tell whether its server runs
+    finally:
+        running.kill()
+        running.wait(timeout=10)
+    remove_abandoned_metrics_directories(str(tmp_path))
+    assert not Path(in_use).exists()

@@ -14,6 +14,8 @@ see the README, Performance).
 from __future__ import annotations
 
 import atexit
+import fcntl
+import glob
 import json
 import logging
 import os
@@ -181,7 +183,8 @@ def prepare_multiprocess_metrics(workers: int) -> None:
     the master never imports it, the workers load it after the fork).
     """
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        directory = tempfile.mkdtemp(prefix="qna-metrics-")
+        remove_abandoned_metrics_directories()
+        directory = make_metrics_directory()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         master = os.getpid()
 
@@ -192,6 +195,46 @@ def prepare_multiprocess_metrics(workers: int) -> None:
                 shutil.rmtree(directory, ignore_errors=True)
 
         atexit.register(remove_when_the_master_exits)
+
+
+METRICS_PREFIX = "qna-metrics-"
+# Locked for as long as the server that made the directory runs (its master, and the
+# workers that inherit the descriptor): the kernel lets go of it however they end.
+_OWNER_LOCK = "owner.lock"
+
+
+def make_metrics_directory(root: str | None = None) -> str:
+    """A new metrics directory under `root` (the temporary directory), held by this
+    process until it ends."""
+    directory = tempfile.mkdtemp(prefix=METRICS_PREFIX, dir=root)
+    # Locked before it has its name: a sweeping server never finds it unlocked. The
+    # descriptor is never closed: the lock lasts as long as the process (and its
+    # forked workers, which share it).
+    claimed = os.path.join(directory, f".{_OWNER_LOCK}")
+    descriptor = os.open(claimed, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    os.rename(claimed, os.path.join(directory, _OWNER_LOCK))
+    return directory
+
+
+def remove_abandoned_metrics_directories(root: str | None = None) -> None:
+    """Remove the metrics directories that servers killed outright (SIGKILL, the OOM
+    killer) left behind: atexit never ran in them. A directory is abandoned when its
+    owner lock is free; one without a lock (being made, or from an older qna) is kept.
+    A lock, not a process id: that is right across PID namespaces sharing /tmp too."""
+    for directory in glob.glob(os.path.join(root or tempfile.gettempdir(), f"{METRICS_PREFIX}*")):
+        try:
+            descriptor = os.open(os.path.join(directory, _OWNER_LOCK), os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its server runs
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(descriptor)
 
 
 def serve(
