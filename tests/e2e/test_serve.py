@@ -211,6 +211,30 @@ def test_a_chunked_body_over_the_limit_is_413(server: Server, fake_openai: FakeO
     assert fake_openai.calls == 0
 
 
+def test_a_body_declared_too_large_is_413_and_the_connection_closed(
+    server: Server, fake_openai: FakeOpenAI
+) -> None:
+    # Refused from its Content-Length, unread: kept open, the connection would make
+    # gunicorn read and throw away what the client goes on sending (here 10 MB) before
+    # the next request, or wait out the keep-alive for bytes that never come.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 10000000\r\n\r\n{"question": "Too long?"'
+        )
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        body = json.loads(reply.read())
+        sock.settimeout(3)  # the keep-alive timeout is 5 s
+        after = sock.recv(1024)
+
+    assert reply.status == 413, body
+    assert body["error"]["code"] == "payload_too_large"
+    assert reply.getheader("Connection") == "close", reply.getheaders()
+    assert after == b"", after
+    assert fake_openai.calls == 0
+
+
 def test_a_malformed_chunked_body_is_400_not_a_server_error(
     server: Server, fake_openai: FakeOpenAI
 ) -> None:

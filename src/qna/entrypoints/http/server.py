@@ -57,17 +57,24 @@ def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
 
 
 class ClosingResponse(gunicorn_wsgi.Response):  # type: ignore[misc]
-    """gunicorn's response, saying `Connection: close` whenever gunicorn will close.
+    """gunicorn's response, closing the connection when what follows the request on
+    it cannot be trusted, and saying so (`Connection: close`).
 
     After a request whose body could not be read (a malformed chunk: where the next
     request starts is unknown), gunicorn closes the connection, but it chose the
     Connection header without looking: the 400 said keep-alive, and a client or a
     proxy's pool sent its next request into a connection that was going away.
+    After a 413 the body was refused unread: kept open, the connection had gunicorn
+    read and discard all the client went on sending before the next request.
     """
 
     def should_close(self) -> bool:
         body = getattr(self.req, "body", None)
-        return bool(super().should_close()) or getattr(body, "failed", False) is True
+        return (
+            bool(super().should_close())
+            or getattr(body, "failed", False) is True
+            or self.status_code == 413
+        )
 
 
 def _adapt_gunicorn() -> None:
