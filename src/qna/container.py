@@ -155,6 +155,7 @@ class Container(containers.DeclarativeContainer):
         abandon_after=abandon_after,
         idempotency_ttl=providers.Callable(seconds, config.idempotency_ttl_s),
         in_flight_wait=providers.Callable(seconds, config.idempotency_wait_s),
+        llm_deadline=providers.Callable(seconds, config.llm_deadline_s),
     )
     get_qna = providers.Factory(GetQnA, uow=unit_of_work.provider, abandon_after=abandon_after)
     reap_abandoned = providers.Factory(

@@ -163,6 +163,57 @@ def test_a_key_still_in_flight_waits_then_gives_409(
     assert len(uow.committed_records()) == 1
 
 
+def test_a_409_says_when_the_asks_deadline_leaves_only_a_retrys_own_wait(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    in_flight = QnA.ask("Slow?", model="fake-model", now=clock())
+    in_flight.idempotency_key = "k"
+    in_flight.request_fingerprint = _fingerprint_of("Slow?")
+    uow.seed(in_flight)
+    clock.advance(timedelta(seconds=30))  # the first request has been asking for 30 s
+    timer = FakeTimer()
+    ask = AskQuestion(
+        uow,
+        FakeLLM(),
+        clock=clock,
+        timer=timer,
+        sleep=Sleeper(timer),
+        in_flight_wait=timedelta(seconds=10),
+        llm_deadline=timedelta(seconds=120),
+    )
+
+    with pytest.raises(IdempotencyKeyInFlight) as raised:
+        ask("Slow?", idempotency_key="k")
+
+    # Over by 120 s after it began, 90 s from now; a retry waits 10 s of that itself.
+    assert raised.value.retry_after == 80
+
+
+def test_a_409_past_the_first_asks_deadline_says_retry_at_once(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    in_flight = QnA.ask("Slow?", model="fake-model", now=clock())
+    in_flight.idempotency_key = "k"
+    in_flight.request_fingerprint = _fingerprint_of("Slow?")
+    uow.seed(in_flight)
+    clock.advance(timedelta(seconds=125))  # past its deadline, not yet abandoned
+    timer = FakeTimer()
+    ask = AskQuestion(
+        uow,
+        FakeLLM(),
+        clock=clock,
+        timer=timer,
+        sleep=Sleeper(timer),
+        in_flight_wait=timedelta(seconds=1),
+        llm_deadline=timedelta(seconds=120),
+    )
+
+    with pytest.raises(IdempotencyKeyInFlight) as raised:
+        ask("Slow?", idempotency_key="k")
+
+    assert raised.value.retry_after == 0
+
+
 def _fingerprint_of(question: str) -> str | None:
     uow = FakeUnitOfWorkFactory()
     probe = AskQuestion(uow, FakeLLM())

@@ -93,6 +93,7 @@ class AskQuestion:
         abandon_after: timedelta = DEFAULT_ABANDON_AFTER,
         idempotency_ttl: timedelta = timedelta(hours=24),
         in_flight_wait: timedelta = timedelta(seconds=10),
+        llm_deadline: timedelta = timedelta(minutes=2),
         clock: Clock = utc_now,
         timer: Timer = time.perf_counter,
         sleep: Callable[[float], None] | None = None,
@@ -104,6 +105,7 @@ class AskQuestion:
         self._idempotency_ttl = idempotency_ttl
         self._abandon_after = abandon_after
         self._in_flight_wait = in_flight_wait.total_seconds()
+        self._llm_deadline = llm_deadline
         self._clock = clock
         self._timer = timer
         # Looked up at each call, not bound at import: under gevent workers the
@@ -192,9 +194,23 @@ class AskQuestion:
                 return Asked(holder, replayed=True)
             if self._timer() >= give_up_at:
                 raise IdempotencyKeyInFlight(
-                    "A request with this Idempotency-Key is still being answered; retry later."
+                    "A request with this Idempotency-Key is still being answered; retry later.",
+                    retry_after=self._when_to_retry(holder),
                 )
             self._sleep(self.POLL_S)
+
+    def _when_to_retry(self, holder: QnA) -> float:
+        """Seconds until the holder's ask is over but for one retry's own wait.
+
+        By its LLM deadline the holder has answered (a retry replays it) or failed (a
+        retry takes the key), and a retry waits `in_flight_wait` for it on its own: one
+        that comes then is the last one needed. One that comes sooner may find it done,
+        or be told 409 again. 0 once the deadline is that close or past (a holder whose
+        process died is freed when it counts as abandoned).
+        """
+        over_at = holder.created_at + self._llm_deadline
+        left = (over_at - self._clock()).total_seconds()
+        return max(0.0, left - self._in_flight_wait)
 
     def _frees_its_key(self, holder: QnA, asking: QnA) -> bool:
         if holder.created_at < asking.created_at - self._idempotency_ttl:

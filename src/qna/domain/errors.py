@@ -39,6 +39,12 @@ class IdempotencyKeyInFlight(QnAError):
 
     code = "idempotency_key_in_flight"
 
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: Seconds after which a retry (which waits for the first request itself) will
+        #: outlast that request's deadline, when it is known.
+        self.retry_after = retry_after
+
 
 class StorageUnavailable(QnAError):
     """The database could not be reached or refused the work."""

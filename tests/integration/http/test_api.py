@@ -1385,6 +1385,9 @@ def test_a_key_in_flight_is_409(
         asker.join(timeout=10)
 
     assert_error(retry, 409, "idempotency_key_in_flight")
+    # When the first request's ask is over at the latest (llm_deadline_s is 10 here):
+    # a client is told when to come back, not left to guess or to hammer.
+    assert 1 <= int(retry.headers["Retry-After"]) <= 10
     created(first[0])
     assert fake_openai.calls == 1
 

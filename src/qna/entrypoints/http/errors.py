@@ -116,6 +116,8 @@ def register_error_handlers(app: Flask) -> None:
             metrics.DATABASE_ERRORS.inc()
             log.warning("database unavailable", extra={"reason": error.message})
             headers.update(database_retry_after(error))
+        if isinstance(error, IdempotencyKeyInFlight) and error.retry_after is not None:
+            headers["Retry-After"] = retry_after_header(error.retry_after)
         if isinstance(error, LLMError):
             metrics.record_failure(error.code)
             if error.qna_id is not None:

@@ -74,6 +74,13 @@ def _errors(*statuses: int, texts: dict[int, str] | None = None) -> dict[str, An
     texts = {**ERROR_TEXTS, **(texts or {})}
     headers = {
         401: {"WWW-Authenticate": {"description": "Bearer.", "schema": {"type": "string"}}},
+        409: {
+            "Retry-After": {
+                "description": "Seconds until the first request's LLM deadline leaves only "
+                "the wait a retry spends on the server (at least 1).",
+                "schema": {"type": "string"},
+            }
+        },
         429: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
         503: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}},
     }
