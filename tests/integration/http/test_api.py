@@ -1169,6 +1169,29 @@ def test_without_a_valid_token_the_api_is_401(
     assert fake_openai.calls == 0
 
 
+@pytest.mark.parametrize("authorization", ["Bearer tok-c", "Bearer tok-a,tok-b", "bearer  tok-c"])
+def test_a_wrong_token_is_told_invalid_token(secured: FlaskClient, authorization: str) -> None:
+    response = secured.get("/questions", headers={"Authorization": authorization})
+
+    assert_error(response, 401, "unauthorized")
+    # RFC 6750, section 3.1: a token that was sent but is not valid is "invalid_token",
+    # so that a client knows to get another one rather than to send one at all.
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="qna", error="invalid_token"'
+
+
+@pytest.mark.parametrize("authorization", [None, "", "Bearer", "Bearer ", "Basic tok-a", "tok-a"])
+def test_a_missing_token_is_told_the_bare_challenge(
+    secured: FlaskClient, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization is not None else {}
+
+    response = secured.get("/questions", headers=headers)
+
+    assert_error(response, 401, "unauthorized")
+    # RFC 6750, section 3.1: no error code for a request with no bearer token in it.
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="qna"'
+
+
 @pytest.mark.parametrize("tokens", [",", " , ,", ",,,"])
 def test_tokens_that_list_no_token_are_refused_not_an_open_api(
     make_app: AppFactory, database_url: str, tokens: str

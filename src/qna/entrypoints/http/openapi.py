@@ -73,7 +73,13 @@ DATABASE_UNAVAILABLE = (
 def _errors(*statuses: int, texts: dict[int, str] | None = None) -> dict[str, Any]:
     texts = {**ERROR_TEXTS, **(texts or {})}
     headers = {
-        401: {"WWW-Authenticate": {"description": "Bearer.", "schema": {"type": "string"}}},
+        401: {
+            "WWW-Authenticate": {
+                "description": 'Bearer realm="qna"; with error="invalid_token" when a bearer '
+                "token was sent but is not one of QNA_API_TOKENS.",
+                "schema": {"type": "string"},
+            }
+        },
         409: {
             "Retry-After": {
                 "description": "Seconds until the first request's LLM deadline leaves only "

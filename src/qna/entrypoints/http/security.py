@@ -45,14 +45,22 @@ def install_auth(app: Flask, tokens: list[str]) -> None:
         matched = False
         for token in encoded:
             matched |= hmac.compare_digest(candidate, token)
-        if scheme.lower() != "bearer" or not candidate or not matched:
+        bearer = scheme.lower() == "bearer" and bool(candidate)
+        if not bearer or not matched:
             raise ApiError(
                 401,
                 "unauthorized",
                 "Send a valid token as 'Authorization: Bearer <token>'.",
-                {"WWW-Authenticate": 'Bearer realm="qna"'},
+                {"WWW-Authenticate": _challenge(token_sent=bearer)},
             )
         g.principal = principal_of(candidate.decode(errors="replace"))
+
+
+def _challenge(*, token_sent: bool) -> str:
+    """RFC 6750, section 3.1: a bearer token that was sent and is not one of ours is
+    `invalid_token` (get another one); a request without one (no Authorization, another
+    scheme, an empty token) gets no error code, only the challenge."""
+    return 'Bearer realm="qna", error="invalid_token"' if token_sent else 'Bearer realm="qna"'
 
 
 def _client_key() -> str:
