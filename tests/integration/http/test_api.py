@@ -278,16 +278,29 @@ def test_the_default_page_is_twenty(client: FlaskClient) -> None:
     assert rest["next"] is None
 
 
-@pytest.mark.parametrize("limit", ["1", "100", "007"])
+# Leading zeros write the same integer (as `qna history -n 0005` reads it): accepted
+# however many, since only the digits after them can make a number too long.
+@pytest.mark.parametrize("limit", ["1", "100", "007", "0005", "0100", "0" * 50 + "1"])
 def test_limits_in_range_are_accepted(client: FlaskClient, limit: str) -> None:
     assert client.get(f"/questions?limit={limit}").status_code == 200
+
+
+def test_a_limit_with_leading_zeros_is_its_number(client: FlaskClient) -> None:
+    for n in range(3):
+        created(ask(client, f"question {n}"))
+
+    body = client.get("/questions?limit=0002").get_json()
+
+    assert len(body["items"]) == 2
 
 
 @pytest.mark.parametrize(
     "limit",
     [
         "0",
+        "0000",
         "101",
+        "0101",
         "abc",
         "-1",
         "1.5",

@@ -178,23 +178,31 @@ def list_questions() -> Response:
         # Which one was meant cannot be known; taking the first would answer a guess.
         if len(request.args.getlist(name)) > 1:
             raise ApiError(400, "invalid_argument", f"Give {name} at most once.")
-    limit_text = request.args.get("limit", str(ListQnA.DEFAULT_LIMIT))
+    limit = _parse_limit(request.args.get("limit", str(ListQnA.DEFAULT_LIMIT)))
+    list_qna: ListQnA = _container().list_qna()
+    # An empty cursor is passed on, and refused: no page gives it out, and read as none
+    # it was the first page again, so a client paging on after the last one looped.
+    page = list_qna(limit=limit, cursor=request.args.get("cursor"))
+    body = QnAPage(items=[QnAOut.from_domain(q) for q in page.items], next=page.next_cursor)
+    return jsonify(body.model_dump(mode="json"))
+
+
+def _parse_limit(text: str) -> int:
+    """`limit` as decimal digits, leading zeros allowed (they write the same integer, as
+    `qna history -n 0005` reads it); only the digits after them are bounded in length,
+    or "0005" was refused while "007" was not."""
+    significant = text.lstrip("0")
     # isdigit() alone admits "²" and 5000-digit numbers, which int() refuses.
     if not (
-        limit_text.isascii()
-        and limit_text.isdigit()
-        and len(limit_text) <= 3
-        and 1 <= int(limit_text) <= ListQnA.MAX_LIMIT
+        text.isascii()
+        and text.isdigit()
+        and len(significant) <= 3
+        and 1 <= int(significant or "0") <= ListQnA.MAX_LIMIT
     ):
         raise ApiError(
             400, "invalid_argument", f"limit must be an integer from 1 to {ListQnA.MAX_LIMIT}."
         )
-    list_qna: ListQnA = _container().list_qna()
-    # An empty cursor is passed on, and refused: no page gives it out, and read as none
-    # it was the first page again, so a client paging on after the last one looped.
-    page = list_qna(limit=int(limit_text), cursor=request.args.get("cursor"))
-    body = QnAPage(items=[QnAOut.from_domain(q) for q in page.items], next=page.next_cursor)
-    return jsonify(body.model_dump(mode="json"))
+    return int(significant)
 
 
 @bp.get("/questions/<qna_id>")
