@@ -103,7 +103,10 @@ class UnitOfWork(Protocol):
     update — and saves the round trips that open and close a transaction.
     """
 
-    qnas: QnARepository
+    # Read-only to the core: as a plain attribute it would be settable, and so
+    # invariant, and an adapter's own repository type would not satisfy it.
+    @property
+    def qnas(self) -> QnARepository: ...
 
     def __enter__(self) -> Self: ...
 

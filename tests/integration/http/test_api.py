@@ -407,6 +407,59 @@ def test_without_a_database_asking_is_503_and_the_llm_is_not_asked(
     assert_error(client.get(f"/questions/{uuid4()}"), 503, "database_unavailable")
 
 
+# Each wrong on its face: no database could make it right.
+REQUESTS_WRONG_ON_THEIR_FACE = [
+    ("post", "/ask", {"data": b"{not json", "content_type": "application/json"}, "invalid_json"),
+    ("post", "/ask", {"json": {"question": 42}}, "invalid_request"),
+    ("post", "/ask", {"json": {"question": "   "}}, "invalid_question"),
+    (
+        "post",
+        "/ask",
+        {"json": {"question": QUESTION}, "headers": {"Idempotency-Key": "a,b"}},
+        "invalid_argument",
+    ),
+    ("get", "/questions?limit=0", {}, "invalid_argument"),
+    ("get", "/questions?cursor=garbage", {}, "invalid_cursor"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "code"),
+    REQUESTS_WRONG_ON_THEIR_FACE,
+    ids=[code + ":" + path for _, path, _, code in REQUESTS_WRONG_ON_THEIR_FACE],
+)
+def test_without_a_database_a_request_wrong_on_its_face_is_still_400(
+    make_app: AppFactory,
+    fake_openai: FakeOpenAI,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    code: str,
+) -> None:
+    # A 503 would have the client wait and send the same mistake again.
+    client = make_app(UNREACHABLE_DATABASE).test_client()
+
+    assert_error(getattr(client, method)(path, **kwargs), 400, code)
+    assert fake_openai.calls == 0
+
+
+def test_a_request_wrong_on_its_face_does_not_touch_the_database(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    database = tmp_path / "qna.db"
+    client = make_app(sqlite_url(database)).test_client()
+
+    for _, path, kwargs, code in REQUESTS_WRONG_ON_THEIR_FACE:
+        method = getattr(client, "post" if path == "/ask" else "get")
+        assert_error(method(path, **kwargs), 400, code)
+    assert_error(post_raw(client, b"{}", content_type="text/plain"), 415, "unsupported_media_type")
+
+    # Not even the first request's migration: nothing asked the database for anything.
+    assert not database.exists()
+    created(ask(client, QUESTION))
+    assert database.exists()
+
+
 @pytest.mark.parametrize("kind", BROKEN_SQLITE_FILES)
 def test_a_sqlite_file_that_is_not_a_database_is_503(
     make_app: AppFactory, fake_openai: FakeOpenAI, tmp_path: Path, kind: str

@@ -10,6 +10,7 @@ import uuid
 
 from flask import Flask, Response, g, request
 
+from qna.application.ports import UnitOfWork
 from qna.config import Settings
 from qna.container import Container, create_container, upgrade_database, warm_up
 from qna.entrypoints.http import views
@@ -67,33 +68,37 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     return app
 
 
-_DATABASE_ENDPOINTS = frozenset({"qna.ask", "qna.list_questions", "qna.get_question"})
-
-
 def _install_schema_guard(app: Flask, container: Container) -> None:
-    """Migrate on the first request that needs the database, if start-up could not.
+    """Migrate before the first unit of work a request opens, if start-up could not.
 
     `qna serve` migrates before the workers start; when the database was down then,
     the server still starts, and the first request after the database comes back
     brings the schema up (serialised across processes by the migration lock).
+
+    At the first unit of work, not before the view: by then the request has passed
+    every check that needs no database (its body, question, Idempotency-Key, limit,
+    cursor), so one wrong on its face is told 400 while the database is down, not 503
+    (waiting cannot mend it), and the database is not asked for it at all. The views
+    get their use cases' units of work from here (`views.units_of_work`).
     """
     ready = threading.Event()
     lock = threading.Lock()
+    open_unit_of_work = container.unit_of_work
 
-    @app.before_request
     def ensure_schema() -> None:
-        # OPTIONS is answered from the routes alone.
-        if (
-            ready.is_set()
-            or request.endpoint not in _DATABASE_ENDPOINTS
-            or request.method == "OPTIONS"
-        ):
-            return
         with lock:
             if not ready.is_set():
                 if not container.schema_ready():
                     upgrade_database(container)
                 ready.set()
+
+    def unit_of_work(*, autocommit: bool = False) -> UnitOfWork:
+        if not ready.is_set():  # once ready, this check is all it costs
+            ensure_schema()
+        unit: UnitOfWork = open_unit_of_work(autocommit=autocommit)
+        return unit
+
+    app.extensions["qna.unit_of_work"] = unit_of_work
 
 
 def _install_request_log(app: Flask) -> None:

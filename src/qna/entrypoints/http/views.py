@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
 
+from qna.application.ports import UnitOfWorkFactory
 from qna.application.use_cases import AskQuestion, GetQnA, ListQnA
 from qna.container import Container
 from qna.domain.errors import StorageUnavailable
@@ -157,10 +158,18 @@ def _container() -> Container:
     return container
 
 
+def units_of_work() -> UnitOfWorkFactory:
+    """The units of work the use cases open: the container's, behind the schema guard
+    (app.py `_install_schema_guard`), so that the database is first asked once the
+    request has passed every check that needs none."""
+    factory: UnitOfWorkFactory = current_app.extensions["qna.unit_of_work"]
+    return factory
+
+
 @bp.post("/ask")
 def ask() -> Response:
     body = _parse_ask(_json_body())
-    ask_question: AskQuestion = _container().ask_question()
+    ask_question: AskQuestion = _container().ask_question(uow=units_of_work())
     asked = ask_question.ask(body.question, fresh=body.fresh, idempotency_key=_idempotency_key())
     qna = asked.qna
     if not asked.replayed:  # a replay asked nothing: counting it again would inflate
@@ -179,7 +188,7 @@ def list_questions() -> Response:
         if len(request.args.getlist(name)) > 1:
             raise ApiError(400, "invalid_argument", f"Give {name} at most once.")
     limit = _parse_limit(request.args.get("limit", str(ListQnA.DEFAULT_LIMIT)))
-    list_qna: ListQnA = _container().list_qna()
+    list_qna: ListQnA = _container().list_qna(uow=units_of_work())
     # An empty cursor is passed on, and refused: no page gives it out, and read as none
     # it was the first page again, so a client paging on after the last one looped.
     page = list_qna(limit=limit, cursor=request.args.get("cursor"))
@@ -207,7 +216,7 @@ def _parse_limit(text: str) -> int:
 
 @bp.get("/questions/<qna_id>")
 def get_question(qna_id: str) -> Response:
-    get_qna: GetQnA = _container().get_qna()
+    get_qna: GetQnA = _container().get_qna(uow=units_of_work())
     return _record_response(get_qna(qna_id))
 
 
