@@ -557,6 +557,47 @@ def test_an_answer_the_database_refuses_is_printed_all_the_same_and_exits_6(
     assert fake_openai.calls == 1
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize(
+    ("step", "exit_code", "error_kind", "llm_says"),
+    [
+        pytest.param(Status(429), 8, "llm_rate_limited", "rate", id="429"),
+        pytest.param(Status(401), 10, "llm_refused", "401", id="401"),
+    ],
+)
+@pytest.mark.usefixtures("one_attempt")
+def test_an_llm_failure_the_database_refuses_too_tells_both_with_the_llms_code(
+    fake_openai: FakeOpenAI,
+    outcomes_refused: str,
+    monkeypatch: pytest.MonkeyPatch,
+    step: Step,
+    exit_code: int,
+    error_kind: str,
+    llm_says: str,
+    as_json: bool,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", outcomes_refused)
+    fake_openai.script(step)
+
+    result = qna("ask", QUESTION, *(["--json"] if as_json else []))
+
+    # The LLM's failure is why there is no answer: its code, as if it had been stored.
+    assert result.exit_code == exit_code, result.stderr
+    [row] = stored_rows(outcomes_refused)
+    assert row["status"] == "pending"
+    line = error_line(result.stderr)
+    assert llm_says in line.lower()  # the LLM's error, not lost behind the database's
+    assert "No space left on device" in line
+    assert f"record {row['id']} stays pending" in line
+    if as_json:
+        record = json.loads(result.stdout)
+        assert (record["id"], record["status"]) == (str(row["id"]), "failed")
+        assert record["error"]["code"] == error_kind
+    else:
+        assert result.stdout == ""
+
+
 @pytest.mark.parametrize(
     ("step", "exit_code", "error_kind"),
     [

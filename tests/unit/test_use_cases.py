@@ -172,6 +172,18 @@ def test_a_failure_the_database_refuses_twice_comes_with_the_error(world: World)
     assert raised.value.qna.status is Status.FAILED
     assert raised.value.qna.error_kind == "llm_rate_limited"
     assert world.uow.committed_records()[0].status is Status.PENDING
+    # The LLM's error itself, not only its trace in the record: a caller reports it.
+    assert isinstance(raised.value.llm_error, LLMRateLimited)
+    assert raised.value.llm_error.message == "slow down"
+
+
+def test_an_answer_the_database_refuses_twice_carries_no_llm_error(world: World) -> None:
+    llm = FakeLLM("Forty-two.", on_call=lambda _q: world.uow.fail_next(DATABASE_DOWN, times=2))
+
+    with pytest.raises(OutcomeNotStored) as raised:
+        world.ask(llm)("Lost?")
+
+    assert raised.value.llm_error is None
 
 
 def test_completion_from_a_script_is_returned_verbatim(world: World) -> None:

@@ -146,7 +146,7 @@ class AskQuestion:
             completion = self._llm.complete(qna.question)
         except LLMError as error:
             qna.record_failure(error, latency_ms=self._elapsed_ms(started), now=self._clock())
-            self._save(qna)
+            self._save(qna, llm_error=error)
             error.qna_id = qna.id
             raise
         except KeyboardInterrupt:
@@ -225,7 +225,9 @@ class AskQuestion:
             now=asking.created_at, after=self._abandon_after
         )
 
-    def _save(self, qna: QnA) -> None:
+    def _save(self, qna: QnA, *, llm_error: LLMError | None = None) -> None:
+        """Store the outcome, or raise OutcomeNotStored carrying it (and the LLM's
+        error, if that is the outcome: raised instead of it, it would be lost)."""
         try:
             self._save_once(qna)
         except StorageUnavailable:
@@ -234,7 +236,9 @@ class AskQuestion:
             try:
                 self._save_once(qna)
             except StorageUnavailable as error:
-                raise OutcomeNotStored(error.message, qna, retryable=error.retryable) from error
+                raise OutcomeNotStored(
+                    error.message, qna, retryable=error.retryable, llm_error=llm_error
+                ) from error
 
     def _save_once(self, qna: QnA) -> None:
         with self._uow(autocommit=True) as uow:

@@ -65,10 +65,20 @@ class OutcomeNotStored(StorageUnavailable):
     travels with the error instead, so that an answer already paid for still
     reaches whoever asked."""
 
-    def __init__(self, message: str, qna: QnA, *, retryable: bool = True) -> None:
+    def __init__(
+        self,
+        message: str,
+        qna: QnA,
+        *,
+        retryable: bool = True,
+        llm_error: LLMError | None = None,
+    ) -> None:
         super().__init__(message, retryable=retryable)
         #: The record as the ask left it (answered, or failed), not as stored.
         self.qna = qna
+        #: Why the LLM failed, when the outcome not stored is a failure: the reason
+        #: there is no answer, which this error's own message (the database's) is not.
+        self.llm_error = llm_error
 
 
 class LLMError(QnAError):

@@ -70,6 +70,11 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_code_for(error: Exception) -> int:
+    if isinstance(error, OutcomeNotStored) and error.llm_error is not None:
+        # The LLM failed, then so did storing that: the LLM's failure is why there is
+        # no answer, and what a script should act on (back off, fix the key), as it
+        # would had the failure been stored. The line tells the database's too.
+        error = error.llm_error
     for cls, code in EXIT_CODES:
         if isinstance(error, cls):
             return code
@@ -179,7 +184,7 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
         except (ConfigurationError, InvalidQuestion, InvalidArgument, NotFound) as exc:
             fail(str(exc), exit_code_for(exc))
         except (StorageUnavailable, LLMError) as exc:
-            fail(f"{exc}{record_note(exc)}", exit_code_for(exc))
+            fail(failure_message(exc), exit_code_for(exc))
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
         except OutputError as exc:
@@ -194,6 +199,18 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+def failure_message(error: StorageUnavailable | LLMError) -> str:
+    """The error line of a failed ask or read: the error, and what became of the record."""
+    if isinstance(error, OutcomeNotStored) and error.llm_error is not None:
+        # Two failures, one line: the LLM's first (why there is no answer), then the
+        # database's (why the record says pending, not failed).
+        return (
+            f"{error.llm_error} (not stored, the database failed too: {error}; "
+            f"record {error.qna.id} stays pending)"
+        )
+    return f"{error}{record_note(error)}"
 
 
 def record_note(error: StorageUnavailable | LLMError) -> str:
