@@ -163,14 +163,27 @@ def test_a_key_still_in_flight_waits_then_gives_409(
     assert len(uow.committed_records()) == 1
 
 
+@pytest.mark.parametrize(
+    ("asking_for_s", "in_flight_wait_s", "retry_after"),
+    [
+        # Over 120 s after it began, 90 s from now; a retry waits 10 s of that itself.
+        pytest.param(30, 10, 80, id="before-its-deadline"),
+        # Past its deadline, not yet abandoned: whatever it comes to, a retry learns.
+        pytest.param(125, 1, 0, id="past-its-deadline"),
+    ],
+)
 def test_a_409_says_when_the_asks_deadline_leaves_only_a_retrys_own_wait(
-    uow: FakeUnitOfWorkFactory, clock: FakeClock
+    uow: FakeUnitOfWorkFactory,
+    clock: FakeClock,
+    asking_for_s: int,
+    in_flight_wait_s: int,
+    retry_after: float,
 ) -> None:
     in_flight = QnA.ask("Slow?", model="fake-model", now=clock())
     in_flight.idempotency_key = "k"
     in_flight.request_fingerprint = _fingerprint_of("Slow?")
     uow.seed(in_flight)
-    clock.advance(timedelta(seconds=30))  # the first request has been asking for 30 s
+    clock.advance(timedelta(seconds=asking_for_s))  # the first request is still asking
     timer = FakeTimer()
     ask = AskQuestion(
         uow,
@@ -178,40 +191,14 @@ def test_a_409_says_when_the_asks_deadline_leaves_only_a_retrys_own_wait(
         clock=clock,
         timer=timer,
         sleep=Sleeper(timer),
-        in_flight_wait=timedelta(seconds=10),
+        in_flight_wait=timedelta(seconds=in_flight_wait_s),
         llm_deadline=timedelta(seconds=120),
     )
 
     with pytest.raises(IdempotencyKeyInFlight) as raised:
         ask("Slow?", idempotency_key="k")
 
-    # Over by 120 s after it began, 90 s from now; a retry waits 10 s of that itself.
-    assert raised.value.retry_after == 80
-
-
-def test_a_409_past_the_first_asks_deadline_says_retry_at_once(
-    uow: FakeUnitOfWorkFactory, clock: FakeClock
-) -> None:
-    in_flight = QnA.ask("Slow?", model="fake-model", now=clock())
-    in_flight.idempotency_key = "k"
-    in_flight.request_fingerprint = _fingerprint_of("Slow?")
-    uow.seed(in_flight)
-    clock.advance(timedelta(seconds=125))  # past its deadline, not yet abandoned
-    timer = FakeTimer()
-    ask = AskQuestion(
-        uow,
-        FakeLLM(),
-        clock=clock,
-        timer=timer,
-        sleep=Sleeper(timer),
-        in_flight_wait=timedelta(seconds=1),
-        llm_deadline=timedelta(seconds=120),
-    )
-
-    with pytest.raises(IdempotencyKeyInFlight) as raised:
-        ask("Slow?", idempotency_key="k")
-
-    assert raised.value.retry_after == 0
+    assert raised.value.retry_after == retry_after
 
 
 def _fingerprint_of(question: str) -> str | None:
