@@ -1034,6 +1034,26 @@ def test_an_llm_failure_is_mapped_and_stored_as_failed(
     assert (row["status"], row["error_kind"]) == ("failed", code)
 
 
+def test_an_llm_failure_the_database_would_not_store_says_both(
+    make_app: AppFactory, fake_openai: FakeOpenAI, outcomes_refused: str
+) -> None:
+    # The LLM failed, then storing that failed too: the LLM's failure is why there is
+    # no answer, and what a client acts on (as `qna ask` exits with its code); the
+    # database's is said too, or the message would not explain the pending record.
+    fake_openai.script(Status(429, headers={"Retry-After": "7"}))
+    client = make_app(outcomes_refused).test_client()
+
+    response = ask(client, QUESTION)
+
+    error = assert_error(response, 503, "llm_rate_limited")
+    assert response.headers["Retry-After"] == "7"
+    assert "No space left on device" in error["message"]
+    [row] = stored_rows(outcomes_refused)
+    assert row["status"] == "pending"  # until it is closed as abandoned
+    assert str(row["id"]) in error["message"]
+    assert "qna_id" not in error  # the record does not say what the error says
+
+
 def test_the_llm_secret_is_not_in_the_error(client: FlaskClient, fake_openai: FakeOpenAI) -> None:
     fake_openai.script(Status(401, body={"error": {"message": "Incorrect API key: sk-test"}}))
 

@@ -22,6 +22,7 @@ from qna.domain.errors import (
     LLMTimeout,
     LLMUnavailable,
     NotFound,
+    OutcomeNotStored,
     QnAError,
     StorageUnavailable,
 )
@@ -102,6 +103,11 @@ def database_retry_after(error: StorageUnavailable) -> dict[str, str]:
     return {"Retry-After": "5"} if error.retryable else {}
 
 
+def _count_database_error(error: StorageUnavailable) -> None:
+    metrics.DATABASE_ERRORS.inc()
+    log.warning("database unavailable", extra={"reason": error.message})
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(error: ApiError) -> Response:
@@ -109,12 +115,22 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(QnAError)
     def domain_error(error: QnAError) -> Response:
+        message = error.message
+        if isinstance(error, OutcomeNotStored) and error.llm_error is not None:
+            # The LLM failed, then storing that failed too: answered as the LLM's
+            # failure (why there is no answer, what a client acts on, as `qna ask`
+            # exits with its code), the database's failure said as well.
+            _count_database_error(error)
+            message = (
+                f"{error.llm_error.message} (not stored, the database failed too: "
+                f"{error.message}; record {error.qna.id} stays pending)"
+            )
+            error = error.llm_error
         status = next(code for cls, code in STATUS_BY_ERROR if isinstance(error, cls))
         headers: dict[str, str] = {}
         extra: dict[str, object] = {}
         if isinstance(error, StorageUnavailable):
-            metrics.DATABASE_ERRORS.inc()
-            log.warning("database unavailable", extra={"reason": error.message})
+            _count_database_error(error)
             headers.update(database_retry_after(error))
         if isinstance(error, IdempotencyKeyInFlight) and error.retry_after is not None:
             headers["Retry-After"] = retry_after_header(error.retry_after)
@@ -124,7 +140,7 @@ def register_error_handlers(app: Flask) -> None:
                 extra["qna_id"] = error.qna_id
             if status == 503:
                 headers["Retry-After"] = retry_after_header(error.retry_after or 1)
-        return error_response(status, error.code, error.message, headers, **extra)
+        return error_response(status, error.code, message, headers, **extra)
 
     @app.errorhandler(ConfigurationError)
     def configuration_error(error: ConfigurationError) -> Response:
