@@ -80,6 +80,14 @@ class OutcomeNotStored(StorageUnavailable):
         #: there is no answer, which this error's own message (the database's) is not.
         self.llm_error = llm_error
 
+    def both_failures(self, llm_error: LLMError) -> str:
+        """One message for `llm_error` and this error: the LLM's failure first (why
+        there is no answer), then the database's (why the record says pending)."""
+        return (
+            f"{llm_error.message} (not stored, the database failed too: {self.message}; "
+            f"record {self.qna.id} stays pending)"
+        )
+
 
 class LLMError(QnAError):
     """The LLM did not produce an answer. Subclasses say why."""

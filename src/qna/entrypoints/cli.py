@@ -204,12 +204,7 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
 def failure_message(error: StorageUnavailable | LLMError) -> str:
     """The error line of a failed ask or read: the error, and what became of the record."""
     if isinstance(error, OutcomeNotStored) and error.llm_error is not None:
-        # Two failures, one line: the LLM's first (why there is no answer), then the
-        # database's (why the record says pending, not failed).
-        return (
-            f"{error.llm_error} (not stored, the database failed too: {error}; "
-            f"record {error.qna.id} stays pending)"
-        )
+        return error.both_failures(error.llm_error)
     return f"{error}{record_note(error)}"
 
 

@@ -121,10 +121,7 @@ def register_error_handlers(app: Flask) -> None:
             # failure (why there is no answer, what a client acts on, as `qna ask`
             # exits with its code), the database's failure said as well.
             _count_database_error(error)
-            message = (
-                f"{error.llm_error.message} (not stored, the database failed too: "
-                f"{error.message}; record {error.qna.id} stays pending)"
-            )
+            message = error.both_failures(error.llm_error)
             error = error.llm_error
         status = next(code for cls, code in STATUS_BY_ERROR if isinstance(error, cls))
         headers: dict[str, str] = {}
