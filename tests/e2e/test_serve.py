@@ -72,17 +72,31 @@ class Server:
             connection.request(
                 method, path, body=body, headers=headers or {}, encode_chunked=chunked
             )
-            response = connection.getresponse()
-            return Reply(
-                response.status,
-                {name.lower(): value for name, value in response.getheaders()},
-                response.read(),
-            )
+            return _reply(connection.getresponse())
         finally:
             connection.close()
 
+    def connect(self) -> socket.socket:
+        """A raw connection, for requests no HTTP client would send (see `read_reply`)."""
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def read_reply(sock: socket.socket) -> Reply:
+    """The response to what a test wrote on a raw connection (`Server.connect`)."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return _reply(response)
+
+
+def _reply(response: http.client.HTTPResponse) -> Reply:
+    return Reply(
+        response.status,
+        {name.lower(): value for name, value in response.getheaders()},
+        response.read(),
+    )
 
 
 def qna_command() -> list[str]:
@@ -217,20 +231,18 @@ def test_a_body_declared_too_large_is_413_and_the_connection_closed(
     # Refused from its Content-Length, unread: kept open, the connection would make
     # gunicorn read and throw away what the client goes on sending (here 10 MB) before
     # the next request, or wait out the keep-alive for bytes that never come.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with server.connect() as sock:
         sock.sendall(
             b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
             b'Content-Length: 10000000\r\n\r\n{"question": "Too long?"'
         )
-        reply = http.client.HTTPResponse(sock)
-        reply.begin()
-        body = json.loads(reply.read())
+        reply = read_reply(sock)
         sock.settimeout(3)  # the keep-alive timeout is 5 s
         after = sock.recv(1024)
 
-    assert reply.status == 413, body
-    assert body["error"]["code"] == "payload_too_large"
-    assert reply.getheader("Connection") == "close", reply.getheaders()
+    assert reply.status == 413, reply.body
+    assert reply.json()["error"]["code"] == "payload_too_large"
+    assert reply.headers.get("connection") == "close", reply.headers
     assert after == b"", after
     assert fake_openai.calls == 0
 
@@ -238,15 +250,13 @@ def test_a_body_declared_too_large_is_413_and_the_connection_closed(
 def test_a_malformed_chunked_body_is_400_not_a_server_error(
     server: Server, fake_openai: FakeOpenAI
 ) -> None:
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with server.connect() as sock:
         sock.sendall(MALFORMED_CHUNKED_ASK)
-        reply = http.client.HTTPResponse(sock)
-        reply.begin()
-        body = json.loads(reply.read())
+        reply = read_reply(sock)
 
-    assert reply.status == 400, body
-    assert body["error"]["code"] == "bad_request"
-    assert set(body) == {"error"}
+    assert reply.status == 400, reply.body
+    assert reply.json()["error"]["code"] == "bad_request"
+    assert set(reply.json()) == {"error"}
     assert fake_openai.calls == 0
     assert "Traceback" not in server.output()
     assert "unhandled error" not in server.output()
@@ -259,15 +269,13 @@ def test_after_a_malformed_chunked_body_the_response_says_connection_close(
     # Where the next request starts is unknown after a broken body, so gunicorn closes
     # the connection; a response saying keep-alive made a client (or a proxy's pool)
     # send its next request into a connection that was going away.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with server.connect() as sock:
         sock.sendall(MALFORMED_CHUNKED_ASK)
-        reply = http.client.HTTPResponse(sock)
-        reply.begin()
-        reply.read()
+        reply = read_reply(sock)
         after = sock.recv(1024)
 
     assert reply.status == 400
-    assert reply.getheader("Connection") == "close", reply.getheaders()
+    assert reply.headers.get("connection") == "close", reply.headers
     assert after == b"", after  # closed, and no second response to the leftover bytes
 
 
@@ -287,17 +295,15 @@ def test_after_a_malformed_chunked_body_the_response_says_connection_close(
 def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
     server: Server, request_bytes: bytes, status: int, code: str
 ) -> None:
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with server.connect() as sock:
         sock.sendall(request_bytes)
-        reply = http.client.HTTPResponse(sock)
-        reply.begin()
-        body = json.loads(reply.read())
+        reply = read_reply(sock)
 
-    assert reply.status == status, body
-    assert reply.getheader("Content-Type") == "application/json"
-    assert body["error"]["code"] == code
+    assert reply.status == status, reply.body
+    assert reply.headers.get("content-type") == "application/json"
+    assert reply.json()["error"]["code"] == code
     # The README: every response carries X-Request-ID.
-    assert re.fullmatch(r"[0-9a-f]{32}", reply.getheader("X-Request-ID") or ""), reply.getheaders()
+    assert re.fullmatch(r"[0-9a-f]{32}", reply.headers.get("x-request-id", "")), reply.headers
 
 
 def test_a_body_cut_short_of_its_content_length_is_not_asked(
@@ -305,18 +311,16 @@ def test_a_body_cut_short_of_its_content_length_is_not_asked(
 ) -> None:
     # The client declares 100 bytes, sends a complete-looking JSON object of 23, and
     # stops sending: the request never arrived whole, so nothing may be asked or stored.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with server.connect() as sock:
         sock.sendall(
             b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
             b'Content-Length: 100\r\n\r\n{"question":"cut short"}'
         )
         sock.shutdown(socket.SHUT_WR)
-        reply = http.client.HTTPResponse(sock)
-        reply.begin()
-        body = json.loads(reply.read())
+        reply = read_reply(sock)
 
-    assert reply.status == 400, body
-    assert body["error"]["code"] == "bad_request"
+    assert reply.status == 400, reply.body
+    assert reply.json()["error"]["code"] == "bad_request"
     assert fake_openai.calls == 0
     # The server's database may hold other tests' records, never this one.
     history = server.request("GET", "/questions?limit=100").json()["items"]
