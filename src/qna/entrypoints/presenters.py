@@ -98,6 +98,14 @@ class ErrorResponse(BaseModel):
     """Every error, on every route."""
 
     error: ErrorInfo
+    record: QnAOut | None = Field(
+        None,
+        description="Only when the LLM answered (or failed) but the database would not "
+        "store the outcome: the record as the ask left it, in the shape GET "
+        "/questions/{id} gives, so that an answer already paid for still reaches the "
+        "asker. The stored record stays pending until it is closed as abandoned. "
+        "Omitted otherwise.",
+    )
 
 
 class Health(BaseModel):

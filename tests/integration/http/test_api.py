@@ -31,6 +31,7 @@ from werkzeug.test import TestResponse
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
 from qna.config import ConfigurationError
+from qna.entrypoints.presenters import QnAOut
 from tests.integration.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
 from tests.support.databases import (
     BROKEN_SQLITE_FILES,
@@ -63,8 +64,11 @@ def post_raw(
     return client.post("/ask", data=body, headers=headers, **kw)
 
 
-def assert_error(response: TestResponse, status: int, code: str) -> dict[str, Any]:
-    """The one error contract: JSON `{"error": {"code", "message"[, "qna_id"]}}`."""
+def assert_error(
+    response: TestResponse, status: int, code: str, *, record: bool = False
+) -> dict[str, Any]:
+    """The one error contract: JSON `{"error": {"code", "message"[, "qna_id"]}}`, and
+    a "record" beside it only where one is expected (an outcome the database refused)."""
     raw = response.get_data(as_text=True)
     assert response.status_code == status, raw
     assert response.mimetype == "application/json", response.content_type
@@ -72,7 +76,7 @@ def assert_error(response: TestResponse, status: int, code: str) -> dict[str, An
     assert "<html" not in raw.lower()
     body = response.get_json()
     assert isinstance(body, dict)
-    assert set(body) == {"error"}, body
+    assert set(body) == ({"error", "record"} if record else {"error"}), body
     error = body["error"]
     assert {"code", "message"} <= set(error) <= {"code", "message", "qna_id"}, error
     assert isinstance(error["code"], str)
@@ -80,6 +84,21 @@ def assert_error(response: TestResponse, status: int, code: str) -> dict[str, An
     assert error["message"]
     assert error["code"] == code, error
     return dict(error)
+
+
+def assert_documented_error_body(app: Flask, response: TestResponse) -> None:
+    """The body of an error of POST /ask is what the app's OpenAPI document says it is
+    (schemathesis cannot make the database refuse an outcome, so it never sees one)."""
+    document = app.test_client().get("/openapi.json").get_json()
+    documented = document["paths"]["/ask"]["post"]["responses"][str(response.status_code)]
+    schema = {
+        **documented["content"]["application/json"]["schema"],
+        "components": document["components"],
+    }
+    body = response.get_json()
+    jsonschema_rs.validator_for(schema).validate(body)
+    # Declared, not merely let through (the schema does not forbid other members).
+    assert set(body) <= set(document["components"]["schemas"]["ErrorResponse"]["properties"])
 
 
 def stored_rows(database_url: str) -> list[dict[str, Any]]:
@@ -1041,17 +1060,51 @@ def test_an_llm_failure_the_database_would_not_store_says_both(
     # no answer, and what a client acts on (as `qna ask` exits with its code); the
     # database's is said too, or the message would not explain the pending record.
     fake_openai.script(Status(429, headers={"Retry-After": "7"}))
-    client = make_app(outcomes_refused).test_client()
+    app = make_app(outcomes_refused)
+    client = app.test_client()
 
     response = ask(client, QUESTION)
 
-    error = assert_error(response, 503, "llm_rate_limited")
+    error = assert_error(response, 503, "llm_rate_limited", record=True)
     assert response.headers["Retry-After"] == "7"
     assert "No space left on device" in error["message"]
     [row] = stored_rows(outcomes_refused)
     assert row["status"] == "pending"  # until it is closed as abandoned
     assert str(row["id"]) in error["message"]
     assert "qna_id" not in error  # the record does not say what the error says
+    # The failed record the database would not take, as GET /questions/<id> shows one.
+    record = response.get_json()["record"]
+    assert record["id"] == str(row["id"])
+    assert (record["status"], record["answer"]) == ("failed", None)
+    assert record["error"]["code"] == "llm_rate_limited"
+    assert_documented_error_body(app, response)
+
+
+def test_an_answer_the_database_would_not_store_reaches_the_asker(
+    make_app: AppFactory, fake_openai: FakeOpenAI, outcomes_refused: str
+) -> None:
+    # The LLM answered, and was paid for: the answer travels with the 503, as `qna ask`
+    # prints it and `client.ask` raises it on OutcomeNotStored.qna.
+    app = make_app(outcomes_refused)
+    client = app.test_client()
+
+    response = ask(client, QUESTION)
+
+    error = assert_error(response, 503, "database_unavailable", record=True)
+    assert response.headers["Retry-After"] == "5"
+    assert "No space left on device" in error["message"]
+    assert "qna_id" not in error
+    [row] = stored_rows(outcomes_refused)
+    assert row["status"] == "pending"  # until it is closed as abandoned
+    record = response.get_json()["record"]
+    assert record["id"] == str(row["id"])
+    assert (record["status"], record["answer"]) == ("answered", DEFAULT_ANSWER)
+    assert record["question"] == QUESTION
+    # The shape of every other record: no field left out, nulls kept.
+    assert set(record) == set(QnAOut.model_fields)
+    assert (record["error"], record["source_id"]) == (None, None)
+    assert fake_openai.calls == 1
+    assert_documented_error_body(app, response)
 
 
 def test_the_llm_secret_is_not_in_the_error(client: FlaskClient, fake_openai: FakeOpenAI) -> None:

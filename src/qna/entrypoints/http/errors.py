@@ -26,8 +26,9 @@ from qna.domain.errors import (
     QnAError,
     StorageUnavailable,
 )
+from qna.domain.model import QnA
 from qna.entrypoints.http import metrics
-from qna.entrypoints.presenters import ErrorInfo, ErrorResponse
+from qna.entrypoints.presenters import ErrorInfo, qna_to_dict
 
 log = logging.getLogger("qna.http")
 
@@ -80,12 +81,21 @@ HTTP_CODES = {
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: object
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    record: QnA | None = None,
+    **extra: object,
 ) -> Response:
-    body = ErrorResponse(
-        error=ErrorInfo.model_validate({"code": code, "message": message, **extra})
-    )
-    response = jsonify(body.model_dump(mode="json", exclude_none=True))
+    error = ErrorInfo.model_validate({"code": code, "message": message, **extra})
+    body: dict[str, object] = {"error": error.model_dump(mode="json", exclude_none=True)}
+    if record is not None:
+        # Dumped on its own: the error leaves out what it lacks, a record keeps its
+        # nulls, as every other response that carries one does.
+        body["record"] = qna_to_dict(record)
+    response = jsonify(body)
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value
@@ -116,6 +126,8 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(QnAError)
     def domain_error(error: QnAError) -> Response:
         message = error.message
+        # The outcome the database would not take reaches the asker all the same.
+        record = error.qna if isinstance(error, OutcomeNotStored) else None
         if isinstance(error, OutcomeNotStored) and error.llm_error is not None:
             # The LLM failed, then storing that failed too: answered as the LLM's
             # failure (why there is no answer, what a client acts on, as `qna ask`
@@ -137,7 +149,7 @@ def register_error_handlers(app: Flask) -> None:
                 extra["qna_id"] = error.qna_id
             if status == 503:
                 headers["Retry-After"] = retry_after_header(error.retry_after or 1)
-        return error_response(status, error.code, message, headers, **extra)
+        return error_response(status, error.code, message, headers, record=record, **extra)
 
     @app.errorhandler(ConfigurationError)
     def configuration_error(error: ConfigurationError) -> Response:

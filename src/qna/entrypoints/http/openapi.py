@@ -30,6 +30,12 @@ def _json(model: type[BaseModel], description: str, **extra: Any) -> dict[str, A
     }
 
 
+# An LLM failure the database would not store either: answered as the LLM's error.
+FAILURE_NOT_STORED = (
+    "If the database would not store the failure either, the error has no qna_id, its "
+    'message says so, and the failed record is beside it, as "record".'
+)
+
 # What each error status means, and the `code`s it carries. A route whose errors of
 # one status differ from these (GET /questions's 400s are about its parameters, not a
 # question) passes its own text.
@@ -53,15 +59,19 @@ ERROR_TEXTS = {
     429: "Too many requests; see Retry-After (`rate_limited`).",
     500: "An unexpected error (`internal_error`).",
     502: "The LLM refused the request (`llm_refused`) or gave an unusable answer "
-    "(`llm_bad_response`); stored as failed, the error's qna_id names the record.",
+    "(`llm_bad_response`); stored as failed, the error's qna_id names the record. "
+    + FAILURE_NOT_STORED,
     503: "The LLM is unavailable (`llm_unavailable`) or rate-limited us "
     "(`llm_rate_limited`), or the database is unavailable (`database_unavailable`); "
     "see Retry-After, absent when waiting cannot help (a SQLite file that is not a "
-    "database, a schema migrated by a newer qna). An application embedded without "
+    "database, a schema migrated by a newer qna). When the LLM answered but the database "
+    "would not store the answer, the 503 `database_unavailable` carries the answered "
+    'record beside the error, as "record" (the stored one stays pending until it is '
+    "closed as abandoned). " + FAILURE_NOT_STORED + " An application embedded without "
     "OPENAI_API_KEY or OPENAI_BASE_URL answers `misconfigured` (`qna serve` refuses to "
     "start without them).",
     504: "The LLM did not answer in time (`llm_timeout`); stored as failed, the error's qna_id "
-    "names the record.",
+    "names the record. " + FAILURE_NOT_STORED,
 }
 DATABASE_UNAVAILABLE = (
     "The database is unavailable (`database_unavailable`); see Retry-After, absent when "
