@@ -1395,23 +1395,41 @@ def test_over_the_rate_limit_is_429_with_retry_after(
         assert client.get("/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
+def test_the_description_of_the_api_spends_no_rate_budget(
+    make_app: AppFactory, database_url: str, path: str
+) -> None:
+    # A client (or a browser on /docs, which fetches /openapi.json too) reading how to
+    # call the API must not use up what it may call it with.
+    for tokens, headers in ((None, {}), (TOKENS, BEARER_A)):
+        client = make_app(database_url, api_tokens=tokens, rate_limit="2/minute").test_client()
+        for _ in range(3):
+            response = client.get(path, headers=headers)
+            assert response.status_code == 200
+            assert "X-RateLimit-Remaining" not in response.headers
+
+        created(ask(client, QUESTION, headers=headers))
+        created(ask(client, QUESTION, headers=headers))
+        assert_error(ask(client, QUESTION, headers=headers), 429, "rate_limited")
+
+
 def test_a_429s_retry_after_is_at_least_the_wait(make_app: AppFactory) -> None:
-    # No database needed: /openapi.json is counted against the budget and reads none.
+    # No database needed: /metrics is counted against the budget and reads none.
     client = make_app(UNREACHABLE_DATABASE, rate_limit="1/second").test_client()
     # The window opens half-way through a second and is hit again just after the next
     # second begins, 0.3 s before it closes: the limiter's whole-second arithmetic
     # said "Retry-After: 0" there, and a client honouring it was refused at once.
     time.sleep(1.5 - time.time() % 1)
-    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/metrics").status_code == 200
     time.sleep(1.15 - time.time() % 1)
 
-    refused = client.get("/openapi.json")
+    refused = client.get("/metrics")
 
     assert_error(refused, 429, "rate_limited")
     wait = int(refused.headers["Retry-After"])
     assert wait >= 1
     time.sleep(wait)
-    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/metrics").status_code == 200
 
 
 def test_a_rate_limit_leaves_the_retry_after_of_a_503_alone(

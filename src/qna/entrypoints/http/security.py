@@ -14,8 +14,9 @@ from qna.entrypoints.http.errors import ApiError, retry_after_header
 
 # Open without a token: probes, and the description of the API itself.
 PUBLIC_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz", "qna.docs", "qna.openapi_json"})
-# Never rate-limited: orchestrators poll these.
-UNLIMITED_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz"})
+# Never rate-limited: orchestrators poll the probes, and reading how to call the API
+# (/docs fetches /openapi.json on every load) must not use up the budget for calling it.
+UNLIMITED_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz", "qna.docs", "qna.openapi_json"})
 
 
 def _is_options() -> bool:
