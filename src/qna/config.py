@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -59,6 +60,45 @@ def _http_url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "it names no host"
     return None
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_NAME = re.compile(r"[a-z0-9._-]+")
+
+
+def _origin(text: str) -> str:
+    """`text` as a browser writes it in an Origin header (scheme://host[:port], lower
+    case, no default port), or ValueError saying why it is not an origin."""
+    if text == "*":
+        return text
+    problem = _http_url_problem(text)
+    if problem:  # not quoted: it may hold control characters
+        raise ValueError(f"an entry is not an origin ({problem}); expected e.g. {_ORIGIN_EXAMPLE}")
+    parts = urlsplit(text)
+    shown = text[:100]
+    after_scheme = text.split("://", 1)[1] if "://" in text else text
+    if any(char in after_scheme for char in "/?#"):
+        # Browsers send none, not even "/": such an entry would never match.
+        raise ValueError(
+            f"{shown} has a path, query or fragment; an origin is scheme://host[:port], "
+            f"e.g. {_ORIGIN_EXAMPLE}"
+        )
+    if "@" in parts.netloc:
+        raise ValueError(f"{shown} has user information; an origin is scheme://host[:port]")
+    host = parts.hostname or ""
+    if parts.netloc.startswith("["):
+        host = f"[{host}]"
+    elif not host.isascii():
+        raise ValueError(f"{shown}: write the host in its xn-- form, as browsers send it")
+    elif not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{shown} is not an exact origin (no patterns; * alone allows all)")
+    port = parts.port
+    if port is not None and port != _DEFAULT_PORTS[parts.scheme]:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}"
+
+
+_ORIGIN_EXAMPLE = "https://app.example.com"
 
 
 def _env(name: str) -> AliasChoices:
@@ -147,6 +187,7 @@ class Settings(BaseSettings):
     api_tokens: SecretStr | None = Field(None, validation_alias=_env("QNA_API_TOKENS"))
     rate_limit: str = Field("", validation_alias=_env("QNA_RATE_LIMIT"))
     rate_limit_storage: str = Field("memory://", validation_alias=_env("QNA_RATE_LIMIT_STORAGE"))
+    cors_origins: str = Field("", validation_alias=_env("QNA_CORS_ORIGINS"))
     log_level: str = Field("INFO", validation_alias=_env("QNA_LOG_LEVEL"))
 
     @field_validator("log_level", mode="before")
@@ -220,6 +261,19 @@ class Settings(BaseSettings):
         if driver is not None and importlib.util.find_spec(driver) is None:
             raise ValueError(f"{scheme}:// needs the {driver} package: pip install {driver}")
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: str) -> str:
+        if not value.strip():
+            return ""
+        origins = [_origin(item.strip()) for item in value.split(",") if item.strip()]
+        # Set to open the API to a front-end: a value that lists none is a slip.
+        if not origins:
+            raise ValueError(f"lists no origin; expected e.g. {_ORIGIN_EXAMPLE}, or *")
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("* allows every origin: give it alone, or list exact origins")
+        return ",".join(dict.fromkeys(origins))
 
     @field_validator("openai_base_url")
     @classmethod
@@ -308,6 +362,11 @@ class Settings(BaseSettings):
     @property
     def tokens(self) -> list[str]:
         return _split_tokens(self.api_tokens) if self.api_tokens is not None else []
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """The origins a browser may call the API from: exact origins, or ["*"]."""
+        return self.cors_origins.split(",") if self.cors_origins else []
 
     @property
     def abandon_after_s(self) -> float:

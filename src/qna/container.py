@@ -174,6 +174,7 @@ def create_container(settings: Settings | None = None) -> Container:
     values["database_url"] = settings.effective_database_url
     values["abandon_after_s"] = settings.abandon_after_s
     values["api_tokens"] = settings.tokens
+    values["cors_origins"] = settings.cors_origin_list
     values["openai_api_key"] = (
         settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     )

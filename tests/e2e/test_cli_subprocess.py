@@ -193,6 +193,18 @@ def test_serve_refuses_a_rate_limit_storage_it_cannot_use(env: dict[str, str]) -
     assert "QNA_RATE_LIMIT_STORAGE" in error_line(completed.stderr)
 
 
+def test_serve_refuses_a_cors_origin_that_is_not_one(env: dict[str, str]) -> None:
+    # With a path, a browser's Origin never matches it: the front-end would be refused
+    # with nothing said on the server's side.
+    env = {**env, "QNA_CORS_ORIGINS": "https://app.example.com/app"}
+
+    completed = run("serve", "--port", "0", "--workers", "1", env=env)
+
+    assert completed.returncode == 3
+    assert completed.stderr.count("\n") == 1, completed.stderr
+    assert "QNA_CORS_ORIGINS" in error_line(completed.stderr)
+
+
 def test_serve_on_a_port_in_use_is_one_line_and_exit_12(env: dict[str, str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

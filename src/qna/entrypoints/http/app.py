@@ -14,6 +14,7 @@ from qna.application.ports import UnitOfWork
 from qna.config import Settings
 from qna.container import Container, create_container, upgrade_database, warm_up
 from qna.entrypoints.http import views
+from qna.entrypoints.http.cors import install_cors
 from qna.entrypoints.http.errors import register_error_handlers
 from qna.entrypoints.http.openapi import openapi_document
 from qna.entrypoints.http.security import install_auth, install_rate_limit
@@ -64,6 +65,7 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     tokens: list[str] = container.config.api_tokens() or []
     install_auth(app, tokens)
     install_rate_limit(app, container.config.rate_limit(), container.config.rate_limit_storage())
+    install_cors(app, container.config.cors_origins() or [])
     _install_schema_guard(app, container)
     return app
 
