@@ -327,7 +327,8 @@ def test_the_servers_master_leaves_the_http_stack_to_its_workers(tmp_path: Path)
         "from qna.config import Settings\n"
         "from qna.entrypoints.http import server\n"
         "server.migrate_before_serving(Settings())\n"
-        "print(sorted(m for m in ('urllib3', 'openai', 'httpx2', 'httpcore2', 'httpx')"
+        "print(sorted(m for m in ('urllib3', 'openai', 'httpx2', 'httpcore2', 'httpx',"
+        " 'geventhttpclient')"
         " if m in sys.modules))\n"
     )
     env = {

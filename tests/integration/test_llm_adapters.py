@@ -1,6 +1,7 @@
-"""Both LLM adapters — OpenAILLM through the real SDK and HttpLLM through urllib3 — over
-real HTTP, against a local OpenAI-compatible server. Every test runs once per adapter:
-they must ask the same thing and report every failure in the same words.
+"""Both LLM adapters — OpenAILLM through the real SDK, HttpLLM through urllib3 and, as in
+`qna serve`'s gevent workers, through green_http — over real HTTP, against a local
+OpenAI-compatible server. Every test runs once per adapter: they must ask the same thing
+and report every failure in the same words.
 
 Nothing in the SDK or urllib3 is patched: the fake server misbehaves on cue, and the
 adapter's sleep and clock are replaced so retries cost no time and deadlines are
@@ -12,12 +13,15 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from typing import Any
 
+import gevent
 import pytest
 
 from qna.adapters.chat_completions import ChatCompletionsLLM
@@ -81,11 +85,27 @@ def fake_time() -> FakeTime:
     return FakeTime()
 
 
+class GreenOpenAILLM(OpenAILLM):
+    """OpenAILLM as `qna serve`'s gevent workers build it (through green_transport).
+    gevent's sockets need no monkey-patching: they wait in this thread's gevent hub."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(green=True, **options)
+
+
+class GreenHttpLLM(HttpLLM):
+    """HttpLLM as `qna serve`'s gevent workers build it (through green_http)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(green=True, **options)
+
+
+GREEN_ADAPTERS = (GreenOpenAILLM, GreenHttpLLM)
 MakeLLM = Callable[..., ChatCompletionsLLM]
-ADAPTERS = [OpenAILLM, HttpLLM]
+ADAPTERS = [OpenAILLM, GreenOpenAILLM, HttpLLM, GreenHttpLLM]
 
 
-@pytest.fixture(params=ADAPTERS, ids=["sdk", "http"])
+@pytest.fixture(params=ADAPTERS, ids=["sdk", "sdk-green", "http", "http-green"])
 def adapter(request: pytest.FixtureRequest) -> type[ChatCompletionsLLM]:
     return request.param  # type: ignore[no-any-return]
 
@@ -186,7 +206,7 @@ def test_a_non_http_base_url_is_refused_at_once() -> None:
         HttpLLM(api_key="k", base_url="ftp://example.com/v1", model=MODEL)
 
 
-def test_the_answer_is_parsed_alike_by_both_adapters(fake: FakeOpenAI, fake_time: FakeTime) -> None:
+def test_the_answer_is_parsed_alike_by_every_adapter(fake: FakeOpenAI, fake_time: FakeTime) -> None:
     body = chat_completion(text="Oui.", model="m-1")
     body["usage"] = {"prompt_tokens": 3, "completion_tokens": True}  # a bool is no count
     answers = []
@@ -198,7 +218,7 @@ def test_the_answer_is_parsed_alike_by_both_adapters(fake: FakeOpenAI, fake_time
         finally:
             llm.close()
 
-    assert answers == [Completion(text="Oui.", model="m-1", prompt_tokens=3)] * 2
+    assert answers == [Completion(text="Oui.", model="m-1", prompt_tokens=3)] * len(ADAPTERS)
 
 
 def test_refuses_to_start_without_a_key_for_the_openai_api(
@@ -220,12 +240,15 @@ def test_serves_many_threads_at_once_with_one_instance(fake: FakeOpenAI, make_ll
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(30)]
     started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    if isinstance(llm, GREEN_ADAPTERS):  # its asks run in greenlets, as in gevent workers
+        gevent.joinall([gevent.spawn(ask, i) for i in range(30)])
+    else:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     assert errors == []
     assert len(results) == 30
@@ -612,7 +635,13 @@ def test_no_proxy_sends_straight_to_the_server(
 
 
 def _pooled_socket(llm: ChatCompletionsLLM, url: str) -> socket.socket:
-    """The socket of the connection the adapter's urllib3 pool keeps for `url`."""
+    """The socket of the connection the adapter's pool keeps for `url`."""
+    if isinstance(llm, GreenHttpLLM):
+        assert llm._green is not None
+        return llm._green._pool._socket_queue.peek(block=False)  # type: ignore[no-any-return]
+    if isinstance(llm, GreenOpenAILLM):
+        (server,) = llm._client._client._transport._servers.values()  # type: ignore[attr-defined]
+        return server._pool._socket_queue.peek(block=False)  # type: ignore[no-any-return]
     owner = llm._client._client._transport if isinstance(llm, OpenAILLM) else llm
     pool_manager = owner._pool  # type: ignore[union-attr]
     connection = pool_manager.connection_from_url(url)._get_conn()
@@ -633,3 +662,26 @@ def test_keeps_its_connection_with_tcp_keepalive_on(
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     if hasattr(socket, "TCP_KEEPIDLE"):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
+def test_both_clients_send_through_green_http_once_gevent_has_patched_the_process() -> None:
+    # As in `qna serve`'s gevent workers; elsewhere (the CLI, the library, threads) the
+    # urllib3 pool, which OS threads may share.
+    script = (
+        "from qna.adapters.http_llm import HttpLLM\n"
+        "from qna.adapters.openai_llm import OpenAILLM\n"
+        "def kinds():\n"
+        "    options = dict(api_key='k', base_url='http://127.0.0.1:9/v1', model='m')\n"
+        "    http, sdk = HttpLLM(**options), OpenAILLM(**options)\n"
+        "    return type(http._green).__name__, type(sdk._client._client._transport).__name__\n"
+        "before = kinds()\n"
+        "from gevent import monkey\n"
+        "monkey.patch_all()\n"
+        "print(*before, *kinds())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["NoneType", "Urllib3Transport", "GreenHttp", "GreenTransport"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any, TypeVar
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
@@ -72,3 +73,11 @@ def with_cheap_reuse_check(manager: Manager) -> Manager:
     above."""
     manager.pool_classes_by_scheme = {"http": _HTTPConnectionPool, "https": _HTTPSConnectionPool}
     return manager
+
+
+def under_gevent() -> bool:
+    """Whether gevent has patched this process's sockets, as in `qna serve`'s workers
+    (without importing gevent to find out): then the LLM clients send through
+    `green_http`, whose pool is gevent's."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))

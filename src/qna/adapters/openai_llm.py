@@ -15,7 +15,7 @@ import httpx2
 import openai
 
 from qna.adapters.chat_completions import ChatCompletionsLLM, Failure, Reply, error_message
-from qna.adapters.llm_pool import POOL_SIZE
+from qna.adapters.llm_pool import POOL_SIZE, under_gevent
 from qna.adapters.urllib3_transport import Urllib3Transport
 
 # Servers such as Ollama or vLLM want no key, but the SDK refuses to start without one.
@@ -25,9 +25,20 @@ _POOL_LIMITS = httpx2.Limits(max_connections=None, max_keepalive_connections=POO
 
 class OpenAILLM(ChatCompletionsLLM):
     """Chat completions through the SDK's client, which is thread-safe and pools
-    connections: one instance serves every thread of a process."""
+    connections: one instance serves every thread of a process.
 
-    def __init__(self, *, api_key: str | None, base_url: str | None, **options: Any) -> None:
+    `green`: send through `green_transport` (gevent's sockets) rather than urllib3,
+    when no proxy is set; by default, when gevent has patched the process.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        green: bool | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(api_key=api_key, base_url=base_url, **options)
         # One client for the adapter's life: it holds the HTTP connection pool, so asks
         # reuse warm connections. max_retries=0 because `complete` retries on its own,
@@ -38,7 +49,7 @@ class OpenAILLM(ChatCompletionsLLM):
             base_url=base_url,
             max_retries=0,
             timeout=openai.Timeout(self._request_timeout, connect=self._connect_timeout),
-            http_client=_http_client(),
+            http_client=_http_client(green if green is not None else under_gevent()),
         )
         self._set_where(str(self._client.base_url))
 
@@ -69,11 +80,15 @@ class OpenAILLM(ChatCompletionsLLM):
         return self._read_reply(response.content)
 
 
-def _http_client() -> httpx2.Client:
+def _http_client(green: bool) -> httpx2.Client:
     # The SDK keeps 100 idle connections; with more asks than that in flight, every
     # extra ask would open and close a TCP (and TLS) connection.
     if any(scheme in ("http", "https", "all") for scheme in urllib.request.getproxies()):
         # httpx reads proxies from the environment only when it makes the transport
         # itself; so with a proxy configured, it does (its own connection pool).
         return openai.DefaultHttpxClient(limits=_POOL_LIMITS)
+    if green:
+        from qna.adapters.green_transport import GreenTransport
+
+        return openai.DefaultHttpxClient(transport=GreenTransport())
     return openai.DefaultHttpxClient(transport=Urllib3Transport())

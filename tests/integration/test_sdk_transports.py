@@ -1,5 +1,7 @@
-"""The SDK's urllib3 transport, over real sockets, where it could differ from httpx's own:
-odd bytes on the wire, requests it cannot send, timeouts, and what the SDK reads back.
+"""The SDK's transports (urllib3's, and green_transport as in gevent workers) and the
+http client's two ways of sending, over real sockets, where they could differ from
+httpx's own: odd bytes on the wire, requests they cannot send, timeouts, and what the
+SDK reads back.
 
 A raw socket server stands in for the LLM here: the scriptable fake (aiohttp) cannot send
 a header with a non-ASCII byte, nor sit on a request without reading it.
@@ -17,6 +19,7 @@ import openai
 import pytest
 
 from qna.adapters import openai_llm
+from qna.adapters.green_transport import GreenTransport
 from qna.adapters.http_llm import HttpLLM
 from qna.adapters.openai_llm import OpenAILLM
 from qna.adapters.urllib3_transport import Urllib3Transport
@@ -109,9 +112,19 @@ def raw_server() -> Iterator[Callable[..., RawServer]]:
         server.close()
 
 
+TRANSPORTS = [Urllib3Transport, GreenTransport]
+#: Whether the adapters send through green_http, as in gevent workers, or urllib3.
+GREEN = pytest.mark.parametrize("green", [False, True], ids=["urllib3", "green"])
+
+
+@pytest.fixture(params=TRANSPORTS, ids=["urllib3", "green"])
+def transport(request: pytest.FixtureRequest) -> type[httpx2.BaseTransport]:
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture
-def http_client() -> Iterator[httpx2.Client]:
-    client = httpx2.Client(transport=Urllib3Transport(max_connections=4))
+def http_client(transport: Callable[..., httpx2.BaseTransport]) -> Iterator[httpx2.Client]:
+    client = httpx2.Client(transport=transport(max_connections=4))
     yield client
     client.close()
 
@@ -147,11 +160,13 @@ def test_a_kept_connection_the_server_closed_is_not_reused(
     assert len(server.heads) == 2
 
 
+@GREEN
 def test_the_http_client_does_not_reuse_a_connection_the_server_closed(
-    raw_server: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer], green: bool
 ) -> None:
     server = raw_server(close_after=True)
     llm = HttpLLM(
+        green=green,
         api_key="sk-test",
         base_url=server.url,
         model="m",
@@ -168,27 +183,33 @@ def test_the_http_client_does_not_reuse_a_connection_the_server_closed(
 
 @pytest.mark.usefixtures("proxy_env")
 def test_the_sdk_sends_through_it_when_no_proxy_is_set() -> None:
-    client = openai_llm._http_client()
+    client = openai_llm._http_client(green=False)
     try:
         assert isinstance(client._transport, Urllib3Transport)
     finally:
         client.close()
 
 
-def test_a_header_with_any_byte_in_it_is_read(raw_server: Callable[..., RawServer]) -> None:
+@GREEN
+def test_a_header_with_any_byte_in_it_is_read(
+    raw_server: Callable[..., RawServer], green: bool
+) -> None:
     server = raw_server(extra_headers=b"X-Served-By: caf\xc3\xa9\r\n")
 
-    assert make_llm(server.url).complete("Hi?").text == "hi"
+    assert make_llm(server.url, green=green).complete("Hi?").text == "hi"
 
 
+@pytest.mark.parametrize("adapter", [OpenAILLM, HttpLLM])
+@GREEN
 def test_a_key_that_cannot_be_sent_is_a_failure_to_reach_the_llm(
-    raw_server: Callable[..., RawServer],
+    raw_server: Callable[..., RawServer], adapter: type[OpenAILLM | HttpLLM], green: bool
 ) -> None:
     # Not "answered with a bad body": nothing was sent, let alone answered.
     server = raw_server()
+    llm = adapter(api_key="sk-test\n", base_url=server.url, model="m", green=green)
 
     with pytest.raises(LLMUnavailable):
-        make_llm(server.url, api_key="sk-test\n").complete("Hi?")
+        llm.complete("Hi?")
     assert server.heads == []
 
 
@@ -213,14 +234,16 @@ def test_the_response_is_timed(
     assert response.json()["id"] == "chatcmpl-raw"
 
 
-def test_a_send_that_times_out_is_a_timeout(raw_server: Callable[..., RawServer]) -> None:
+def test_a_send_that_times_out_is_a_timeout(
+    raw_server: Callable[..., RawServer], transport: Callable[..., httpx2.BaseTransport]
+) -> None:
     # The server never reads: 8 MB fill every buffer on the way, and sending stalls.
     server = raw_server(read=False)
     client = openai.OpenAI(
         api_key="sk-test",
         base_url=server.url,
         max_retries=0,
-        http_client=httpx2.Client(transport=Urllib3Transport(max_connections=4)),
+        http_client=httpx2.Client(transport=transport(max_connections=4)),
     )
 
     with pytest.raises(openai.APITimeoutError):
