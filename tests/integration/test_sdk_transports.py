@@ -19,12 +19,15 @@ import openai
 import pytest
 
 from qna.adapters import openai_llm
+from qna.adapters.green_http import ExchangeFailed, GreenHttp
 from qna.adapters.green_transport import GreenTransport
 from qna.adapters.http_llm import HttpLLM
 from qna.adapters.openai_llm import OpenAILLM
 from qna.adapters.urllib3_transport import Urllib3Transport
 from qna.domain.errors import LLMUnavailable
+from tests.support.fake_openai import Delay, Drop, FakeOpenAI
 
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi?"}]}).encode()
 BODY = json.dumps(
     {
         "id": "chatcmpl-raw",
@@ -253,3 +256,28 @@ def test_a_send_that_times_out_is_a_timeout(
             timeout=openai.Timeout(3.0, connect=0.5),
         )
     client.close()
+
+
+def test_green_http_gives_back_the_connection_of_every_failed_exchange() -> None:
+    # Two connections at most: had a timed-out or dropped exchange kept its place in the
+    # pool, the last requests would wait for a connection until they timed out.
+    with FakeOpenAI() as fake:
+        server = GreenHttp("http", "127.0.0.1", fake.port, connect_timeout=1.0, pool_size=2)
+        fake.script(Delay(5), Delay(5), Drop(), Drop())
+
+        def ask(timeout: float = 5.0) -> int:
+            headers = [("Content-Type", "application/json")]
+            return server.request("POST", "/v1/chat/completions", headers, CHAT, timeout).status
+
+        try:
+            for _ in range(2):
+                with pytest.raises(TimeoutError):
+                    ask(timeout=0.3)
+            for _ in range(2):
+                with pytest.raises(ExchangeFailed):
+                    ask()
+            statuses = [ask() for _ in range(3)]
+        finally:
+            server.close()
+
+    assert statuses == [200] * 3
