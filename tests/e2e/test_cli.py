@@ -309,6 +309,60 @@ def test_an_error_message_from_the_llm_is_shown_escaped(fake: FakeOpenAI) -> Non
     assert "\x1b" not in line
 
 
+# The bidirectional embedding, override and isolate controls (U+202A-U+202E,
+# U+2066-U+2069) reorder what a terminal shows after them: "Trojan Source". Hebrew and
+# Arabic letters, and the plain marks LRM, RLM and ALM, reorder nothing and are text.
+BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+HEBREW = "\u05e9\u05dc\u05d5\u05dd"  # shalom
+ARABIC = "\u0645\u0631\u062d\u0628\u0627"  # marhaban
+MARKS = "\u200e\u200f\u061c"  # LRM, RLM, ALM
+BIDI = (
+    f"Pay \u202e0001$\u202c now; \u2067{HEBREW}\u2069 \u202b{ARABIC}\u202c {MARKS} " + BIDI_CONTROLS
+)
+BIDI_SHOWN = (
+    f"Pay \\u202e0001$\\u202c now; \\u2067{HEBREW}\\u2069 \\u202b{ARABIC}\\u202c {MARKS} "
+    "\\u202a\\u202b\\u202c\\u202d\\u202e\\u2066\\u2067\\u2068\\u2069"
+)
+
+
+def test_ask_shows_the_bidi_controls_of_an_answer_escaped(fake: FakeOpenAI) -> None:
+    fake.script(Reply(text=BIDI))
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes == (BIDI_SHOWN + "\n").encode()
+    [item] = qna_json("history")["items"]
+    assert item["answer"] == BIDI
+
+
+def test_history_and_show_escape_the_bidi_controls_of_a_question(fake: FakeOpenAI) -> None:
+    # A question may hold them (they are not control characters to refuse), so an
+    # asker can plant them in the history that someone else reads.
+    question = f"Is {BIDI}?"
+    asked = qna_json("ask", question)
+
+    show = qna("show", asked["id"])
+    history = qna("history")
+
+    assert f"question: Is {BIDI_SHOWN}?\n" in show.stdout
+    assert f"Is Pay \\u202e0001$\\u202c now; \\u2067{HEBREW}\\u2069" in history.stdout
+    for output in (show.stdout, history.stdout):
+        assert not any(char in output for char in BIDI_CONTROLS)
+    assert qna_json("show", asked["id"])["question"] == question
+
+
+@pytest.mark.usefixtures("one_attempt")
+def test_an_error_message_from_the_llm_shows_its_bidi_controls_escaped(fake: FakeOpenAI) -> None:
+    fake.script(Status(500, body={"error": {"message": f"Overloaded {BIDI}"}}))
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 7
+    line = error_line(result.stderr)
+    assert f"Overloaded {BIDI_SHOWN}" in line
+
+
 # -- history and show ----------------------------------------------------------------------
 
 

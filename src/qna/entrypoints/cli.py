@@ -81,18 +81,30 @@ def exit_code_for(error: Exception) -> int:
     return EXIT_INTERNAL
 
 
-# Control characters (C0, DEL, C1) but newline, tab and the CR of a CRLF line end.
-_CONTROL_CHARACTERS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Control characters (C0, DEL, C1) but newline, tab and the CR of a CRLF line end; and
+# the bidirectional embedding, override and isolate controls (U+202A-U+202E,
+# U+2066-U+2069), which reorder what the terminal shows after them ("Trojan Source":
+# `\u202e` makes "0001$" read "$1000"). Right-to-left letters and the marks LRM, RLM
+# and ALM (U+200E, U+200F, U+061C) reorder nothing, and are left as they are.
+_CONTROL_CHARACTERS = re.compile(
+    r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def printable(text: str) -> str:
-    """`text` with its control characters shown escaped (ESC as `\\x1b`): what an LLM
-    wrote is for the terminal to show, not to obey (an escape sequence can retitle the
-    window, redraw the screen, set the clipboard).
+    """`text` with its control characters shown escaped (ESC as `\\x1b`, RLO as
+    `\\u202e`): what an LLM wrote is for the terminal to show, not to obey (an escape
+    sequence can retitle the window, redraw the screen, set the clipboard; a bidi
+    override can make the text read otherwise than it is).
 
     On a terminal or not: piped text reaches one too (`| less -R`, `cat` of a file),
     and the output should not depend on where it goes. `--json` is the exact text."""
-    return _CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    return _CONTROL_CHARACTERS.sub(_escaped, text)
 
 
 def error_line(message: str) -> str:
@@ -319,7 +331,8 @@ def cli(ctx: click.Context) -> None:
     table): OPENAI_API_KEY, OPENAI_BASE_URL, QNA_MODEL, DATABASE_URL, ...
     Without DATABASE_URL, records go to an embedded SQLite file.
 
-    Text output shows control characters escaped (ESC as \\x1b); --json is exact.
+    Text output shows control characters escaped (ESC as \\x1b), and the bidi
+    controls that reorder text (RLO as \\u202e); --json is exact.
     """
     app = AppContext()
     ctx.obj = app
