@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 if TYPE_CHECKING:
@@ -18,6 +18,17 @@ class QnAError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle's default remakes an exception by calling its class with `args` alone,
+        # which a subclass that takes more (OutcomeNotStored's record) refuses: a
+        # ProcessPoolExecutor then reports a broken pool instead of the error. So it is
+        # remade without __init__, from its args (the same str()) and its attributes.
+        return (_unpickle, (type(self), self.args), self.__dict__)
+
+
+def _unpickle(cls: type[QnAError], args: tuple[Any, ...]) -> QnAError:
+    return cls.__new__(cls, *args)
 
 
 class InvalidQuestion(QnAError):
