@@ -6,6 +6,7 @@ real OpenAI-compatible HTTP server (`FakeOpenAI`); only the process boundary is 
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import os
 import sys
@@ -1121,6 +1122,33 @@ def test_qna_alone_shows_the_help() -> None:
 
     assert result.exit_code == 2
     assert "Commands:" in result.stderr
+
+
+class InterruptedImport(importlib.abc.MetaPathFinder):
+    """Ctrl-C while Python imports the module `name`, each time it is imported."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname == self.name:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.usefixtures("fake")
+def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A command loads the container's imports when it first needs them, a second or
+    # more on a busy machine: Ctrl-C lands there easily. The module it interrupted is
+    # half-made, and importing it again on the way out ended in a traceback.
+    monkeypatch.delitem(sys.modules, "qna.container", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport("qna.container"), *sys.meta_path])
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 130
+    assert error_line(result.stderr) == "qna: error: interrupted"
 
 
 def test_serve_without_an_llm_setting_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:

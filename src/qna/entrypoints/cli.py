@@ -248,10 +248,13 @@ class AppContext:
         return self._container
 
     def close(self) -> None:
+        # Nothing to import when nothing was built: a Ctrl-C that interrupted the
+        # container's imports left them half-made, and importing again would fail.
+        if self._container is None:
+            return
         from qna.container import shutdown
 
-        if self._container is not None:
-            shutdown(self._container)
+        shutdown(self._container)
 
 
 pass_app = click.make_pass_decorator(AppContext)
