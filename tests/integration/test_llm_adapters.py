@@ -487,6 +487,42 @@ def test_a_closed_port_makes_the_llm_unavailable(
     assert len(fake_time.sleeps) == 1
 
 
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose connections the kernel completes and nobody ever answers."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+def test_a_connection_that_never_completes_says_so_not_the_request_timeout(
+    make_llm: MakeLLM, silent_port: int
+) -> None:
+    # An https:// URL to a server that never answers the TLS handshake (a plain-HTTP
+    # port, a middlebox): connecting runs out of its 0.2 s, not of the 5 s a request
+    # may take, and "did not answer within 5 s" sent the reader after a slow model.
+    url = f"https://127.0.0.1:{silent_port}/v1"
+    llm = make_llm(base_url=url, connect_timeout=0.2, request_timeout=5.0, max_attempts=2)
+
+    with pytest.raises(LLMTimeout) as caught:
+        llm.complete("Q?")
+
+    assert caught.value.message == (
+        f"The LLM at {url} could not be connected to within 0.2 s after 2 attempts."
+    )
+
+
+def test_a_server_that_takes_the_request_and_stays_silent_did_not_answer(
+    make_llm: MakeLLM, silent_port: int
+) -> None:
+    url = f"http://127.0.0.1:{silent_port}/v1"
+    llm = make_llm(base_url=url, connect_timeout=0.2, request_timeout=0.5, max_attempts=1)
+
+    with pytest.raises(LLMTimeout) as caught:
+        llm.complete("Q?")
+
+    assert caught.value.message == f"The LLM at {url} did not answer within 0.5 s."
+
+
 def test_credentials_in_the_base_url_stay_out_of_messages(
     make_llm: MakeLLM, closed_port_url: str
 ) -> None:

@@ -160,8 +160,19 @@ class ChatCompletionsLLM(ABC):
 
     # -- for the adapters ------------------------------------------------------------------
 
-    def _timed_out(self, timeout: float, cause: BaseException) -> Failure:
-        what = f"did not answer within {timeout:.3g} s"
+    def _timed_out(
+        self, timeout: float, connect_timeout: float, started: float, cause: BaseException
+    ) -> Failure:
+        """An attempt begun at `started` (time.monotonic) that ran out of time."""
+        # Which limit ran out, the exception does not say reliably: urllib3 reports a
+        # TLS handshake that never completes as a *read* timeout. The time waited does:
+        # a read times out only after `timeout` s of silence, so an attempt that ended
+        # sooner ran out of `connect_timeout` (connecting, TLS included). Real time,
+        # not `self._clock`: it is the socket's waits that are measured.
+        if connect_timeout < timeout and time.monotonic() - started < timeout:
+            what = f"could not be connected to within {connect_timeout:.3g} s"
+        else:
+            what = f"did not answer within {timeout:.3g} s"
         return Failure(LLMTimeout, what, retryable=True, cause=cause)
 
     def _unreachable(self, cause: BaseException) -> Failure:

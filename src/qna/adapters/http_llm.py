@@ -13,6 +13,7 @@ through `green_http` instead of urllib3, for less CPU still.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
@@ -99,8 +100,9 @@ class HttpLLM(ChatCompletionsLLM):
         body = json.dumps(
             {"model": self._model, "messages": [{"role": "user", "content": question}]}
         ).encode()
+        started = time.monotonic()
         if self._green is not None:
-            return self._green_attempt(body, timeout)
+            return self._green_attempt(body, timeout, connect_timeout, started)
         try:
             response = self._pool.urlopen(
                 "POST",
@@ -116,7 +118,7 @@ class HttpLLM(ChatCompletionsLLM):
         except NewConnectionError as exc:
             return self._unreachable(exc)
         except Urllib3TimeoutError as exc:
-            return self._timed_out(timeout, exc)
+            return self._timed_out(timeout, connect_timeout, started, exc)
         except (HTTPError, OSError) as exc:
             return self._unreachable(exc)
         except ValueError as exc:
@@ -130,7 +132,9 @@ class HttpLLM(ChatCompletionsLLM):
             )
         return self._read_reply(data)
 
-    def _green_attempt(self, body: bytes, timeout: float) -> Reply | Failure:
+    def _green_attempt(
+        self, body: bytes, timeout: float, connect_timeout: float, started: float
+    ) -> Reply | Failure:
         from qna.adapters.green_http import ExchangeFailed, UnsendableRequest, decoded
 
         assert self._green is not None
@@ -140,7 +144,7 @@ class HttpLLM(ChatCompletionsLLM):
             )
             data = decoded(response)
         except TimeoutError as exc:
-            return self._timed_out(timeout, exc)
+            return self._timed_out(timeout, connect_timeout, started, exc)
         except (ExchangeFailed, UnsendableRequest) as exc:
             return self._unreachable(exc)
         if not 200 <= response.status < 300:

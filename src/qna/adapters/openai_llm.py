@@ -8,6 +8,7 @@ one deadline.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from typing import Any
 
@@ -57,6 +58,7 @@ class OpenAILLM(ChatCompletionsLLM):
         self._client.close()
 
     def _attempt(self, question: str, timeout: float, connect_timeout: float) -> Reply | Failure:
+        started = time.monotonic()
         try:
             # The raw response: the SDK still raises its errors for a failed request
             # or a non-2xx status, but leaves the body to us. Read by the code the
@@ -70,7 +72,7 @@ class OpenAILLM(ChatCompletionsLLM):
             )
         # APITimeoutError subclasses APIConnectionError, so it must come first.
         except openai.APITimeoutError as exc:
-            return self._timed_out(timeout, exc)
+            return self._timed_out(timeout, connect_timeout, started, exc)
         except openai.APIConnectionError as exc:
             return self._unreachable(exc)
         except openai.APIStatusError as exc:
