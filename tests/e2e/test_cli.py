@@ -1103,6 +1103,12 @@ def test_help_needs_no_settings(args: tuple[str, ...], expected: str) -> None:
         (("db", "frob"), "frob", "qna db"),
         (("db", "upgrade", "--x"), "--x", "qna db upgrade"),
         (("serve", "--worker-class", "x"), "gthread", "qna serve"),
+        # Errors Click raises without naming their command.
+        (("history", "-n"), "'-n' requires an argument", "qna history"),
+        (("history", "--cursor"), "'--cursor' requires an argument", "qna history"),
+        (("ask", "--json=yes", QUESTION), "'--json' does not take a value", "qna ask"),
+        (("serve", "--port"), "'--port' requires an argument", "qna serve"),
+        (("--version=1",), "'--version' does not take a value", "qna"),
     ],
 )
 def test_a_usage_error_is_one_line_pointing_at_the_help(

@@ -166,10 +166,27 @@ def one_line_usage_errors() -> Iterator[None]:
         raise OneLineUsageError(exc.format_message(), exc.ctx) from None
 
 
-class QnAGroup(click.Group):
+class QnACommand(click.Command):
+    """A `qna` command, whose usage errors all know their command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            # Click's parser raises some without it (an option missing its value, a
+            # flag given one), and the error line could not name the command's --help.
+            if exc.ctx is None:
+                exc.ctx = ctx
+            raise
+
+
+class QnAGroup(QnACommand, click.Group):
     """The `qna` group. Click reports a usage error where `main` catches it, after
     parsing; the group's own parsing and everything it invokes (every subcommand's
     parsing included) happen inside these two methods."""
+
+    command_class = QnACommand
+    group_class = type  # `qna db` is one of these too
 
     def make_context(
         self,
