@@ -129,6 +129,11 @@ class Settings(BaseSettings):
                     f"The .env file is not UTF-8 text: byte {exc.object[exc.start]:#04x} "
                     f"at offset {exc.start}."
                 ) from None
+            except OSError as exc:
+                # Unreadable (its permissions, a disk error): a setting to fix, not a bug.
+                raise ConfigurationError(
+                    f"The .env file cannot be read: {exc.strerror or exc}."
+                ) from None
 
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("QNA_DB_POOL_SIZE"))

@@ -181,6 +181,20 @@ def test_a_dot_env_that_is_not_utf8_exits_3(fake: FakeOpenAI, tmp_path: Path) ->
     assert fake.calls == 0
 
 
+def test_a_dot_env_that_cannot_be_read_exits_3(fake: FakeOpenAI, tmp_path: Path) -> None:
+    # Unreadable (its permissions, a disk error): it was an internal error, exit 1.
+    # A read that fails even for root, as the tests may run: /proc/self/mem at offset 0.
+    (tmp_path / ".env").symlink_to("/proc/self/mem")
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3, result.stderr
+    line = error_line(result.stderr)
+    assert "internal error" not in line
+    assert ".env" in line
+    assert fake.calls == 0
+
+
 def test_ask_dash_reads_the_question_from_stdin(fake: FakeOpenAI, database_url: str) -> None:
     result = qna("ask", "-", input="What is\nthe capital of France?\n")
 
