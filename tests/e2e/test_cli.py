@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib.abc
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1169,6 +1172,37 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(
 
     assert result.exit_code == 130
     assert error_line(result.stderr) == "qna: error: interrupted"
+
+
+def test_a_second_ctrl_c_while_qna_winds_up_is_one_line_and_exit_130(
+    fake: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pressed twice, as people do: the second landed while qna closed its database
+    # pool and LLM client, broke that off, and ended in a traceback (or Click's
+    # "Aborted!" and exit 1).
+    from qna import container as qna_container
+
+    def shutdown_interrupted(container: qna_container.Container) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real_shutdown(container)
+
+    real_shutdown = qna_container.shutdown
+    monkeypatch.setattr(qna_container, "shutdown", shutdown_interrupted)
+    fake.latency = 30
+
+    def first_ctrl_c_once_asked() -> None:
+        deadline = time.monotonic() + 30
+        while fake.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=first_ctrl_c_once_asked, daemon=True).start()
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 130
+    assert error_line(result.stderr) == "qna: error: interrupted"
+    [row] = stored_rows(database_url)
+    assert (row["status"], row["error_kind"]) == ("failed", "abandoned")
 
 
 def test_serve_without_an_llm_setting_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -271,7 +272,24 @@ class AppContext:
             return
         from qna.container import shutdown
 
-        shutdown(self._container)
+        with ctrl_c_ignored():
+            shutdown(self._container)
+
+
+@contextmanager
+def ctrl_c_ignored() -> Iterator[None]:
+    """Closing the database pool and the LLM client takes a moment and is all that is
+    left to do: a Ctrl-C then (the second of two pressed after an ask, say) broke it
+    off half-way with a traceback. Ignored instead, the command ends as it was ending."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a signal handler (and receives SIGINT)
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: set outside Python, which cannot restore it
+            signal.signal(signal.SIGINT, previous)
 
 
 pass_app = click.make_pass_decorator(AppContext)
