@@ -552,6 +552,27 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_1(
     assert "internal error" not in line
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="Linux's full disk")
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("show", "3f0c2c4e-8d3a-4f43-9a57-3f7f1f0a8b11"), 5),
+        (("ask", "   "), 4),
+        (("history", "--bogus"), 2),
+        (("history",), 0),  # "No questions yet." on stderr
+    ],
+    ids=["not-found", "invalid-question", "usage", "empty-history"],
+)
+def test_an_exit_code_stands_when_stderr_cannot_be_written(
+    db_env: dict[str, str], args: tuple[str, ...], code: int
+) -> None:
+    # `2>/dev/full` (stderr's disk full): the error line could not be written, and
+    # that failure replaced the exit code a script acts on with 1.
+    completed = run_closing("2>/dev/full", *args, env=db_env)
+
+    assert completed.returncode == code
+
+
 def test_serve_takes_an_ipv6_host_in_brackets(env: dict[str, str]) -> None:
     # Written as in a URL (and as gunicorn's --bind takes it), it was looked up as
     # a host name: "cannot listen on [[::1]]:5000: name or service not known".

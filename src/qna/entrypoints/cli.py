@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import wraps
 from importlib.metadata import version
 from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -136,8 +136,15 @@ def write_line(text: str) -> None:
 
 
 def fail(message: str, code: int) -> None:
-    click.echo(error_line(message), err=True)
+    tell(error_line(message))
     sys.exit(code)
+
+
+def tell(line: str, file: IO[Any] | None = None) -> None:
+    """Write a line for the person on stderr (or `file`). A stderr that cannot take it
+    (`2>/dev/full`) does not change the exit code: that is all a script has left."""
+    with suppress(OSError):
+        click.echo(line, file=file, err=True)
 
 
 class OneLineUsageError(click.UsageError):
@@ -151,7 +158,7 @@ class OneLineUsageError(click.UsageError):
         ctx = self.ctx
         if ctx is not None and ctx.command.get_help_option(ctx) is not None:
             message += f" See '{ctx.command_path} --help'."
-        click.echo(error_line(message), file=file, err=True)
+        tell(error_line(message), file)
 
 
 @contextmanager
@@ -444,7 +451,7 @@ def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> N
         return
     if not page.items:
         # On stderr: a person sees why nothing came, a script still reads no lines.
-        click.echo("No questions yet." if cursor is None else "No more questions.", err=True)
+        tell("No questions yet." if cursor is None else "No more questions.")
     for qna in page.items:
         # Stored and shown in UTC; said so, or it reads as the local time.
         stamp = qna.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
