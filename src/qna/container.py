@@ -182,6 +182,13 @@ def create_container(settings: Settings | None = None) -> Container:
     return container
 
 
+def rebuilt(container: Container) -> Container:
+    """A container of `container`'s settings, none of whose resources are built yet."""
+    fresh = Container()
+    fresh.config.from_dict(container.config())
+    return fresh
+
+
 def warm_up(container: Container) -> None:
     """Build the shared resources now, before threads share the container.
 

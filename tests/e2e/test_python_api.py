@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import pydoc
 import sqlite3
+import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
+from sqlalchemy import create_engine, text
 
 import qna
 from tests.e2e.helpers import stored_rows
@@ -187,6 +192,87 @@ def test_connect_takes_a_settings_object(fake_openai: FakeOpenAI, database_url: 
 
     assert record.model == "from-override"
     assert fake_openai.requests[0]["model"] == "from-override"
+
+
+# The Client a forked child inherits: a module's global, as a program's would be.
+inherited: qna.Client | None = None
+
+
+def ask_in_a_child(n: int) -> tuple[str, str | None, int]:
+    assert inherited is not None
+    record = inherited.ask(f"Question {n} from process {os.getpid()}?")
+    return record.question, record.answer, len(inherited.history(limit=3).items)
+
+
+def test_a_client_inherited_through_a_fork_works_in_each_process(
+    client: qna.Client, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    # A Client made before multiprocessing (or a ProcessPoolExecutor) forks: the
+    # children sent their asks over the parent's pooled connections, all at once,
+    # interleaved on the same sockets. The LLM read "bad JSON", PostgreSQL a garbled
+    # session it closed, under the parent too.
+    global inherited
+    client.ask(QUESTION)  # the pools now hold the parent's connections
+    inherited = client
+    try:
+        fork = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=4, mp_context=fork) as pool:
+            results = list(pool.map(ask_in_a_child, range(16)))
+    finally:
+        inherited = None
+
+    for n, (question, answer, listed) in enumerate(results):
+        assert question.startswith(f"Question {n} from process ")
+        assert answer == DEFAULT_ANSWER
+        assert listed >= 2  # the parent's ask and its own, at least
+    [parents_connection, *childrens] = fake_openai.peers
+    assert parents_connection not in childrens
+    assert len(client.history(limit=100).items) == 17  # and the parent's still work
+    assert len(stored_rows(database_url)) == 17
+
+
+def close_in_a_child() -> None:
+    assert inherited is not None
+    inherited.close()
+
+
+def sessions(url: str) -> set[int]:
+    """The PostgreSQL sessions open on the database `url` names, but this look's own."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return set(
+                connection.scalars(
+                    text(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_closing_an_inherited_client_in_a_child_leaves_the_parents_sessions(
+    fake_openai: FakeOpenAI, postgres_url: str
+) -> None:
+    # A child that left `with qna.connect() as client:` closed the pool it had
+    # inherited: PostgreSQL ended the sessions, which were the parent's.
+    global inherited
+    with qna.connect(database_url=postgres_url, openai_base_url=fake_openai.base_url) as client:
+        client.history()  # the pool now holds a session of the parent's
+        before = sessions(postgres_url)
+        inherited = client
+        try:
+            child = multiprocessing.get_context("fork").Process(target=close_in_a_child)
+            child.start()
+            child.join(30)
+        finally:
+            inherited = None
+        time.sleep(0.3)  # a session told to end is gone within milliseconds
+
+        assert child.exitcode == 0
+        assert before and sessions(postgres_url) == before
 
 
 def test_no_api_key_and_no_base_url_is_a_configuration_error(database_url: str) -> None:

@@ -190,6 +190,7 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
         self._authorizations: list[str | None] = []
+        self._peers: list[tuple[str, int]] = []
         self._calls = 0
         self._in_flight = 0
         self._max_in_flight = 0
@@ -233,6 +234,13 @@ class FakeOpenAI:
             return list(self._authorizations)
 
     @property
+    def peers(self) -> list[tuple[str, int]]:
+        """The client address and port of each chat completion request, oldest first:
+        which connection carried it."""
+        with self._lock:
+            return list(self._peers)
+
+    @property
     def max_in_flight(self) -> int:
         """The most requests that were waiting out their latency at the same time."""
         with self._lock:
@@ -255,6 +263,7 @@ class FakeOpenAI:
         with self._lock:
             self._requests.clear()
             self._authorizations.clear()
+            self._peers.clear()
             self._calls = 0
             self._max_in_flight = 0
             self._script.clear()
@@ -359,6 +368,8 @@ class FakeOpenAI:
         with self._lock:
             self._calls += 1
             self._authorizations.append(request.headers.get("Authorization"))
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            self._peers.append((peer[0], peer[1]) if peer else ("", 0))
             if isinstance(body, dict):
                 self._requests.append(body)
             step: Step | None = self._script.popleft() if self._script else None

@@ -12,18 +12,29 @@ with qna.connect() as client:           # settings from the environment / .env
 from __future__ import annotations
 
 import difflib
+import os
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
 from qna.application.use_cases import ListQnA, Page
 from qna.config import Settings, load_settings
-from qna.container import Container, create_container, shutdown, upgrade_database, warm_up
+from qna.container import (
+    Container,
+    create_container,
+    rebuilt,
+    shutdown,
+    upgrade_database,
+    warm_up,
+)
 from qna.domain.model import QnA
 
 
 class Client:
     """Ask questions and read the history. Thread-safe; close it (or use `with`) when done.
+
+    A child process forked with it (multiprocessing, a ProcessPoolExecutor) may use it
+    too: it opens connections of its own there.
 
     Once closed, every method but `close` raises RuntimeError: the container would
     otherwise build a new engine and LLM client on the next call, and nothing would
@@ -33,6 +44,8 @@ class Client:
     def __init__(self, container: Container) -> None:
         self._container = container
         self._closed = False
+        #: The process whose connections the container's pools hold.
+        self._pid = os.getpid()
 
     def ask(self, question: str, *, fresh: bool = False) -> QnA:
         """Ask, store and return the answered record.
@@ -59,7 +72,10 @@ class Client:
         """Close the database pool and the LLM client; calling it again does nothing."""
         if not self._closed:
             self._closed = True
-            shutdown(self._container)
+            # Inherited through a fork and never used here: its connections are the
+            # parent's, still in use there (closing a PostgreSQL one ends its session).
+            if self._pid == os.getpid():
+                shutdown(self._container)
 
     def __enter__(self) -> Self:
         self._open()
@@ -76,7 +92,20 @@ class Client:
     def _open(self) -> Container:
         if self._closed:
             raise RuntimeError("This qna.Client is closed; call qna.connect() for a new one.")
+        if self._pid != os.getpid():
+            self._own_connections()
         return self._container
+
+    def _own_connections(self) -> None:
+        """In a child forked with this Client (multiprocessing, a ProcessPoolExecutor):
+        the pools' connections are the parent's sockets, and asks sent over them from
+        both processes at once interleave, on the LLM's connection and the database's.
+        This process builds its own from the same settings and leaves the inherited ones
+        alone: used, or closed, they are the parent's (psycopg2 closes no connection of
+        another process when it is collected; a socket closed here stays open there)."""
+        self._container = rebuilt(self._container)
+        warm_up(self._container)
+        self._pid = os.getpid()
 
 
 def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
