@@ -434,7 +434,11 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     type=click.IntRange(1, ListQnA.MAX_LIMIT),
     help="How many records to show.",
 )
-@click.option("--cursor", help="Continue from the `next` cursor of an earlier --json page.")
+@click.option(
+    "--cursor",
+    help="Continue where an earlier page ended: the cursor its last line names "
+    "(with --json, its `next`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print records and the next cursor as JSON.")
 @pass_app
 @handles_errors
