@@ -1,3 +1,3 @@
-from qna.entrypoints.cli import main
+from qna.entrypoints.console import main
 
 main()

@@ -525,6 +525,32 @@ def test_ctrl_c_while_the_llm_thinks_closes_the_record(
     assert (row["status"], row["error_kind"]) == ("failed", "abandoned")
 
 
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.35])
+def test_ctrl_c_while_python_loads_qna_is_one_line_not_a_traceback(
+    fake_openai: FakeOpenAI, env: dict[str, str], delay: float
+) -> None:
+    # In the first fraction of a second Python is still importing the command's
+    # modules, before any of qna's own code runs: a Ctrl-C there printed the import's
+    # traceback.
+    fake_openai.latency = 30
+    process = subprocess.Popen(
+        [*qna_command(), "ask", QUESTION],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _stdout, stderr = process.communicate(timeout=30)
+
+    assert "Traceback" not in stderr
+    # Killed by the signal itself, when it lands before Python handles it.
+    assert process.returncode in (130, -signal.SIGINT), stderr
+    if process.returncode == 130:
+        assert error_line(stderr) == "qna: error: interrupted"
+
+
 @pytest.mark.parametrize(
     "redirection",
     [
