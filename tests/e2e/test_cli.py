@@ -962,6 +962,28 @@ def test_an_unreachable_database_exits_6(
     assert fake_openai.calls == 0
 
 
+def test_a_read_only_postgresql_database_exits_6(
+    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, postgres_url: str
+) -> None:
+    # A hot standby, or a database set default_transaction_read_only: PostgreSQL's
+    # refusal is an InternalError to psycopg2, and qna called it an internal error,
+    # exit 1, on a line that held the whole statement and its parameters.
+    read_only = make_url(postgres_url).update_query_dict(
+        {"options": "-c default_transaction_read_only=on"}
+    )
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", read_only.render_as_string(hide_password=False))
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 6, result.stderr
+    line = error_line(result.stderr)
+    assert line == (
+        "qna: error: The database is unavailable: cannot execute INSERT in a read-only transaction"
+    )
+    assert fake_openai.calls == 0
+
+
 @pytest.mark.parametrize("kind", BROKEN_SQLITE_FILES)
 @EVERY_COMMAND_THAT_OPENS_THE_DATABASE
 def test_a_sqlite_file_that_is_not_a_database_exits_6(

@@ -31,10 +31,20 @@ UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, Pool
 _BROKEN_SQLITE_FILE = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 
+# PostgreSQL's read_only_sql_transaction: a hot standby, or default_transaction_read_only.
+# psycopg2 raises it as an InternalError, its class for faults in the server too; this
+# one is a database that takes no writes, as SQLite's read-only file is.
+_READ_ONLY_SQLSTATE = "25006"
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database cannot do the work (down, unreachable, a broken
-    file), as opposed to a fault in what qna asked of it."""
-    return isinstance(exc, UNAVAILABLE_ERRORS) or _is_broken_sqlite_file(exc)
+    file, read-only), as opposed to a fault in what qna asked of it."""
+    return (
+        isinstance(exc, UNAVAILABLE_ERRORS)
+        or _is_broken_sqlite_file(exc)
+        or getattr(getattr(exc, "orig", None), "pgcode", None) == _READ_ONLY_SQLSTATE
+    )
 
 
 def _is_broken_sqlite_file(exc: BaseException) -> bool:
