@@ -984,6 +984,47 @@ def test_a_read_only_postgresql_database_exits_6(
     assert fake_openai.calls == 0
 
 
+def test_a_read_only_database_still_shows_a_record_its_asker_abandoned(
+    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, postgres_url: str
+) -> None:
+    # Reading closes a long-pending record as abandoned, which is a write: on a
+    # database that takes none (a standby), `qna show` and `qna history` failed with
+    # exit 6 whenever such a record was among those read, and worked otherwise.
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    engine = create_engine(postgres_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(delete(qn_a))
+        asked = qna_json("ask", QUESTION)
+        with engine.begin() as connection:  # as a process killed mid-ask left it, long ago
+            connection.execute(
+                qn_a.update().values(
+                    status="pending",
+                    answer=None,
+                    answered_at=None,
+                    created_at=datetime(2020, 1, 1, tzinfo=UTC),
+                )
+            )
+    finally:
+        engine.dispose()
+    read_only = make_url(postgres_url).update_query_dict(
+        {"options": "-c default_transaction_read_only=on"}
+    )
+    monkeypatch.setenv("DATABASE_URL", read_only.render_as_string(hide_password=False))
+
+    show = qna("show", asked["id"])
+    history = qna_json("history")
+
+    assert show.exit_code == 0, show.stderr
+    assert "status:   failed\n" in show.stdout
+    assert "answer:   [failed: abandoned] " in show.stdout
+    [item] = history["items"]
+    assert (item["status"], item["error"]["code"]) == ("failed", "abandoned")
+    # Reported so, not stored so: the database took no write.
+    assert [row["status"] for row in stored_rows(postgres_url)] == ["pending"]
+
+
 @pytest.mark.parametrize("kind", BROKEN_SQLITE_FILES)
 @EVERY_COMMAND_THAT_OPENS_THE_DATABASE
 def test_a_sqlite_file_that_is_not_a_database_exits_6(

@@ -7,9 +7,14 @@ from datetime import timedelta
 import pytest
 
 from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandoned
-from qna.domain.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, LLMUnavailable
+from qna.domain.errors import (
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+    LLMUnavailable,
+    StorageUnavailable,
+)
 from qna.domain.model import QnA, Status
-from tests.fakes import FakeClock, FakeLLM, FakeTimer, FakeUnitOfWorkFactory
+from tests.fakes import FakeClock, FakeLLM, FakeRepository, FakeTimer, FakeUnitOfWorkFactory
 
 
 class Sleeper:
@@ -227,6 +232,29 @@ def test_abandoned_pending_records_are_reported_failed_when_read(
     }
     stored = {q.id: q.status for q in uow.committed_records()}
     assert stored[stale.id] is Status.FAILED
+
+
+def test_a_database_that_takes_no_writes_still_reports_abandoned_records_when_read(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A standby, a read-only file: closing the abandoned is housekeeping, and the
+    # read it came with failed for it.
+    stale = QnA.ask("Asked by a process that died", model="m", now=clock())
+    also_stale = QnA.ask("So was this one", model="m", now=clock() + timedelta(seconds=1))
+    uow.seed(stale, also_stale)
+    clock.advance(timedelta(minutes=10))
+
+    def read_only(_repository: FakeRepository, _qna: QnA) -> bool:
+        raise StorageUnavailable("cannot execute UPDATE in a read-only transaction")
+
+    monkeypatch.setattr(FakeRepository, "close_pending", read_only)
+
+    got = GetQnA(uow, abandon_after=timedelta(minutes=5), clock=clock)(stale.id)
+    page = ListQnA(uow, abandon_after=timedelta(minutes=5), clock=clock)()
+
+    assert (got.status, got.error_kind) == (Status.FAILED, "abandoned")
+    assert [(q.status, q.error_kind) for q in page.items] == [(Status.FAILED, "abandoned")] * 2
+    assert {q.status for q in uow.committed_records()} == {Status.PENDING}
 
 
 def test_reaper_closes_every_abandoned_record(uow: FakeUnitOfWorkFactory, clock: FakeClock) -> None:

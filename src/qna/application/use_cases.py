@@ -262,16 +262,31 @@ class _ReadsHistory:
         self._abandon_after = abandon_after
         self._clock = clock
 
+    def _report_abandoned(self, records: Sequence[QnA]) -> None:
+        """The abandoned among `records` (once read) are reported as failed, and stored
+        so when the database takes the write, in a unit of work of its own. The read
+        does not fail for want of it: a database that takes no writes (a standby, a
+        read-only file) still shows its history."""
+        now = self._clock()
+        if not any(qna.is_abandoned(now=now, after=self._abandon_after) for qna in records):
+            return
+        try:
+            with self._uow() as uow:
+                _close_abandoned(uow, records, now=now, after=self._abandon_after)
+        except StorageUnavailable:
+            for qna in records:
+                if qna.is_abandoned(now=now, after=self._abandon_after):
+                    qna.abandon(now=now)
+
 
 class GetQnA(_ReadsHistory):
     def __call__(self, qna_id: UUID | str) -> QnA:
         key = _parse_id(qna_id)
         with self._uow() as uow:
             qna = uow.qnas.get(key) if key is not None else None
-            if qna is not None:
-                _close_abandoned(uow, [qna], now=self._clock(), after=self._abandon_after)
         if qna is None:
             raise NotFound(f"No question with id {qna_id}.")
+        self._report_abandoned([qna])
         return qna
 
 
@@ -302,7 +317,7 @@ class ListQnA(_ReadsHistory):
         with self._uow() as uow:
             # One extra row tells whether another page follows without a COUNT.
             rows = list(uow.qnas.list(limit=limit + 1, before=before))
-            _close_abandoned(uow, rows, now=self._clock(), after=self._abandon_after)
+        self._report_abandoned(rows)
         items = rows[:limit]
         has_more = len(rows) > limit
         return Page(items=items, next_cursor=encode_cursor(items[-1]) if has_more else None)
