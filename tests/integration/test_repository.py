@@ -390,7 +390,13 @@ class Writes:
         while batcher.queued < len(records) - 1:
             assert time.monotonic() < deadline, f"{batcher.queued} rows queued"
             time.sleep(0.001)
-        self.checked_out_while_queued = self._engine.pool.checkedout()  # type: ignore[attr-defined]
+        # A caller queues its row, then gives back the connection it holds: give the
+        # last one a moment to (a caller that keeps its connection never does).
+        pool = self._engine.pool
+        settle_by = time.monotonic() + 2
+        while pool.checkedout() > 1 and time.monotonic() < settle_by:  # type: ignore[attr-defined]
+            time.sleep(0.001)
+        self.checked_out_while_queued = pool.checkedout()  # type: ignore[attr-defined]
         self._go.set()
         for thread in threads:
             thread.join(10)
