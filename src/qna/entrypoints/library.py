@@ -64,7 +64,7 @@ class Client:
         """Newest first; pass `page.next_cursor` back as `cursor` for older records.
 
         Raises `qna.InvalidArgument` when `limit` is not an integer from 1 to 100, and
-        its subclass `qna.InvalidCursor` when `cursor` is not one a page gave out.
+        its subclass `qna.InvalidCursor` when `cursor` is not of the form a page gives out.
         """
         return self._open().list_qna()(limit=limit, cursor=cursor)
 
