@@ -499,11 +499,22 @@ def test_output_in_an_encoding_without_the_characters_is_not_a_crash(
     assert "question: Can you read ? ?" in shown.stdout
 
 
-def test_ctrl_c_while_the_llm_thinks_closes_the_record(
-    fake_openai: FakeOpenAI, db_env: dict[str, str], database_url: str
+@pytest.mark.parametrize(
+    ("signum", "exit_code", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_an_interrupt_while_the_llm_thinks_closes_the_record(
+    fake_openai: FakeOpenAI,
+    db_env: dict[str, str],
+    database_url: str,
+    signum: int,
+    exit_code: int,
+    said: str,
 ) -> None:
     # The record stayed pending, as if still being answered, until it was old enough
-    # to count as abandoned (the LLM deadline and a minute later).
+    # to count as abandoned (the LLM deadline and a minute later). SIGTERM is what
+    # `timeout 10 qna ask ...` and job runners send.
     fake_openai.latency = 30
     process = subprocess.Popen(
         [*qna_command(), "ask", QUESTION],
@@ -515,11 +526,11 @@ def test_ctrl_c_while_the_llm_thinks_closes_the_record(
     deadline = time.monotonic() + 30
     while fake_openai.calls == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=30)
 
-    assert process.returncode == 130, stderr
-    assert error_line(stderr) == "qna: error: interrupted"
+    assert process.returncode == exit_code, stderr
+    assert error_line(stderr) == f"qna: error: {said}"
     assert stdout == ""
     [row] = stored_rows(database_url)
     assert (row["status"], row["error_kind"]) == ("failed", "abandoned")

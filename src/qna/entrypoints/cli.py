@@ -68,6 +68,18 @@ EXIT_CANNOT_LISTEN = 12
 STDIN_SLACK_BYTES = 64 * 1024
 # As a shell reports a process that SIGINT ended (128 + 2).
 EXIT_INTERRUPTED = 130
+# As a shell reports a process that SIGTERM ended (128 + 15).
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a job runner stopping qna), met as Ctrl-C is: an ask
+    in flight closes its record as abandoned instead of leaving it pending until it is
+    old enough to count as abandoned (AskQuestion handles KeyboardInterrupt so)."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
 
 
 def exit_code_for(error: Exception) -> int:
@@ -222,6 +234,8 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
             fail(str(exc), exit_code_for(exc))
         except (StorageUnavailable, LLMError) as exc:
             fail(failure_message(exc), exit_code_for(exc))
+        except Terminated:
+            fail("terminated", EXIT_TERMINATED)
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
         except OutputError as exc:
@@ -279,24 +293,29 @@ class AppContext:
             return
         from qna.container import shutdown
 
-        with ctrl_c_ignored():
+        with interrupts_ignored():
             shutdown(self._container)
 
 
 @contextmanager
-def ctrl_c_ignored() -> Iterator[None]:
+def interrupts_ignored() -> Iterator[None]:
     """Closing the database pool and the LLM client takes a moment and is all that is
-    left to do: a Ctrl-C then (the second of two pressed after an ask, say) broke it
-    off half-way with a traceback. Ignored instead, the command ends as it was ending."""
+    left to do: a Ctrl-C then (the second of two pressed after an ask, say), or a
+    SIGTERM, broke it off half-way with a traceback. Ignored instead, the command ends
+    as it was ending."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set a signal handler (and receives SIGINT)
+        yield  # only the main thread may set a signal handler (and receives signals)
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in _INTERRUPTS}
     try:
         yield
     finally:
-        if previous is not None:  # None: set outside Python, which cannot restore it
-            signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            if handler is not None:  # None: set outside Python, which cannot restore it
+                signal.signal(number, handler)
+
+
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
 
 pass_app = click.make_pass_decorator(AppContext)
@@ -646,4 +665,7 @@ def main() -> None:
     # shown as "?", instead of the stored question it is in ending the command.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="replace")
+    # Here, not in the command group: the tests run the commands inside pytest, whose
+    # own SIGTERM must stay as it is. `qna serve`'s gunicorn sets its own handlers.
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="qna")
