@@ -424,6 +424,8 @@ def test_get_returns_the_stored_record(world: World) -> None:
     assert get(asked.id) == asked
     assert get(str(asked.id)) == asked
     assert get(str(asked.id).upper()) == asked
+    # As copied from a terminal or a log line: the spaces are not part of the id.
+    assert get(f"  {asked.id}\n") == asked
 
 
 def test_get_of_an_unknown_id_is_not_found(world: World) -> None:

@@ -405,7 +405,8 @@ def _parse_id(qna_id: UUID | str) -> UUID | None:
     if isinstance(qna_id, UUID):
         return qna_id
     try:
-        return UUID(qna_id)
+        # Whitespace around it (copied from a terminal or a log line) is no part of it.
+        return UUID(qna_id.strip())
     except (ValueError, TypeError, AttributeError):
         return None
 
