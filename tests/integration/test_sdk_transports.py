@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import httpx2
@@ -46,9 +47,16 @@ class RawServer:
     head of each request it read; with `read=False` it accepts and never reads."""
 
     def __init__(
-        self, *, extra_headers: bytes = b"", read: bool = True, close_after: bool = False
+        self,
+        *,
+        extra_headers: bytes = b"",
+        read: bool = True,
+        close_after: bool = False,
+        interim: bytes = b"",
     ) -> None:
         self.extra_headers = extra_headers
+        #: Sent before each answer: an interim response (103 Early Hints, say).
+        self.interim = interim
         self.read = read
         #: Close each connection after one answer, with no word (no Connection: close),
         #: as a server whose idle timeout ran out does; `closed` counts them.
@@ -87,12 +95,19 @@ class RawServer:
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":", 1)[1])
                 stream.read(length)
-                connection.sendall(
+                head = (
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                     + self.extra_headers
                     + b"Content-Length: %d\r\n\r\n" % len(BODY)
-                    + BODY
                 )
+                if self.interim:
+                    # Each part on its own, as a client reading the first may see them.
+                    for part in (self.interim, head):
+                        connection.sendall(part)
+                        time.sleep(0.05)
+                    connection.sendall(BODY)
+                else:
+                    connection.sendall(head + BODY)
                 if self.close_after:
                     connection.close()
                     self.closed.release()
@@ -281,3 +296,69 @@ def test_green_http_gives_back_the_connection_of_every_failed_exchange() -> None
             server.close()
 
     assert statuses == [200] * 3
+
+
+@pytest.mark.parametrize("adapter", [OpenAILLM, HttpLLM])
+def test_green_http_reads_the_final_response_after_an_interim_one(
+    raw_server: Callable[..., RawServer], adapter: type[OpenAILLM | HttpLLM]
+) -> None:
+    # geventhttpclient gave the socket back to the pool at the end of the 103, while
+    # the 200 was still to be read from it: the body came back cut, and the next ask
+    # took the same socket.
+    server = raw_server(interim=b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+    llm = adapter(api_key="sk-test", base_url=server.url, model="m", green=True, max_attempts=1)
+    try:
+        answers = [llm.complete(f"Q{i}?").text for i in range(3)]
+    finally:
+        llm.close()
+
+    assert answers == ["hi"] * 3
+    assert len(server.heads) == 3
+
+
+def test_green_http_keeps_its_time_limit_across_a_servers_addresses() -> None:
+    # The first address never completes a connection (its backlog is full), the second
+    # accepts and never answers. The limit ran out while connecting to the first; as an
+    # OSError it was taken for that address failing, and the second was waited on for
+    # ever.
+    with (
+        socket.create_server(("127.0.0.1", 0), backlog=0) as full,
+        socket.create_server(("127.0.0.1", 0)) as silent,
+        socket.create_connection(full.getsockname()),
+    ):
+        server = GreenHttp("http", "llm.example", 80, connect_timeout=5.0)
+        server._pool._resolve = lambda: [  # type: ignore[method-assign]
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", full.getsockname()),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", silent.getsockname()),
+        ]
+        started = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError):
+                server.request("POST", "/v1/chat/completions", [], CHAT, timeout=1.0)
+        finally:
+            server.close()
+
+    assert time.monotonic() - started < 4
+
+
+def test_green_http_after_close_is_a_failure_to_reach_the_llm(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    # Not geventhttpclient's RuntimeError("connection pool closed") out of the ask.
+    server = raw_server()
+    llm = HttpLLM(api_key="sk-test", base_url=server.url, model="m", green=True, max_attempts=1)
+    llm.close()
+
+    with pytest.raises(LLMUnavailable):
+        llm.complete("Hi?")
+
+
+def test_a_url_urllib3_would_encode_goes_through_urllib3() -> None:
+    # green_http sends the request target as given: a space or an è would go out raw.
+    for path in ("/my models/v1", "/mod\u00e8les/v1"):
+        llm = HttpLLM(api_key="k", base_url=f"http://127.0.0.1:9{path}", model="m", green=True)
+        assert llm._green is None, path
+        llm.close()
+    llm = HttpLLM(api_key="k", base_url="http://127.0.0.1:9/v1", model="m", green=True)
+    assert llm._green is not None
+    llm.close()

@@ -11,7 +11,8 @@ directly, the SDK through `green_transport`); its pool and its waits are gevent'
 OS threads must not share it, and elsewhere they keep urllib3.
 
 Connections are what urllib3 makes elsewhere: TCP keep-alive probes, TLS with the
-system's trust store and the host name checked, one kept for reuse per ask in flight.
+system's trust store and the host name checked, one kept for reuse per ask in flight
+(urllib3 keeps at most 2,048; here as many as were in flight together).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from typing import Any, NamedTuple
 import gevent
 import gevent.ssl
 from geventhttpclient.connectionpool import ConnectionPool
-from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
+from geventhttpclient.response import HTTPParseError, HTTPResponse, HTTPSocketPoolResponse
 
-from qna.adapters.llm_pool import POOL_SIZE, SOCKET_OPTIONS
+from qna.adapters.llm_pool import SOCKET_OPTIONS
 from qna.adapters.sockets import readable
 
 # Content codings decoded as urllib3 decodes them (zlib's wbits for each).
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _BODILESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+#: Requests in flight per server, at most (each on a connection of its own). The pool
+#: keeps as many idle for reuse: a limit below what a worker serves at once would make
+#: asks queue for a connection (urllib3 opens another instead), and idle ones number no
+#: more than the asks that were once in flight together.
+MAX_IN_FLIGHT = 100_000
 
 
 class ExchangeFailed(OSError):
@@ -40,6 +46,12 @@ class ExchangeFailed(OSError):
 
 class UnsendableRequest(ValueError):
     """A header that would break the request apart (CR or LF in it); nothing was sent."""
+
+
+class _OutOfTime(BaseException):
+    """The exchange's own time limit. Not a TimeoutError (an OSError): geventhttpclient
+    takes an OSError while connecting for one address failing and tries the server's
+    next one, with no time limit left."""
 
 
 class Response(NamedTuple):
@@ -86,10 +98,20 @@ class _Pool(ConnectionPool):
             return sock
         return self._tls.wrap_socket(sock, server_hostname=self._request_host)
 
-    # The library checks a kept socket before reuse with a zero-timeout select() through
+    # geventhttpclient's own check before reuse with a zero-timeout select() through
     # gevent's hub; readable() is the same check without the hub (as llm_pool's is).
     def _is_socket_alive(self, sock: Any) -> bool:
         return sock is not None and sock.fileno() >= 0 and not readable(sock.fileno())
+
+
+class _Response(HTTPSocketPoolResponse):
+    def _on_message_complete(self) -> None:
+        if self.get_code() < 200:
+            # An interim response (100 Continue, 103 Early Hints): the final one follows
+            # on this socket, which must not go back to the pool before it is read.
+            HTTPResponse._on_message_complete(self)
+        else:
+            super()._on_message_complete()
 
 
 class GreenHttp:
@@ -103,7 +125,7 @@ class GreenHttp:
         port: int | None,
         *,
         connect_timeout: float,
-        pool_size: int = POOL_SIZE,
+        pool_size: int = MAX_IN_FLIGHT,
         ssl_context: Any = None,
     ) -> None:
         tls = None
@@ -144,16 +166,19 @@ class GreenHttp:
             head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         except UnicodeEncodeError as exc:
             raise UnsendableRequest(f"A header cannot be sent: {exc}") from exc
-        timed_out = TimeoutError(f"no answer within {timeout:.3g} s" if timeout else "")
-        with gevent.Timeout(timeout, timed_out):
-            try:
+        try:
+            with gevent.Timeout(timeout, _OutOfTime()):
                 return self._exchange(method, head + body)
-            except HTTPParseError as exc:
-                raise ExchangeFailed(f"not an HTTP response: {exc}") from exc
-            except (TimeoutError, ExchangeFailed):
-                raise
-            except OSError as exc:
-                raise ExchangeFailed(str(exc) or type(exc).__name__) from exc
+        except _OutOfTime:
+            raise TimeoutError(f"no answer within {timeout:.3g} s") from None
+        except HTTPParseError as exc:
+            raise ExchangeFailed(f"not an HTTP response: {exc}") from exc
+        except TimeoutError:  # connecting took longer than the connect timeout
+            raise
+        except Exception as exc:
+            # Any other failure (refused, reset, TLS, a name that does not resolve, a
+            # closed pool) is this request's, not a crash of the ask.
+            raise ExchangeFailed(str(exc) or type(exc).__name__) from exc
 
     def _exchange(self, method: str, request: bytes) -> Response:
         sock = self._pool.get_socket()
@@ -164,7 +189,7 @@ class GreenHttp:
             raise
         # Reads the head; gives the socket back to the pool once the body is read (or
         # closes it, when the server said so or reading failed).
-        response = HTTPSocketPoolResponse(sock, self._pool, method=method)
+        response = _Response(sock, self._pool, method=method)
         try:
             body = response.read()
         finally:

@@ -12,12 +12,11 @@ import threading
 
 import httpx2
 
-from qna.adapters.green_http import ExchangeFailed, GreenHttp, UnsendableRequest
-from qna.adapters.llm_pool import POOL_SIZE
+from qna.adapters.green_http import MAX_IN_FLIGHT, ExchangeFailed, GreenHttp, UnsendableRequest
 
 
 class GreenTransport(httpx2.BaseTransport):
-    def __init__(self, *, max_connections: int = POOL_SIZE) -> None:
+    def __init__(self, *, max_connections: int = MAX_IN_FLIGHT) -> None:
         self._max_connections = max_connections
         # httpx's own TLS settings (its CA bundle, SSL_CERT_FILE...): the SDK trusts
         # the same servers through this transport as through its default one.

@@ -82,7 +82,10 @@ class HttpLLM(ChatCompletionsLLM):
             else urllib3.PoolManager(**pool_options())
         )
         self._green: GreenHttp | None = None
-        if proxy is None and (green if green is not None else under_gevent()):
+        # green_http sends the URL as it is given: one that urllib3 would encode first
+        # (an IDN host, a path with a space or an è) goes through urllib3.
+        sendable = urllib3.util.parse_url(self._url).url == self._url
+        if proxy is None and sendable and (green if green is not None else under_gevent()):
             from qna.adapters.green_http import GreenHttp
 
             self._green = GreenHttp(
