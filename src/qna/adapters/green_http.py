@@ -98,7 +98,7 @@ class _Pool(ConnectionPool):
             return sock
         return self._tls.wrap_socket(sock, server_hostname=self._request_host)
 
-    # geventhttpclient's own check before reuse with a zero-timeout select() through
+    # geventhttpclient's own check before reuse is a zero-timeout select() through
     # gevent's hub; readable() is the same check without the hub (as llm_pool's is).
     def _is_socket_alive(self, sock: Any) -> bool:
         return sock is not None and sock.fileno() >= 0 and not readable(sock.fileno())
@@ -149,8 +149,8 @@ class GreenHttp:
         timeout: float | None,
     ) -> Response:
         """One request, its answer read whole within `timeout` seconds (else
-        TimeoutError; None: no limit); ExchangeFailed for any other failure. `headers` are sent as
-        given, with Host and Content-Length added when they are not among them."""
+        TimeoutError; None: no limit); ExchangeFailed for any other failure. `headers`
+        are sent as given, with Host and Content-Length added when not among them."""
         lines = [f"{method} {target} HTTP/1.1"]
         names = set()
         for name, value in headers:
