@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -128,12 +129,7 @@ class HttpLLM(ChatCompletionsLLM):
             # http.client refuses a header it cannot send (a key with a newline, say):
             # nothing was sent, as when the server cannot be reached.
             return self._unreachable(exc)
-        data = response.data
-        if not 200 <= response.status < 300:
-            return self._status_failure(
-                response.status, response.headers, error_message(_decode_error(data))
-            )
-        return self._read_reply(data)
+        return self._judged(response.status, response.headers, response.data)
 
     def _green_attempt(
         self, body: bytes, timeout: float, connect_timeout: float, started: float
@@ -150,11 +146,14 @@ class HttpLLM(ChatCompletionsLLM):
             return self._timed_out(timeout, connect_timeout, started, exc)
         except (ExchangeFailed, UnsendableRequest) as exc:
             return self._unreachable(exc)
-        if not 200 <= response.status < 300:
-            headers = {name.lower(): value for name, value in response.headers}
-            return self._status_failure(
-                response.status, headers, error_message(_decode_error(data))
-            )
+        headers = {name.lower(): value for name, value in response.headers}
+        return self._judged(response.status, headers, data)
+
+    def _judged(self, status: int, headers: Mapping[str, str], data: bytes) -> Reply | Failure:
+        """A response, however it was sent: the reply in a 2xx, else why it failed.
+        `headers` must match names case-insensitively (or be lower-cased)."""
+        if not 200 <= status < 300:
+            return self._status_failure(status, headers, error_message(_decode_error(data)))
         return self._read_reply(data)
 
 
