@@ -111,6 +111,17 @@ class FakeLLM:
         )
 
 
+def _status_read(qna: QnA, abandoned_before: datetime | None) -> Status:
+    """The status a reader is told: pending since before `abandoned_before` is failed."""
+    if (
+        qna.status is Status.PENDING
+        and abandoned_before is not None
+        and qna.created_at < abandoned_before
+    ):
+        return Status.FAILED
+    return qna.status
+
+
 def _key(qna: QnA) -> tuple[datetime, UUID]:
     # UUID ordering is by its 128-bit integer, which is PostgreSQL's byte order for uuid.
     return (qna.created_at, qna.id)
@@ -176,8 +187,17 @@ class FakeRepository:
         qna = self._visible().get(qna_id)
         return copy.deepcopy(qna) if qna is not None else None
 
-    def list(self, *, limit: int, before: PageKey | None = None) -> Sequence[QnA]:
+    def list(
+        self,
+        *,
+        limit: int,
+        before: PageKey | None = None,
+        status: Status | None = None,
+        abandoned_before: datetime | None = None,
+    ) -> Sequence[QnA]:
         rows: Iterable[QnA] = self._visible().values()
+        if status is not None:
+            rows = [qna for qna in rows if _status_read(qna, abandoned_before) is status]
         if before is not None:
             bound = (before.created_at, before.id)
             rows = [qna for qna in rows if _key(qna) < bound]

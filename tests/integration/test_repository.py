@@ -182,6 +182,38 @@ def test_add_or_answer_from_cache_adds_it_pending_without_a_source(
     assert stored is not None and stored.status is Status.PENDING
 
 
+def test_list_by_status_counts_a_pending_record_older_than_the_cutoff_as_failed(
+    uow: SqlAlchemyUnitOfWork,
+) -> None:
+    failed = QnA.ask("failed", model="m", now=T0 - timedelta(hours=2))
+    failed.record_failure(LLMTimeout("slow"), latency_ms=1, now=T0)
+    answered = QnA.ask("answered", model="m", now=T0 - timedelta(hours=1, seconds=1))
+    answered.record_answer(
+        answer="a", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=T0
+    )
+    stale = QnA.ask("stale", model="m", now=T0 - timedelta(hours=1))
+    fresh = QnA.ask("fresh", model="m", now=T0)
+    at_the_cutoff = QnA.ask("at the cutoff", model="m", now=T0 - timedelta(minutes=5))
+    store(uow, failed, answered, stale, fresh, at_the_cutoff)
+    cutoff = T0 - timedelta(minutes=5)
+
+    def listed(status: Status | None, **kwargs: Any) -> list[str]:
+        with uow:
+            records = uow.qnas.list(limit=10, status=status, abandoned_before=cutoff, **kwargs)
+        return [q.question for q in records]
+
+    assert listed(Status.FAILED) == ["stale", "failed"]
+    assert listed(Status.PENDING) == ["fresh", "at the cutoff"]
+    assert listed(Status.ANSWERED) == ["answered"]
+    assert listed(None) == ["fresh", "at the cutoff", "stale", "answered", "failed"]
+    assert listed(Status.FAILED, before=PageKey(created_at=stale.created_at, id=stale.id)) == [
+        "failed"
+    ]
+    with uow:
+        as_stored = uow.qnas.list(limit=10, status=Status.PENDING)
+    assert [q.question for q in as_stored] == ["fresh", "at the cutoff", "stale"]
+
+
 def test_list_pending_finds_old_pending_only(uow: SqlAlchemyUnitOfWork) -> None:
     stale = QnA.ask("stale", model="m", now=T0 - timedelta(hours=1))
     fresh = QnA.ask("fresh", model="m", now=T0)

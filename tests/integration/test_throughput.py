@@ -18,9 +18,14 @@ from flask import Flask
 from sqlalchemy import create_engine, insert, select, text, update
 
 from qna.adapters.sqlalchemy import migrate
-from qna.adapters.sqlalchemy.repository import add_or_answer_from_cache_statement
+from qna.adapters.sqlalchemy.repository import (
+    add_or_answer_from_cache_statement,
+    list_statement,
+)
 from qna.adapters.sqlalchemy.tables import qn_a, row_values
+from qna.domain.errors import LLMTimeout
 from qna.domain.model import QnA
+from qna.domain.model import Status as RecordStatus
 from tests.integration.conftest import AppFactory
 from tests.support.databases import scratch_database
 from tests.support.fake_openai import FakeOpenAI, Status
@@ -128,6 +133,54 @@ def test_a_failed_answer_is_never_served_from_the_cache(
 
     assert fake_openai.calls == 2
     assert answered["source_id"] is None
+
+
+@pytest.mark.postgres
+def test_a_page_of_failures_reads_their_index_not_the_history(empty_postgres_url: str) -> None:
+    """Failures are few among many answers: the planner finds a page of them (the
+    abandoned included) from the partial indexes, not by reading the history."""
+    engine = create_engine(empty_postgres_url)
+    try:
+        migrate.upgrade(engine)
+        now = datetime.now(UTC)
+        rows = []
+        for i in range(20000):
+            qna = QnA.ask(f"Question number {i}?", model="gpt-test", now=now)
+            if i % 1000:
+                qna.record_answer(
+                    answer="a",
+                    model="m",
+                    prompt_tokens=1,
+                    completion_tokens=1,
+                    latency_ms=1,
+                    now=now,
+                )
+            else:
+                qna.record_failure(LLMTimeout("slow"), latency_ms=1, now=now)
+            rows.append(row_values(qna))
+        with engine.begin() as connection:
+            connection.execute(insert(qn_a), rows)
+            connection.execute(text("ANALYZE qn_a"))
+        plans = {}
+        for status in (RecordStatus.FAILED, RecordStatus.PENDING):
+            statement = list_statement(
+                limit=21, status=status, abandoned_before=now - timedelta(minutes=5)
+            )
+            with engine.connect() as connection:
+                compiled = statement.compile(
+                    dialect=connection.dialect, compile_kwargs={"literal_binds": True}
+                )
+                plans[status] = "\n".join(
+                    row[0] for row in connection.exec_driver_sql("EXPLAIN " + str(compiled))
+                )
+    finally:
+        engine.dispose()
+
+    assert "ix_qn_a_failed_created_at_id" in plans[RecordStatus.FAILED], plans[RecordStatus.FAILED]
+    assert "ix_qn_a_pending_created_at" in plans[RecordStatus.PENDING], plans[RecordStatus.PENDING]
+    for plan in plans.values():
+        assert "Seq Scan" not in plan, plan
+        assert "ix_qn_a_created_at_id" not in plan, plan
 
 
 @pytest.mark.postgres

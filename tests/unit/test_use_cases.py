@@ -6,13 +6,14 @@ import base64
 import json
 import time
 from datetime import timedelta
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 
 from qna.application import AskQuestion, GetQnA, InvalidArgument, InvalidCursor, ListQnA
 from qna.application.ports import Completion
-from qna.application.use_cases import encode_cursor
+from qna.application.use_cases import Page, encode_cursor
 from qna.domain import (
     InvalidQuestion,
     LLMError,
@@ -22,7 +23,7 @@ from qna.domain import (
     QnA,
     Status,
 )
-from qna.domain.errors import LLM_ERRORS, OutcomeNotStored, StorageUnavailable
+from qna.domain.errors import LLM_ERRORS, LLMTimeout, OutcomeNotStored, StorageUnavailable
 from tests.fakes import START, FakeClock, FakeLLM, FakeTimer, FakeUnitOfWorkFactory
 
 TTL = timedelta(hours=1)
@@ -598,6 +599,103 @@ def test_next_cursor_points_past_the_last_item_of_the_page(world: World) -> None
     page = ListQnA(world.uow)(limit=2)
 
     assert page.next_cursor == encode_cursor(expected[1])
+
+
+# --- ListQnA: by status -------------------------------------------------------------
+
+
+def _seed_every_status(world: World) -> dict[str, QnA]:
+    """One record of each kind, oldest first: a failure, an answer, a pending ask whose
+    asker died (older than abandon_after), and one still being answered."""
+    failed = QnA.ask("failed", model="m", now=START)
+    failed.record_failure(LLMTimeout("slow"), latency_ms=1, now=START)
+    answered = QnA.ask("answered", model="m", now=START + timedelta(minutes=1))
+    answered.record_answer(
+        answer="a", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=START
+    )
+    abandoned = QnA.ask("abandoned", model="m", now=START + timedelta(minutes=2))
+    pending = QnA.ask("pending", model="m", now=START + timedelta(minutes=9))
+    world.uow.seed(failed, answered, abandoned, pending)
+    world.clock.advance(START + timedelta(minutes=10) - world.clock())
+    return {q.question: q for q in (failed, answered, abandoned, pending)}
+
+
+def _list(world: World, **kwargs: Any) -> Page:
+    return ListQnA(world.uow, abandon_after=timedelta(minutes=5), clock=world.clock)(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (Status.FAILED, ["abandoned", "failed"]),
+        ("failed", ["abandoned", "failed"]),
+        (Status.ANSWERED, ["answered"]),
+        ("pending", ["pending"]),
+        (None, ["pending", "abandoned", "answered", "failed"]),
+    ],
+)
+def test_list_by_status_counts_an_abandoned_ask_as_failed(
+    world: World, status: Status | str | None, expected: list[str]
+) -> None:
+    _seed_every_status(world)
+
+    page = _list(world, status=status)
+
+    assert [q.question for q in page.items] == expected
+    if status is not None:
+        assert {q.status for q in page.items} == {Status(status)}
+    assert page.next_cursor is None
+
+
+def test_listing_failures_closes_the_abandoned_it_shows(world: World) -> None:
+    seeded = _seed_every_status(world)
+
+    page = _list(world, status="failed")
+
+    shown = {q.question: (q.status, q.error_kind) for q in page.items}
+    assert shown["abandoned"] == (Status.FAILED, "abandoned")
+    assert world.stored(seeded["abandoned"].id).status is Status.FAILED
+    # Now stored as failed, it is found as one without the abandoned rule.
+    assert [q.question for q in _list(world, status="failed").items] == ["abandoned", "failed"]
+
+
+def test_walking_pages_of_one_status_visits_each_of_its_records_once(world: World) -> None:
+    records = []
+    for index in range(11):
+        qna = QnA.ask(f"q{index}", model="m", now=START + timedelta(seconds=index // 2))
+        if index % 3:
+            qna.record_failure(LLMTimeout("slow"), latency_ms=1, now=START)
+        else:
+            qna.record_answer(
+                answer="a", model="m", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=START
+            )
+        records.append(qna)
+    world.uow.seed(*records)
+    failures = sorted(
+        (q for q in records if q.status is Status.FAILED),
+        key=lambda q: (q.created_at, q.id),
+        reverse=True,
+    )
+
+    seen: list[QnA] = []
+    cursor = None
+    while True:
+        page = _list(world, status=Status.FAILED, limit=3, cursor=cursor)
+        seen.extend(page.items)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+
+    assert [q.id for q in seen] == [q.id for q in failures]
+    assert len(seen) == 7
+
+
+@pytest.mark.parametrize("status", ["FAILED", "done", "", " failed", 1, True, ["failed"]], ids=repr)
+def test_a_status_that_is_none_of_the_three_is_refused(world: World, status: object) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        _list(world, status=status)
+
+    assert raised.value.message == "status must be one of pending, answered, failed."
 
 
 def test_the_default_sleep_is_time_sleep_as_it_is_when_called(

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Protocol, Self
 from uuid import UUID
 
-from qna.domain.model import QnA
+from qna.domain.model import QnA, Status
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,17 @@ class QnARepository(Protocol):
 
     def get(self, qna_id: UUID) -> QnA | None: ...
 
-    def list(self, *, limit: int, before: PageKey | None = None) -> Sequence[QnA]:
-        """Newest first, by (created_at, id)."""
+    def list(
+        self,
+        *,
+        limit: int,
+        before: PageKey | None = None,
+        status: Status | None = None,
+        abandoned_before: datetime | None = None,
+    ) -> Sequence[QnA]:
+        """Newest first, by (created_at, id). With `status`, only the records in it,
+        where one still pending but created before `abandoned_before` counts as failed
+        (its asker died: `QnA.is_abandoned`), as readers are told."""
         ...
 
     def add_or_answer_from_cache(self, qna: QnA, *, since: datetime, now: datetime) -> QnA:

@@ -262,12 +262,12 @@ class _ReadsHistory:
         self._abandon_after = abandon_after
         self._clock = clock
 
-    def _report_abandoned(self, records: Sequence[QnA]) -> None:
+    def _report_abandoned(self, records: Sequence[QnA], *, now: datetime | None = None) -> None:
         """The abandoned among `records` (once read) are reported as failed, and stored
         so when the database takes the write, in a unit of work of its own. The read
         does not fail for want of it: a database that takes no writes (a standby, a
         read-only file) still shows its history."""
-        now = self._clock()
+        now = now if now is not None else self._clock()
         if not any(qna.is_abandoned(now=now, after=self._abandon_after) for qna in records):
             return
         try:
@@ -298,12 +298,20 @@ class Page:
 
 
 class ListQnA(_ReadsHistory):
-    """The history, newest first, a page at a time (keyset pagination)."""
+    """The history, newest first, a page at a time (keyset pagination); with `status`,
+    only the records in it — as readers see them: a record whose asker died mid-ask is
+    failed (abandoned), not pending, whether or not that was stored yet."""
 
     DEFAULT_LIMIT = 20
     MAX_LIMIT = 100
 
-    def __call__(self, *, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
+    def __call__(
+        self,
+        *,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+        status: Status | str | None = None,
+    ) -> Page:
         # bool is an int to Python, and 1.5 passes a range check: neither is a limit.
         if (
             isinstance(limit, bool)
@@ -314,10 +322,20 @@ class ListQnA(_ReadsHistory):
         # "" is no cursor a page gave out, not the first page: a caller paging on
         # with one would start over, for ever.
         before = decode_cursor(cursor) if cursor is not None else None
+        wanted = parse_status(status) if status is not None else None
+        # One instant for what the query counts as abandoned and what is reported so.
+        now = self._clock()
         with self._uow() as uow:
             # One extra row tells whether another page follows without a COUNT.
-            rows = list(uow.qnas.list(limit=limit + 1, before=before))
-        self._report_abandoned(rows)
+            rows = list(
+                uow.qnas.list(
+                    limit=limit + 1,
+                    before=before,
+                    status=wanted,
+                    abandoned_before=now - self._abandon_after,
+                )
+            )
+        self._report_abandoned(rows, now=now)
         items = rows[:limit]
         has_more = len(rows) > limit
         return Page(items=items, next_cursor=encode_cursor(items[-1]) if has_more else None)
@@ -364,6 +382,16 @@ def _close_abandoned(
     if closed:
         uow.commit()
     return closed
+
+
+def parse_status(status: Status | str) -> Status:
+    """A status as given by a caller: one of Status, or its value."""
+    try:
+        return Status(status)
+    except ValueError:
+        pass
+    names = ", ".join(member.value for member in Status)
+    raise InvalidArgument(f"status must be one of {names}.")
 
 
 def encode_cursor(qna: QnA) -> str:

@@ -195,15 +195,17 @@ class SqlAlchemyQnARepository:
     def get(self, qna_id: UUID) -> QnA | None:
         return self._first(_BY_ID, {"row_id": qna_id})
 
-    def list(self, *, limit: int, before: PageKey | None = None) -> Sequence[QnA]:
-        query = select(qn_a).order_by(qn_a.c.created_at.desc(), qn_a.c.id.desc()).limit(limit)
-        if before is not None:
-            query = query.where(
-                or_(
-                    qn_a.c.created_at < before.created_at,
-                    and_(qn_a.c.created_at == before.created_at, qn_a.c.id < before.id),
-                )
-            )
+    def list(
+        self,
+        *,
+        limit: int,
+        before: PageKey | None = None,
+        status: Status | None = None,
+        abandoned_before: datetime | None = None,
+    ) -> Sequence[QnA]:
+        query = list_statement(
+            limit=limit, before=before, status=status, abandoned_before=abandoned_before
+        )
         return [to_domain(row) for row in self._connect().execute(query).mappings()]
 
     def add_or_answer_from_cache(self, qna: QnA, *, since: datetime, now: datetime) -> QnA:
@@ -230,6 +232,41 @@ class SqlAlchemyQnARepository:
     def _first(self, query: Select[Any], params: dict[str, Any] | None = None) -> QnA | None:
         row = self._connect().execute(query, params or {}).mappings().first()
         return to_domain(row) if row is not None else None
+
+
+def list_statement(
+    *,
+    limit: int,
+    before: PageKey | None = None,
+    status: Status | None = None,
+    abandoned_before: datetime | None = None,
+) -> Select[Any]:
+    """The query of `SqlAlchemyQnARepository.list` (to EXPLAIN it)."""
+    query = select(qn_a).order_by(qn_a.c.created_at.desc(), qn_a.c.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(_read_as(status, abandoned_before))
+    if before is not None:
+        query = query.where(
+            or_(
+                qn_a.c.created_at < before.created_at,
+                and_(qn_a.c.created_at == before.created_at, qn_a.c.id < before.id),
+            )
+        )
+    return query
+
+
+def _read_as(status: Status, abandoned_before: datetime | None) -> ColumnElement[bool]:
+    """Records a reader is told are in `status`: one pending since before
+    `abandoned_before` is failed. Each case is served by an index (tables.py): the
+    failed and the pending by their partial ones, the answered — nearly all — by
+    the history's own."""
+    stored = qn_a.c.status == status.value
+    if abandoned_before is None or status is Status.ANSWERED:
+        return stored
+    pending = qn_a.c.status == Status.PENDING.value
+    if status is Status.PENDING:
+        return and_(pending, qn_a.c.created_at >= abandoned_before)
+    return or_(stored, and_(pending, qn_a.c.created_at < abandoned_before))
 
 
 @contextlib.contextmanager

@@ -75,6 +75,7 @@ def question_key(question: str) -> str:
 
 _CACHEABLE = "status = 'answered' AND source_id IS NULL"
 _PENDING = "status = 'pending'"
+_FAILED = "status = 'failed'"
 
 qn_a = Table(
     "qn_a",
@@ -117,6 +118,15 @@ qn_a = Table(
         "created_at",
         postgresql_where=text(_PENDING),
         sqlite_where=text(_PENDING),
+    ),
+    # The history of failures alone, newest first (partial: failures are few, and
+    # without it a page of them would read the whole history to find one).
+    Index(
+        "ix_qn_a_failed_created_at_id",
+        "created_at",
+        "id",
+        postgresql_where=text(_FAILED),
+        sqlite_where=text(_FAILED),
     ),
 )
 
