@@ -467,6 +467,52 @@ def test_history_limit_out_of_range_is_a_usage_error(fake: FakeOpenAI, limit: st
     assert "-n" in line or "--limit" in line
 
 
+def test_history_by_status_lists_only_that_state_and_keeps_it_in_the_hint(
+    fake: FakeOpenAI,
+) -> None:
+    fake.script(Status(400), Status(400))
+    failures = []
+    for n in range(2):
+        refused = qna("ask", f"Refused {n}?", "--json")
+        assert refused.exit_code == 10, refused.stderr
+        failures.append(json.loads(refused.stdout)["id"])
+    answered = qna_json("ask", QUESTION)["id"]
+
+    assert [item["id"] for item in qna_json("history", "--status", "failed")["items"]] == (
+        failures[::-1]
+    )
+    assert [item["id"] for item in qna_json("history", "--status", "answered")["items"]] == [
+        answered
+    ]
+    text = qna("history", "--status", "FAILED", "-n", "1")
+    assert text.exit_code == 0
+    assert failures[1] in text.stdout and failures[0] not in text.stdout
+    cursor = qna_json("history", "--status", "failed", "-n", "1")["next"]
+    # Following the hint reads on among the failures, not the whole history.
+    assert f"(more: qna history -n 1 --status failed --cursor {cursor})" in text.stdout
+    rest = qna_json("history", "--status", "failed", "-n", "1", "--cursor", cursor)
+    assert [item["id"] for item in rest["items"]] == [failures[0]]
+    assert rest["next"] is None
+
+
+def test_history_by_a_status_with_no_records_says_so(fake: FakeOpenAI) -> None:
+    qna_json("ask", QUESTION)
+
+    text = qna("history", "--status", "pending")
+
+    assert text.exit_code == 0
+    assert text.stdout == ""
+    assert text.stderr.strip() == "No pending questions yet."
+
+
+def test_history_by_an_unknown_status_is_a_usage_error(fake: FakeOpenAI) -> None:
+    result = qna("history", "--status", "done")
+
+    assert result.exit_code == 2
+    line = error_line(result.stderr)
+    assert "--status" in line and "'pending', 'answered', 'failed'" in line
+
+
 def test_show_prints_one_record(fake: FakeOpenAI) -> None:
     asked = qna_json("ask", QUESTION)
 

@@ -78,6 +78,20 @@ def test_history_pages_newest_first(client: qna.Client) -> None:
     assert [item.id for item in client.history().items] == newest_first
 
 
+def test_history_by_status(client: qna.Client, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Status(400))
+    with pytest.raises(qna.LLMRefused) as refused:
+        client.ask("Refused?")
+    answered = client.ask("Answered?")
+
+    failed = client.history(status="failed").items
+    assert [item.id for item in failed] == [refused.value.qna_id]
+    assert [item.id for item in client.history(status=qna.Status.ANSWERED).items] == [answered.id]
+    assert list(client.history(status="pending").items) == []
+    with pytest.raises(qna.InvalidArgument, match="status must be one of"):
+        client.history(status="FAILED")
+
+
 @pytest.mark.parametrize("question", ["", "   ", "a\x00b", "x" * 4001])
 def test_an_invalid_question_raises_and_stores_nothing(
     client: qna.Client, fake_openai: FakeOpenAI, database_url: str, question: str

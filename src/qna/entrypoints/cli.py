@@ -458,23 +458,31 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     help="Continue where an earlier page ended: the cursor its last line names "
     "(with --json, its `next`).",
 )
+@click.option(
+    "--status",
+    type=click.Choice([status.value for status in Status], case_sensitive=False),
+    help="Only the records in this state (an ask whose process died mid-ask is failed).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print records and the next cursor as JSON.")
 @pass_app
 @handles_errors
-def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> None:
+def history(
+    app: AppContext, limit: int, cursor: str | None, status: str | None, as_json: bool
+) -> None:
     """List recent questions, newest first.
 
     \b
     Exit codes: 0 listed (also when there is nothing to list), 3 configuration,
     4 a cursor this command did not give out, 6 database unavailable.
     """
-    page = app.container().list_qna()(limit=limit, cursor=cursor)
+    page = app.container().list_qna()(limit=limit, cursor=cursor, status=status)
     if as_json:
         emit_json({"items": [qna_to_dict(q) for q in page.items], "next": page.next_cursor})
         return
     if not page.items:
         # On stderr: a person sees why nothing came, a script still reads no lines.
-        tell("No questions yet." if cursor is None else "No more questions.")
+        which = f"{status} questions" if status else "questions"
+        tell(f"No {which} yet." if cursor is None else f"No more {which}.")
     for qna in page.items:
         # Stored and shown in UTC; said so, or it reads as the local time.
         stamp = qna.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -483,7 +491,8 @@ def history(app: AppContext, limit: int, cursor: str | None, as_json: bool) -> N
     if page.next_cursor:
         # The same page size as this one: following the hint should read on, not re-page.
         size = f"-n {limit} " if limit != ListQnA.DEFAULT_LIMIT else ""
-        say(f"(more: qna history {size}--cursor {page.next_cursor})")
+        only = f"--status {status} " if status else ""
+        say(f"(more: qna history {size}{only}--cursor {page.next_cursor})")
 
 
 @cli.command()

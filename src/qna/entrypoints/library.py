@@ -27,7 +27,7 @@ from qna.container import (
     upgrade_database,
     warm_up,
 )
-from qna.domain.model import QnA
+from qna.domain.model import QnA, Status
 
 
 class Client:
@@ -60,13 +60,22 @@ class Client:
         """One stored record; raises `qna.NotFound`."""
         return self._open().get_qna()(qna_id)
 
-    def history(self, *, limit: int = ListQnA.DEFAULT_LIMIT, cursor: str | None = None) -> Page:
+    def history(
+        self,
+        *,
+        limit: int = ListQnA.DEFAULT_LIMIT,
+        cursor: str | None = None,
+        status: Status | str | None = None,
+    ) -> Page:
         """Newest first; pass `page.next_cursor` back as `cursor` for older records.
+        With `status` (a `qna.Status` or its value), only the records in it: an ask
+        whose process died mid-ask is failed, not pending.
 
-        Raises `qna.InvalidArgument` when `limit` is not an integer from 1 to 100, and
-        its subclass `qna.InvalidCursor` when `cursor` is not of the form a page gives out.
+        Raises `qna.InvalidArgument` when `limit` is not an integer from 1 to 100 or
+        `status` is none of "pending", "answered", "failed", and its subclass
+        `qna.InvalidCursor` when `cursor` is not of the form a page gives out.
         """
-        return self._open().list_qna()(limit=limit, cursor=cursor)
+        return self._open().list_qna()(limit=limit, cursor=cursor, status=status)
 
     def close(self) -> None:
         """Close the database pool and the LLM client; calling it again does nothing."""

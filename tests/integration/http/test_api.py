@@ -1168,6 +1168,38 @@ def test_failures_are_listed_in_the_history(client: FlaskClient, fake_openai: Fa
     ]
 
 
+def test_the_history_of_one_status(client: FlaskClient, fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(Status(503), Status(503))
+    failed = [assert_error(ask(client, f"q{n}"), 503, "llm_unavailable")["qna_id"] for n in (0, 1)]
+    answered = created(ask(client, "second"))
+
+    first = client.get("/questions?status=failed&limit=1").get_json()
+    rest = client.get(f"/questions?status=failed&limit=1&cursor={first['next']}").get_json()
+    only_answered = client.get("/questions?status=answered").get_json()
+
+    assert [item["id"] for item in first["items"] + rest["items"]] == failed[::-1]
+    assert rest["next"] is None
+    assert [item["id"] for item in only_answered["items"]] == [answered["id"]]
+    assert client.get("/questions?status=pending").get_json() == {"items": [], "next": None}
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("status=done", "status must be one of pending, answered, failed."),
+        ("status=", "status must be one of pending, answered, failed."),
+        ("status=Failed", "status must be one of pending, answered, failed."),
+        ("status=failed&status=answered", "Give status at most once."),
+    ],
+)
+def test_a_history_status_that_is_not_one_is_400(
+    client: FlaskClient, query: str, message: str
+) -> None:
+    error = assert_error(client.get(f"/questions?{query}"), 400, "invalid_argument")
+
+    assert error["message"] == message
+
+
 def test_metrics_count_failures(client: FlaskClient, fake_openai: FakeOpenAI) -> None:
     fake_openai.script(Status(429))
     ask(client, QUESTION)

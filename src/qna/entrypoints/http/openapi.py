@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from qna.application.use_cases import ListQnA
+from qna.domain.model import Status
 from qna.entrypoints.presenters import AskRequest, ErrorResponse, Health, QnAOut, QnAPage
 
 REF = "#/components/schemas/{model}"
@@ -240,6 +241,15 @@ def openapi_document(
                             "description": "The `next` value of the previous page.",
                             "schema": {"type": "string", "minLength": 1},
                         },
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "required": False,
+                            "description": "Only the records in this state. An ask whose "
+                            "process died mid-ask is `failed` (error kind `abandoned`), "
+                            "not `pending`.",
+                            "schema": {"type": "string", "enum": [s.value for s in Status]},
+                        },
                     ],
                     "responses": {
                         "200": _json(QnAPage, "A page of records."),
@@ -250,9 +260,10 @@ def openapi_document(
                             503,
                             texts={
                                 400: "limit is not an integer from 1 to "
-                                f"{ListQnA.MAX_LIMIT}, or limit "
-                                "or cursor is given twice (`invalid_argument`), or cursor "
-                                "is not the next of a page (`invalid_cursor`).",
+                                f"{ListQnA.MAX_LIMIT}, status is not one of its values, "
+                                "or limit, cursor or status is given twice "
+                                "(`invalid_argument`), or cursor is not the next of a "
+                                "page (`invalid_cursor`).",
                                 503: DATABASE_UNAVAILABLE,
                             },
                         ),

@@ -183,7 +183,7 @@ def ask() -> Response:
 
 @bp.get("/questions")
 def list_questions() -> Response:
-    for name in ("limit", "cursor"):
+    for name in ("limit", "cursor", "status"):
         # Which one was meant cannot be known; taking the first would answer a guess.
         if len(request.args.getlist(name)) > 1:
             raise ApiError(400, "invalid_argument", f"Give {name} at most once.")
@@ -191,7 +191,9 @@ def list_questions() -> Response:
     list_qna: ListQnA = _container().list_qna(uow=units_of_work())
     # An empty cursor is passed on, and refused: no page gives it out, and read as none
     # it was the first page again, so a client paging on after the last one looped.
-    page = list_qna(limit=limit, cursor=request.args.get("cursor"))
+    page = list_qna(
+        limit=limit, cursor=request.args.get("cursor"), status=request.args.get("status")
+    )
     body = QnAPage(items=[QnAOut.from_domain(q) for q in page.items], next=page.next_cursor)
     return jsonify(body.model_dump(mode="json"))
 
