@@ -15,7 +15,7 @@ from uuid import UUID
 import pytest
 import requests
 from flask import Flask
-from sqlalchemy import create_engine, insert, select, text, update
+from sqlalchemy import Engine, create_engine, insert, select, text, update
 
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.repository import (
@@ -135,32 +135,40 @@ def test_a_failed_answer_is_never_served_from_the_cache(
     assert answered["source_id"] is None
 
 
+def _history_with_statistics(engine: Engine, count: int, *, failed_every: int = 0) -> datetime:
+    """Migrate, store `count` answered records (every `failed_every`-th failed) and
+    ANALYZE them, so the planner plans as it would for a real history. Returns their
+    creation time."""
+    migrate.upgrade(engine)
+    now = datetime.now(UTC)
+    rows = []
+    for i in range(count):
+        qna = QnA.ask(f"Question number {i}?", model="gpt-test", now=now)
+        if failed_every and i % failed_every == 0:
+            qna.record_failure(LLMTimeout("slow"), latency_ms=1, now=now)
+        else:
+            qna.record_answer(
+                answer="a",
+                model="gpt-test",
+                prompt_tokens=1,
+                completion_tokens=1,
+                latency_ms=1,
+                now=now,
+            )
+        rows.append(row_values(qna))
+    with engine.begin() as connection:
+        connection.execute(insert(qn_a), rows)
+        connection.execute(text("ANALYZE qn_a"))
+    return now
+
+
 @pytest.mark.postgres
 def test_a_page_of_failures_reads_their_index_not_the_history(empty_postgres_url: str) -> None:
     """Failures are few among many answers: the planner finds a page of them (the
     abandoned included) from the partial indexes, not by reading the history."""
     engine = create_engine(empty_postgres_url)
     try:
-        migrate.upgrade(engine)
-        now = datetime.now(UTC)
-        rows = []
-        for i in range(20000):
-            qna = QnA.ask(f"Question number {i}?", model="gpt-test", now=now)
-            if i % 1000:
-                qna.record_answer(
-                    answer="a",
-                    model="m",
-                    prompt_tokens=1,
-                    completion_tokens=1,
-                    latency_ms=1,
-                    now=now,
-                )
-            else:
-                qna.record_failure(LLMTimeout("slow"), latency_ms=1, now=now)
-            rows.append(row_values(qna))
-        with engine.begin() as connection:
-            connection.execute(insert(qn_a), rows)
-            connection.execute(text("ANALYZE qn_a"))
+        now = _history_with_statistics(engine, 20000, failed_every=1000)
         plans = {}
         for status in (RecordStatus.FAILED, RecordStatus.PENDING):
             statement = list_statement(
@@ -189,23 +197,7 @@ def test_the_cache_lookup_uses_its_index(empty_postgres_url: str) -> None:
     cache look-up in the repository's exact insert from the cache index, not a scan."""
     engine = create_engine(empty_postgres_url)
     try:
-        migrate.upgrade(engine)
-        now = datetime.now(UTC)
-        rows = []
-        for i in range(5000):
-            qna = QnA.ask(f"Question number {i}?", model="gpt-test", now=now)
-            qna.record_answer(
-                answer="a",
-                model="gpt-test",
-                prompt_tokens=1,
-                completion_tokens=1,
-                latency_ms=1,
-                now=now,
-            )
-            rows.append(row_values(qna))
-        with engine.begin() as connection:
-            connection.execute(insert(qn_a), rows)
-            connection.execute(text("ANALYZE qn_a"))
+        now = _history_with_statistics(engine, 5000)
         asked = QnA.ask("question NUMBER 42?", model="gpt-test", now=now)
         statement, values = add_or_answer_from_cache_statement(
             asked, since=now - timedelta(hours=1), now=now
