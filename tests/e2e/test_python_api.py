@@ -461,6 +461,18 @@ def test_bad_history_arguments_raise_errors_named_in_qna(client: qna.Client) -> 
         client.history(cursor="")
 
 
+@pytest.mark.parametrize("fresh", ["no", 0, None], ids=repr)
+def test_a_fresh_that_is_not_a_bool_raises_invalid_argument_and_stores_nothing(
+    client: qna.Client, fake_openai: FakeOpenAI, database_url: str, fresh: object
+) -> None:
+    # Before: fresh="no" was taken as true, and the cache skipped.
+    with pytest.raises(qna.InvalidArgument, match="fresh must be True or False"):
+        client.ask(QUESTION, fresh=fresh)  # type: ignore[arg-type]
+
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
 def test_help_and_dir_show_everything_qna_exports() -> None:
     # The client, connect and Settings load lazily; help(qna) listed none of them.
     assert set(qna.__all__) <= set(dir(qna))

@@ -282,6 +282,20 @@ def test_the_configured_maximum_length_is_used(world: World) -> None:
     assert llm.calls == 1
 
 
+@pytest.mark.parametrize("fresh", ["no", "false", 0, 1, None], ids=repr)
+def test_a_fresh_that_is_not_a_bool_is_refused_before_anything_happens(
+    world: World, fresh: object
+) -> None:
+    # Before: "no" was truthy, so the cache was skipped and the LLM asked.
+    llm = FakeLLM()
+
+    with pytest.raises(InvalidArgument, match="fresh must be True or False"):
+        world.ask(llm, cache_ttl=TTL).ask("What is six times seven?", fresh=fresh)  # type: ignore[arg-type]
+
+    assert llm.calls == 0
+    assert world.uow.opened == 0
+
+
 # --- AskQuestion: the answer cache ---------------------------------------------------
 
 

@@ -122,6 +122,9 @@ class AskQuestion:
     ) -> Asked:
         """Like calling it, and also says whether the answer is a replay."""
         text = parse_question(question, max_length=self._max_question_length)
+        # Not its truth: "no" and "false" are true to Python, and would skip the cache.
+        if not isinstance(fresh, bool):
+            raise InvalidArgument(f"fresh must be True or False, not {type(fresh).__name__}.")
         qna = QnA.ask(text, model=self._llm.model, now=self._clock())
         if idempotency_key is None:
             return Asked(self._ask(qna, fresh=fresh))

@@ -50,8 +50,9 @@ class Client:
     def ask(self, question: str, *, fresh: bool = False) -> QnA:
         """Ask, store and return the answered record.
 
-        Raises `qna.InvalidQuestion` before anything is stored, or a subclass of
-        `qna.LLMError` (after the failure is stored) when the LLM does not answer;
+        Raises `qna.InvalidQuestion`, or `qna.InvalidArgument` for a `fresh` that is
+        not a bool, before anything is stored; a subclass of `qna.LLMError` (after
+        the failure is stored) when the LLM does not answer;
         `qna.OutcomeNotStored` carries the answer the database would not take.
         """
         return self._open().ask_question()(question, fresh=fresh)
