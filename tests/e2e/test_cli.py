@@ -784,6 +784,32 @@ def test_no_api_key_and_no_base_url_exits_3_naming_the_key(
     assert stored_rows(database_url) == []
 
 
+@pytest.mark.parametrize("question", ["", "   ", "bell\x07"], ids=["empty", "blank", "control"])
+def test_an_invalid_question_exits_4_without_an_api_key_too(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, question: str
+) -> None:
+    # Before: exit 3 for the missing key, and the question was refused only once
+    # the key was set. The question is the asker's to fix whatever the settings.
+    monkeypatch.setenv("DATABASE_URL", database_url)
+
+    result = qna("ask", question)
+
+    assert result.exit_code == 4, result.stderr
+    assert "The question" in error_line(result.stderr)
+    assert stored_rows(database_url) == []
+
+
+def test_an_invalid_question_on_stdin_exits_4_without_an_api_key_too(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+
+    result = qna("ask", "-", input="\n\n")
+
+    assert result.exit_code == 4, result.stderr
+    assert "empty" in error_line(result.stderr)
+
+
 @pytest.mark.parametrize("client", ["openai", "http"])
 @pytest.mark.parametrize(
     "key",

@@ -299,6 +299,16 @@ def test_no_api_key_and_no_base_url_is_a_configuration_error(database_url: str) 
     assert stored_rows(database_url) == []
 
 
+def test_an_invalid_question_raises_invalid_question_without_an_api_key_too(
+    database_url: str,
+) -> None:
+    # Before: ConfigurationError, as if setting the key would have made "" a question.
+    with qna.connect(database_url=database_url) as client, pytest.raises(qna.InvalidQuestion):
+        client.ask("   ")
+
+    assert stored_rows(database_url) == []
+
+
 def test_an_unreachable_database_raises_storage_unavailable(fake_openai: FakeOpenAI) -> None:
     with pytest.raises(qna.StorageUnavailable):
         qna.connect(

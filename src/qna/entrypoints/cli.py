@@ -33,7 +33,7 @@ from qna.domain.errors import (
     OutcomeNotStored,
     StorageUnavailable,
 )
-from qna.domain.model import QnA, Status
+from qna.domain.model import QnA, Status, parse_question
 from qna.entrypoints.presenters import qna_to_dict
 
 if TYPE_CHECKING:
@@ -425,6 +425,9 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     """
     max_length = app.container(migrate=False).config.max_question_length()
     question = read_question(question, max_length=max_length)
+    # An invalid question is the asker's to fix whatever the settings: refused (exit 4)
+    # before a missing API key is reported, as it would be once the key is set.
+    parse_question(question, max_length=max_length)
     # A missing API key is a configuration error, reported before the database is
     # touched: with no key and no database, the key is the thing to fix first.
     app.container(migrate=False).llm()

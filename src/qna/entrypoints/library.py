@@ -18,7 +18,7 @@ from typing import Any, Self
 from uuid import UUID
 
 from qna.application.use_cases import ListQnA, Page
-from qna.config import Settings, load_settings
+from qna.config import ConfigurationError, Settings, load_settings
 from qna.container import (
     Container,
     create_container,
@@ -27,7 +27,7 @@ from qna.container import (
     upgrade_database,
     warm_up,
 )
-from qna.domain.model import QnA, Status
+from qna.domain.model import QnA, Status, parse_question
 
 
 class Client:
@@ -55,7 +55,15 @@ class Client:
         the failure is stored) when the LLM does not answer;
         `qna.OutcomeNotStored` carries the answer the database would not take.
         """
-        return self._open().ask_question()(question, fresh=fresh)
+        container = self._open()
+        try:
+            ask_question = container.ask_question()
+        except ConfigurationError:
+            # No API key: an invalid question is still said first, as `qna ask` says it
+            # (only here: a built use case checks the question itself).
+            parse_question(question, max_length=container.config.max_question_length())
+            raise
+        return ask_question(question, fresh=fresh)
 
     def get(self, qna_id: UUID | str) -> QnA:
         """One stored record; raises `qna.NotFound`."""

@@ -497,6 +497,27 @@ def test_a_sqlite_file_that_is_not_a_database_is_503(
     assert fake_openai.calls == 0
 
 
+def test_an_app_without_an_llm_setting_answers_503_misconfigured(
+    make_app: AppFactory, database_url: str
+) -> None:
+    client = make_app(database_url, openai_api_key=None, openai_base_url=None).test_client()
+
+    error = assert_error(ask(client, QUESTION), 503, "misconfigured")
+
+    assert "OPENAI_API_KEY" in error["message"]
+    assert stored_rows(database_url) == []
+
+
+def test_an_invalid_question_is_400_from_an_app_without_an_llm_setting_too(
+    make_app: AppFactory, database_url: str
+) -> None:
+    # Before: 503 misconfigured, as if the question would do once the key was set.
+    client = make_app(database_url, openai_api_key=None, openai_base_url=None).test_client()
+
+    assert_error(ask(client, "   "), 400, "invalid_question")
+    assert stored_rows(database_url) == []
+
+
 def test_a_database_migrated_by_a_newer_qna_is_503_saying_so(
     make_app: AppFactory, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
