@@ -17,7 +17,8 @@ import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from qna.domain.errors import QnAError
+# Defined with the other errors (an adapter raises it too); qna.config's as well.
+from qna.domain.errors import ConfigurationError as ConfigurationError
 from qna.domain.model import MAX_MODEL_LENGTH
 
 DEFAULT_MODEL = "gpt-5-mini"
@@ -383,14 +384,6 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+pysqlite:///{default_database_path()}"
-
-
-class ConfigurationError(QnAError):
-    """A setting is missing or wrong. The message names the variable to fix.
-
-    A QnAError, so that one `except qna.QnAError` covers all that qna refuses."""
-
-    code = "misconfigured"
 
 
 def describe_invalid_settings(exc: ValidationError) -> str:

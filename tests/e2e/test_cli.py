@@ -29,7 +29,12 @@ from qna.adapters.sqlalchemy.tables import qn_a
 from qna.config import DEFAULT_MODEL
 from qna.entrypoints.cli import cli
 from tests.e2e.helpers import error_line, stored_rows
-from tests.support.databases import BROKEN_SQLITE_FILES, broken_sqlite_file
+from tests.support.databases import (
+    BROKEN_SQLITE_FILES,
+    WRONG_PASSWORD,
+    broken_sqlite_file,
+    with_wrong_password,
+)
 from tests.support.fake_openai import (
     DEFAULT_ANSWER,
     Delay,
@@ -1031,6 +1036,28 @@ def test_an_unreachable_database_exits_6(
     assert result.exit_code == 6
     line = error_line(result.stderr)
     assert "secret" not in line
+    assert fake_openai.calls == 0
+
+
+@EVERY_COMMAND_THAT_OPENS_THE_DATABASE
+def test_a_wrong_database_password_exits_3_naming_database_url(
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    postgres_url: str,
+    args: tuple[str, ...],
+) -> None:
+    # It exited 6, "the database is unavailable": an invitation to retry what no
+    # wait mends. The setting is wrong.
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", with_wrong_password(postgres_url))
+
+    result = qna(*args)
+
+    assert result.exit_code == 3, result.stderr
+    line = error_line(result.stderr)
+    assert "DATABASE_URL" in line
+    assert "password authentication failed" in line
+    assert WRONG_PASSWORD not in line
     assert fake_openai.calls == 0
 
 

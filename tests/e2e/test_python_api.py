@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 
 import qna
 from tests.e2e.helpers import stored_rows
+from tests.support.databases import WRONG_PASSWORD, with_wrong_password
 from tests.support.fake_openai import DEFAULT_ANSWER, Delay, FakeOpenAI, Raw, Status, Step
 
 QUESTION = "What is the capital of France?"
@@ -316,6 +317,21 @@ def test_an_unreachable_database_raises_storage_unavailable(fake_openai: FakeOpe
             openai_base_url=fake_openai.base_url,
             db_connect_timeout_s=2,
         )
+
+
+def test_a_wrong_database_password_is_a_configuration_error(
+    fake_openai: FakeOpenAI, postgres_url: str
+) -> None:
+    with pytest.raises(qna.ConfigurationError, match="DATABASE_URL") as raised:
+        qna.connect(
+            database_url=with_wrong_password(postgres_url), openai_base_url=fake_openai.base_url
+        )
+
+    assert "password authentication failed" in str(raised.value)
+    assert WRONG_PASSWORD not in str(raised.value)
+    # Still what it was, for code that catches it as such; but no wait will mend it.
+    assert isinstance(raised.value, qna.StorageUnavailable)
+    assert raised.value.retryable is False
 
 
 def test_a_sqlite_directory_that_cannot_be_made_raises_storage_unavailable(

@@ -25,8 +25,10 @@ from qna.entrypoints.http.server import METRICS_PREFIX, remove_abandoned_metrics
 from tests.e2e.helpers import settings_free_environ
 from tests.support.databases import (
     BROKEN_SQLITE_FILES,
+    WRONG_PASSWORD,
     broken_sqlite_file,
     migrate_as_a_newer_qna,
+    with_wrong_password,
 )
 from tests.support.fake_openai import DEFAULT_ANSWER, FakeOpenAI
 
@@ -362,6 +364,38 @@ def test_serve_refuses_a_database_that_waiting_cannot_mend(tmp_path: Path, kind:
     assert "Traceback" not in text_output
     [line] = text_output.splitlines()
     assert "database" in line
+
+
+def test_serve_refuses_to_start_with_a_wrong_database_password(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    # It started, as for a database that is down, and answered 503 for ever.
+    env = {
+        **settings_free_environ(),
+        "HOME": str(tmp_path / "home"),
+        "DATABASE_URL": with_wrong_password(postgres_url),
+        "OPENAI_BASE_URL": "http://127.0.0.1:1/v1",
+    }
+    process = subprocess.Popen(
+        [*qna_command(), "serve", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"qna serve started:\n{output.decode(errors='replace')}")
+    text_output = output.decode(errors="replace")
+
+    assert process.returncode == 3, text_output
+    [line] = text_output.splitlines()
+    assert "DATABASE_URL" in line
+    assert WRONG_PASSWORD not in line
 
 
 def test_sighup_reloads_the_workers_and_the_server_keeps_serving(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from qna.adapters.sqlalchemy import database, migrate
 from qna.adapters.sqlalchemy.database import normalise_url
@@ -123,3 +123,23 @@ def migrate_as_a_newer_qna(url: str) -> None:
             )
     finally:
         engine.dispose()
+
+
+#: A password the test server refuses; distinctive, so that a test can tell it was not shown.
+WRONG_PASSWORD = "wrong-pw-5b1e0c"
+
+
+def with_wrong_password(url: str) -> str:
+    """`url` (a PostgreSQL database) with a password its server refuses. Fails the test
+    if the server lets the wrong password in (trust authentication): it would check
+    nothing."""
+    wrong = make_url(url).set(password=WRONG_PASSWORD).render_as_string(hide_password=False)
+    engine = create_engine(wrong)
+    try:
+        with engine.connect():
+            pass
+    except OperationalError:
+        return wrong
+    finally:
+        engine.dispose()
+    pytest.fail(f"The PostgreSQL server at {make_url(url).host} accepts any password.")

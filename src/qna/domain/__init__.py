@@ -1,6 +1,7 @@
 """The heart of qna: the QnA record, the rules about questions, and the errors. No I/O."""
 
 from qna.domain.errors import (
+    ConfigurationError,
     InvalidQuestion,
     LLMBadResponse,
     LLMError,
@@ -17,6 +18,7 @@ from qna.domain.model import DEFAULT_MAX_QUESTION_LENGTH, QnA, Status, parse_que
 
 __all__ = [
     "DEFAULT_MAX_QUESTION_LENGTH",
+    "ConfigurationError",
     "InvalidQuestion",
     "LLMBadResponse",
     "LLMError",

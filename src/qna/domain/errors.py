@@ -31,6 +31,16 @@ def _unpickle(cls: type[QnAError], args: tuple[Any, ...]) -> QnAError:
     return cls.__new__(cls, *args)
 
 
+class ConfigurationError(QnAError):
+    """A setting is missing or wrong. The message names the variable to fix.
+
+    A QnAError, so that one `except qna.QnAError` covers all that qna refuses. Here,
+    not with the settings: an adapter finds some settings wrong only when it uses them
+    (the database refusing DATABASE_URL's login)."""
+
+    code = "misconfigured"
+
+
 class InvalidQuestion(QnAError):
     code = "invalid_question"
 
@@ -67,6 +77,17 @@ class StorageUnavailable(QnAError):
         #: Whether trying again later may succeed: not for a file that is not a
         #: database, or a schema migrated by a newer qna, which wait for a person.
         self.retryable = retryable
+
+
+class DatabaseLoginRefused(ConfigurationError, StorageUnavailable):
+    """The database refused qna's login (a wrong password or user name, no pg_hba.conf
+    entry for it): DATABASE_URL is wrong, which no wait mends, so it is told as any
+    wrong setting is. A StorageUnavailable too, not retryable: an answer the database
+    then will not store still reaches the asker (OutcomeNotStored), and code that
+    catches StorageUnavailable for a database it cannot use goes on catching it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 class OutcomeNotStored(StorageUnavailable):

@@ -35,8 +35,10 @@ from qna.entrypoints.presenters import QnAOut
 from tests.integration.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
 from tests.support.databases import (
     BROKEN_SQLITE_FILES,
+    WRONG_PASSWORD,
     broken_sqlite_file,
     migrate_as_a_newer_qna,
+    with_wrong_password,
 )
 from tests.support.fake_openai import DEFAULT_ANSWER, Delay, Drop, FakeOpenAI, Raw, Status
 
@@ -426,6 +428,26 @@ def test_without_a_database_asking_is_503_and_the_llm_is_not_asked(
     assert_error(client.get(f"/questions/{uuid4()}"), 503, "database_unavailable")
 
 
+def test_a_wrong_database_password_is_503_misconfigured_on_every_route(
+    make_app: AppFactory, fake_openai: FakeOpenAI, postgres_url: str
+) -> None:
+    # It was 503 database_unavailable with Retry-After: clients waited and retried
+    # what only fixing DATABASE_URL mends. Told as a missing API key is.
+    client = make_app(with_wrong_password(postgres_url)).test_client()
+
+    for response in (
+        ask(client, QUESTION),
+        client.get("/questions"),
+        client.get(f"/questions/{uuid4()}"),
+        client.get("/readyz"),
+    ):
+        error = assert_error(response, 503, "misconfigured")
+        assert "DATABASE_URL" in error["message"]
+        assert WRONG_PASSWORD not in error["message"]
+        assert "Retry-After" not in response.headers
+    assert fake_openai.calls == 0
+
+
 # Each wrong on its face: no database could make it right.
 REQUESTS_WRONG_ON_THEIR_FACE = [
     ("post", "/ask", {"data": b"{not json", "content_type": "application/json"}, "invalid_json"),
@@ -629,10 +651,13 @@ ROUTE_ERROR_CODES = {
     },
     ("/questions", "get"): {
         "400": ["invalid_argument", "invalid_cursor"],
-        "503": ["database_unavailable"],
+        "503": ["database_unavailable", "misconfigured"],
     },
-    ("/questions/{id}", "get"): {"404": ["not_found"], "503": ["database_unavailable"]},
-    ("/readyz", "get"): {"503": ["database_unavailable", "migrations_pending"]},
+    ("/questions/{id}", "get"): {
+        "404": ["not_found"],
+        "503": ["database_unavailable", "misconfigured"],
+    },
+    ("/readyz", "get"): {"503": ["database_unavailable", "migrations_pending", "misconfigured"]},
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from qna.adapters.sockets import readable
-from qna.domain.errors import StorageUnavailable
+from qna.domain.errors import DatabaseLoginRefused, StorageUnavailable
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
 UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
@@ -56,11 +57,48 @@ def _is_broken_sqlite_file(exc: BaseException) -> bool:
     )
 
 
+# PostgreSQL's invalid_password and invalid_authorization_specification: the server
+# refused the login (wrong password, unknown role, no pg_hba.conf entry).
+_LOGIN_REFUSED_SQLSTATES = frozenset({"28P01", "28000"})
+# The same refusals as libpq words them: psycopg2 gives an error met while connecting
+# no SQLSTATE, only this text (in English unless the server's lc_messages says
+# otherwise; a refusal worded in another language is told as the database unavailable).
+# "no password supplied" is libpq's own, for a server that asks for one.
+_LOGIN_REFUSED_MESSAGES = re.compile(
+    r"authentication failed for user"
+    r"|no pg_hba\.conf entry for"
+    r"|pg_hba\.conf rejects connection"
+    r'|role ".*" does not exist'
+    r'|role ".*" is not permitted to log in'
+    r"|fe_sendauth: no password supplied"
+)
+
+
+def is_login_refused(exc: BaseException) -> bool:
+    """Whether `exc` is the database refusing qna's login (DATABASE_URL's user name or
+    password), which no wait mends, as opposed to a database that is not there."""
+    original = getattr(exc, "orig", None)
+    pgcode = getattr(original, "pgcode", None)
+    if pgcode in _LOGIN_REFUSED_SQLSTATES:
+        return True
+    return (
+        isinstance(exc, OperationalError)
+        and pgcode is None  # met while connecting: a session's errors carry their code
+        and _LOGIN_REFUSED_MESSAGES.search(str(original)) is not None
+    )
+
+
 def storage_unavailable(exc: BaseException) -> StorageUnavailable:
     """The domain error for a driver failure, with the driver's first line as the reason."""
     original = getattr(exc, "orig", None) or exc
     lines = str(original).strip().splitlines()
     reason = lines[0] if lines else type(original).__name__
+    if is_login_refused(exc):
+        # libpq's words name the user, never the password.
+        return DatabaseLoginRefused(
+            f"The database refused the login of DATABASE_URL (check its user name and "
+            f"password): {reason}"
+        )
     # A broken file stays broken however long the caller waits.
     return StorageUnavailable(
         f"The database is unavailable: {reason}", retryable=not _is_broken_sqlite_file(exc)

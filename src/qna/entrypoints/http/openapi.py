@@ -70,14 +70,16 @@ ERROR_TEXTS = {
     'record beside the error, as "record" (the stored one stays pending until it is '
     "closed as abandoned). " + FAILURE_NOT_STORED + " An application embedded without "
     "OPENAI_API_KEY or OPENAI_BASE_URL answers `misconfigured` (`qna serve` refuses to "
-    "start without them).",
+    "start without them), as does one whose database refuses the login of DATABASE_URL "
+    "(a wrong user name or password; `qna serve` refuses to start then too).",
     504: "The LLM did not answer in time (`llm_timeout`); stored as failed, the error's qna_id "
     "names the record. " + FAILURE_NOT_STORED,
 }
 DATABASE_UNAVAILABLE = (
     "The database is unavailable (`database_unavailable`); see Retry-After, absent when "
     "waiting cannot help (a SQLite file that is not a database, a schema migrated by a "
-    "newer qna)."
+    "newer qna). `misconfigured` when the database refuses the login of DATABASE_URL "
+    "(a wrong user name or password)."
 )
 
 
@@ -304,8 +306,9 @@ def openapi_document(
                         "503": _json(
                             ErrorResponse,
                             "Not ready: the database is unavailable (`database_unavailable`; "
-                            "see Retry-After, absent when waiting cannot help) or not at the "
-                            "newest migration (`migrations_pending`).",
+                            "see Retry-After, absent when waiting cannot help), not at the "
+                            "newest migration (`migrations_pending`), or refuses the login "
+                            "of DATABASE_URL (`misconfigured`).",
                             headers={
                                 "Retry-After": {
                                     "description": "Seconds to wait.",

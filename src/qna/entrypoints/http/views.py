@@ -239,6 +239,9 @@ def healthz() -> Response:
 def readyz() -> Response:
     try:
         ready = _container().schema_ready()
+    except ConfigurationError as exc:
+        # The database refused DATABASE_URL's login: a setting to fix, as on every route.
+        return error_response(503, "misconfigured", exc.message)
     except StorageUnavailable as exc:
         # Not through the error handler: a probe's failure is not a request's, for the
         # logs and the database error count. Retry-After as on every other 503.

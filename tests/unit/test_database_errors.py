@@ -1,0 +1,90 @@
+"""Which driver failures are the database refusing qna's login (a wrong setting), and
+which are a database that is not there (worth waiting for). Against real PostgreSQL:
+tests/e2e/test_cli.py and tests/integration/http/test_api.py (a wrong password)."""
+
+from __future__ import annotations
+
+import pickle
+
+import psycopg2
+import pytest
+from sqlalchemy.exc import InternalError, OperationalError
+
+from qna.adapters.sqlalchemy.database import storage_unavailable
+from qna.domain.errors import ConfigurationError, DatabaseLoginRefused, StorageUnavailable
+
+PREFIX = 'connection to server at "db.example.com" (10.0.0.5), port 5432 failed: '
+
+
+class DriverError(Exception):
+    """A driver error with a SQLSTATE (psycopg2's cannot be given one)."""
+
+    def __init__(self, message: str, pgcode: str | None) -> None:
+        super().__init__(message)
+        self.pgcode = pgcode
+
+
+def connect_error(message: str) -> OperationalError:
+    """What SQLAlchemy raises when psycopg2 cannot connect: no SQLSTATE, libpq's text."""
+    return OperationalError("connect", None, psycopg2.OperationalError(message))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'FATAL:  password authentication failed for user "qna"',
+        'FATAL:  Ident authentication failed for user "qna"',
+        'FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", database "qna", SSL off',
+        'FATAL:  pg_hba.conf rejects connection for host "10.0.0.9", user "qna", database "qna"',
+        'FATAL:  role "qna" does not exist',
+        'FATAL:  role "qna" is not permitted to log in',
+        "fe_sendauth: no password supplied",
+    ],
+)
+def test_a_refused_login_is_a_configuration_error_naming_database_url(message: str) -> None:
+    error = storage_unavailable(connect_error(PREFIX + message + "\n"))
+
+    assert isinstance(error, DatabaseLoginRefused)
+    assert isinstance(error, ConfigurationError)
+    assert isinstance(error, StorageUnavailable)
+    assert not error.retryable
+    assert error.code == "misconfigured"
+    assert "DATABASE_URL" in error.message
+    assert message.split("  ")[-1] in error.message
+
+
+@pytest.mark.parametrize("sqlstate", ["28P01", "28000"])
+def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
+    error = storage_unavailable(OperationalError("connect", None, DriverError("no", sqlstate)))
+
+    assert isinstance(error, DatabaseLoginRefused)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        connect_error(PREFIX + "Connection refused\n\tIs the server running on that host?"),
+        connect_error(PREFIX + "FATAL:  the database system is starting up"),
+        connect_error(PREFIX + 'FATAL:  too many connections for role "qna"'),
+        connect_error(PREFIX + "timeout expired"),
+        # A session's error carries its SQLSTATE: this one is not about the login.
+        OperationalError("SET ROLE", None, DriverError('role "qna" does not exist', "42704")),
+        InternalError("INSERT", None, DriverError("cannot execute INSERT", "25006")),
+    ],
+    ids=["refused", "starting-up", "too-many", "timeout", "set-role", "read-only"],
+)
+def test_a_database_that_is_not_there_stays_worth_waiting_for(failure: Exception) -> None:
+    error = storage_unavailable(failure)
+
+    assert type(error) is StorageUnavailable
+    assert error.retryable
+
+
+def test_a_refused_login_pickles_as_itself() -> None:
+    # As every error qna raises: one met in a ProcessPoolExecutor worker arrives whole.
+    error = storage_unavailable(connect_error(PREFIX + 'FATAL:  role "qna" does not exist'))
+
+    copy = pickle.loads(pickle.dumps(error))
+
+    assert type(copy) is DatabaseLoginRefused
+    assert (copy.message, copy.retryable) == (error.message, False)
