@@ -12,28 +12,32 @@ See `qna.connect` and `qna.Client`. The command line is `qna --help`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from qna.application.use_cases import InvalidArgument, InvalidCursor
-from qna.domain import (
-    InvalidQuestion,
-    LLMBadResponse,
-    LLMError,
-    LLMRateLimited,
-    LLMRefused,
-    LLMTimeout,
-    LLMUnavailable,
-    NotFound,
-    OutcomeNotStored,
-    QnA,
-    QnAError,
-    Status,
-    StorageUnavailable,
-)
-
+# Every name below loads when it is first used, the errors too. `import qna` runs
+# before the `qna` command's Ctrl-C handling can (the console script imports
+# qna.entrypoints.console from this package): the ~60 ms its imports took were a
+# window in which Ctrl-C printed a traceback. typing, too, is only for type checkers.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from qna.application.use_cases import Page
-    from qna.config import ConfigurationError, Settings
+    from typing import Any
+
+    from qna.application.use_cases import InvalidArgument, InvalidCursor, Page
+    from qna.config import Settings
+    from qna.domain import (
+        ConfigurationError,
+        InvalidQuestion,
+        LLMBadResponse,
+        LLMError,
+        LLMRateLimited,
+        LLMRefused,
+        LLMTimeout,
+        LLMUnavailable,
+        NotFound,
+        OutcomeNotStored,
+        QnA,
+        QnAError,
+        Status,
+        StorageUnavailable,
+    )
     from qna.entrypoints.library import Client, connect
 
 __all__ = [
@@ -63,8 +67,29 @@ _LAZY = {
     "Client": "qna.entrypoints.library",
     "connect": "qna.entrypoints.library",
     "Settings": "qna.config",
-    "ConfigurationError": "qna.config",
+    "InvalidArgument": "qna.application.use_cases",
+    "InvalidCursor": "qna.application.use_cases",
     "Page": "qna.application.use_cases",
+    # The rest are the domain's: plain Python, no adapter (SQLAlchemy, openai) loads.
+    **{
+        name: "qna.domain"
+        for name in (
+            "ConfigurationError",
+            "InvalidQuestion",
+            "LLMBadResponse",
+            "LLMError",
+            "LLMRateLimited",
+            "LLMRefused",
+            "LLMTimeout",
+            "LLMUnavailable",
+            "NotFound",
+            "OutcomeNotStored",
+            "QnA",
+            "QnAError",
+            "Status",
+            "StorageUnavailable",
+        )
+    },
 }
 
 
@@ -74,7 +99,9 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         from importlib import import_module
 
-        return getattr(import_module(_LAZY[name]), name)
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value  # looked up here once, then found as any attribute is
+        return value
     raise AttributeError(f"module 'qna' has no attribute {name!r}")
 
 

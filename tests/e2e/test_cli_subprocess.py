@@ -562,6 +562,75 @@ def test_ctrl_c_while_python_loads_qna_is_one_line_not_a_traceback(
         assert error_line(stderr) == "qna: error: interrupted"
 
 
+# Ctrl-C at the moment Python starts importing a module, in a real `qna` process: a
+# sitecustomize (loaded by Python's own start-up, before the script) signals the
+# process itself then, once. Unlike a timer, this lands where it is aimed on any
+# machine; and unlike one, it never lands in the interpreter's own start-up, where
+# Python prints a traceback of its own ("Failed to import the site module") whatever
+# the program.
+CTRL_C_AT_IMPORT = """
+import os
+import sys
+
+
+class CtrlCAt:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == os.environ["QNA_TEST_CTRL_C_AT"]:
+            sys.meta_path.remove(self)
+            open(os.environ["QNA_TEST_CTRL_C_FIRED"], "w").close()
+            os.kill(os.getpid(), int(os.environ["QNA_TEST_CTRL_C_SIGNAL"]))
+        return None
+
+
+sys.meta_path.insert(0, CtrlCAt())
+"""
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        # What `import qna` loaded before the command's handler was on (the exported
+        # errors and use cases: some 60 ms, the traceback's usual place).
+        "qna.domain",
+        "qna.domain.errors",
+        "qna.application",
+        "qna.application.use_cases",
+        # And once it is: the command itself.
+        "qna.entrypoints.cli",
+        "click",
+        "qna.config",
+    ],
+)
+def test_ctrl_c_while_python_starts_qna_is_one_line_and_exit_130(
+    tmp_path: Path, module: str
+) -> None:
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT)
+    fired = tmp_path / "fired"
+    env = {
+        **settings_free_environ(),
+        "HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(tmp_path / "hook"),
+        "QNA_TEST_CTRL_C_AT": module,
+        "QNA_TEST_CTRL_C_FIRED": str(fired),
+        "QNA_TEST_CTRL_C_SIGNAL": str(int(signal.SIGINT)),
+    }
+
+    completed = subprocess.run(
+        [*qna_command(), "--version"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert fired.exists(), f"{module} was not imported: the test interrupted nothing"
+    assert "Traceback" not in completed.stderr
+    assert completed.returncode == 130, completed.stderr
+    assert error_line(completed.stderr) == "qna: error: interrupted"
+
+
 @pytest.mark.parametrize(
     "redirection",
     [
