@@ -10,6 +10,7 @@ import importlib.abc
 import json
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -1215,6 +1216,39 @@ def test_a_database_migrated_by_a_newer_qna_exits_6_saying_so(
         with engine.begin() as connection:  # the next test's database is migrated
             connection.execute(text(f"UPDATE alembic_version SET version_num = '{HEAD}'"))
         engine.dispose()
+
+
+@EVERY_COMMAND_THAT_OPENS_THE_DATABASE
+def test_another_applications_alembic_database_exits_6_without_blaming_a_newer_qna(
+    fake_openai: FakeOpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: tuple[str, ...],
+) -> None:
+    # DATABASE_URL pointed at another app's SQLite file, which Alembic migrates too: it
+    # was "migrated by a newer qna ... upgrade qna", which would change nothing.
+    path = tmp_path / "other-app.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        connection.execute("INSERT INTO alembic_version VALUES ('3b4e5c2a1d0f')")
+        connection.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    connection.close()
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
+
+    result = qna(*args)
+
+    assert result.exit_code == 6, result.stderr
+    line = error_line(result.stderr)
+    assert "schema qna does not know" in line
+    assert "3b4e5c2a1d0f" in line
+    assert "another application" in line
+    assert "was migrated by a newer qna" not in line
+    assert fake_openai.calls == 0
+    with sqlite3.connect(path) as connection:  # and it was left as it was
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    connection.close()
+    assert "qn_a" not in tables
 
 
 def test_db_upgrade_says_up_to_date(fake: FakeOpenAI) -> None:

@@ -75,7 +75,7 @@ class StorageUnavailable(QnAError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         #: Whether trying again later may succeed: not for a file that is not a
-        #: database, or a schema migrated by a newer qna, which wait for a person.
+        #: database, or a schema qna does not know, which wait for a person.
         self.retryable = retryable
 
 

@@ -538,7 +538,7 @@ def db_upgrade(app: AppContext) -> None:
 
     \b
     Exit codes: 0 up to date, 3 configuration, 6 database unavailable
-    (or migrated by a newer qna).
+    (or holding a schema qna does not know: a newer qna's, another application's).
     """
     app.container()
     say("database is up to date")
@@ -613,8 +613,8 @@ def serve(
 
     \b
     Exit codes: 0 stopped by SIGTERM, 3 configuration, 6 a database that waiting
-    cannot mend (not a database, corrupt, migrated by a newer qna; one that is down
-    is waited for), 12 cannot listen on --host and --port (in use, not this
+    cannot mend (not a database, corrupt, a schema qna does not know; one that is
+    down is waited for), 12 cannot listen on --host and --port (in use, not this
     machine's address).
     """
     from qna.entrypoints.http import server

@@ -75,18 +75,22 @@ def _upgrade(engine: Engine, revision: str) -> None:
             # alembic_version (exit 6). A second process waits for the lock (the busy
             # timeout), then finds the schema at head.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-        _refuse_a_newer_schema(_revision(connection))
+        _refuse_an_unknown_schema(_revision(connection))
         command.upgrade(alembic_config(connection), revision)
 
 
-def _refuse_a_newer_schema(current: str | None) -> None:
-    # A rolled-back deploy, or an older qna pointed at a shared database, finds a
-    # revision it has no script for; alembic's "Can't locate revision" would be an
-    # internal error, and "migrations pending" would promise that a restart fixes it.
+def _refuse_an_unknown_schema(current: str | None) -> None:
+    # A rolled-back deploy, an older qna pointed at a shared database, or DATABASE_URL
+    # pointing at another application's database (Alembic keeps its revision in the
+    # same alembic_version table) finds a revision qna has no script for; alembic's
+    # "Can't locate revision" would be an internal error, and "migrations pending"
+    # would promise that a restart fixes it. Which of them it is cannot be told from
+    # the revision, so the message names both and what mends each.
     if current is not None and current not in known_revisions():
         raise StorageUnavailable(
-            f"The database was migrated by a newer qna (schema revision {current}, "
-            "which this version does not know); upgrade qna to use it.",
+            f"The database holds a schema qna does not know (Alembic revision {current}): "
+            "another application's, or a newer qna's. Point DATABASE_URL at qna's own "
+            "database, or upgrade qna.",
             retryable=False,
         )
 
@@ -118,8 +122,9 @@ def _revision(connection: Connection) -> str | None:
 
 def is_at_head(engine: Engine) -> bool:
     """Whether the schema is at the newest migration; StorageUnavailable when the
-    database cannot say, or was migrated by a newer qna."""
+    database cannot say, or holds a schema qna does not know (a newer qna's, another
+    application's)."""
     with unavailable_as_storage_error():
         current = current_revision(engine)
-    _refuse_a_newer_schema(current)
+    _refuse_an_unknown_schema(current)
     return current == head_revision()

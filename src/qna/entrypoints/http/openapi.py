@@ -65,7 +65,7 @@ ERROR_TEXTS = {
     503: "The LLM is unavailable (`llm_unavailable`) or rate-limited us "
     "(`llm_rate_limited`), or the database is unavailable (`database_unavailable`); "
     "see Retry-After, absent when waiting cannot help (a SQLite file that is not a "
-    "database, a schema migrated by a newer qna). When the LLM answered but the database "
+    "database, a schema qna does not know). When the LLM answered but the database "
     "would not store the answer, the 503 `database_unavailable` carries the answered "
     'record beside the error, as "record" (the stored one stays pending until it is '
     "closed as abandoned). " + FAILURE_NOT_STORED + " An application embedded without "
@@ -77,8 +77,8 @@ ERROR_TEXTS = {
 }
 DATABASE_UNAVAILABLE = (
     "The database is unavailable (`database_unavailable`); see Retry-After, absent when "
-    "waiting cannot help (a SQLite file that is not a database, a schema migrated by a "
-    "newer qna). `misconfigured` when the database refuses the login of DATABASE_URL "
+    "waiting cannot help (a SQLite file that is not a database, a schema qna does not "
+    "know). `misconfigured` when the database refuses the login of DATABASE_URL "
     "(a wrong user name or password)."
 )
 

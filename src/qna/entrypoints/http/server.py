@@ -162,8 +162,8 @@ def check_can_listen(host: str, port: int) -> None:
 def migrate_before_serving(settings: Settings) -> None:
     """Migrate once, in the master, before any worker starts; a database that is down
     does not stop the server (it answers 503 until the database is back), one that
-    waiting cannot mend (a file that is not a database, a schema migrated by a newer
-    qna) does: StorageUnavailable, not a server answering 503 for ever. So does one
+    waiting cannot mend (a file that is not a database, a schema qna does not know)
+    does: StorageUnavailable, not a server answering 503 for ever. So does one
     that refuses DATABASE_URL's login: a ConfigurationError, as a missing API key is."""
     container = create_container(settings)
     try:
