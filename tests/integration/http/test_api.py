@@ -14,8 +14,10 @@ import threading
 import time
 import unicodedata
 from datetime import datetime
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 from uuid import UUID, uuid4
 
 import jsonschema_rs
@@ -31,6 +33,7 @@ from werkzeug.test import TestResponse
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
 from qna.config import ConfigurationError
+from qna.entrypoints.http import swagger_ui
 from qna.entrypoints.presenters import QnAOut
 from tests.integration.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
 from tests.support.databases import (
@@ -597,7 +600,8 @@ def template(path: str) -> str:
 
 def test_openapi_lists_every_route(app: Flask) -> None:
     document = app.test_client().get("/openapi.json").get_json()
-    served_only = {"/openapi.json", "/docs"}  # the description, not the API it describes
+    # The description, not the API it describes.
+    served_only = {"/openapi.json", "/docs", "/docs/swagger-ui/<version>/<name>"}
 
     routes: dict[str, set[str]] = {}
     for rule in app.url_map.iter_rules():
@@ -687,6 +691,132 @@ def test_docs_is_an_html_page(client: FlaskClient) -> None:
     assert response.status_code == 200
     assert response.mimetype == "text/html"
     assert "openapi.json" in response.get_data(as_text=True)
+
+
+class _PageParts(HTMLParser):
+    """The URLs a page loads or links to, and its inline scripts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.inline_scripts: list[str] = []
+        self._in_inline_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        self.urls += [url for name in ("src", "href") if (url := found.get(name)) is not None]
+        self._in_inline_script = tag == "script" and "src" not in found
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_inline_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_inline_script:
+            self.inline_scripts.append(data)
+
+
+def page_parts(response: TestResponse) -> _PageParts:
+    parts = _PageParts()
+    parts.feed(response.get_data(as_text=True))
+    return parts
+
+
+# Where the files of the page are, as the page names them relative to /docs.
+DOCS_ASSETS = [f"/docs/swagger-ui/{swagger_ui.VERSION}/{name}" for name in swagger_ui.ASSET_TYPES]
+
+
+@pytest.fixture
+def docs_client(make_app: AppFactory) -> FlaskClient:
+    """The docs need no database: an app whose database is down serves them."""
+    return make_app(UNREACHABLE_DATABASE).test_client()
+
+
+def test_docs_loads_nothing_from_another_host(docs_client: FlaskClient) -> None:
+    # Offline, or in an air-gapped deployment, a page that loads its script from a CDN
+    # is blank; behind a proxy that serves the API under a prefix, one that names its
+    # files from the root ("/docs/...") misses them.
+    response = docs_client.get("/docs")
+
+    page = response.get_data(as_text=True)
+    urls = page_parts(response).urls
+    assert len(urls) >= 3, page
+    for url in urls:
+        assert not urlsplit(url).scheme and not url.startswith("/"), url
+    assert "//" not in page  # no http://, https:// or scheme-relative URL, even in a script
+
+
+def test_every_file_the_docs_page_loads_is_served_as_what_it_is(docs_client: FlaskClient) -> None:
+    urls = page_parts(docs_client.get("/docs")).urls
+    # Resolved as a browser resolves them against the page's own URL.
+    served = {url: docs_client.get(urljoin("/docs", url)) for url in urls}
+
+    assert set(served) >= {path.removeprefix("/") for path in DOCS_ASSETS}
+    types = {
+        ".css": "text/css",
+        ".js": "text/javascript",
+        ".png": "image/png",
+        ".json": "application/json",
+    }
+    for url, response in served.items():
+        assert response.status_code == 200, url
+        assert response.mimetype == types[Path(url).suffix], url
+    bundle = next(r for url, r in served.items() if url.endswith("/swagger-ui-bundle.js"))
+    stylesheet = next(r for url, r in served.items() if url.endswith("/swagger-ui.css"))
+    icon = next(r for url, r in served.items() if url.endswith(".png"))
+    assert b"SwaggerUIBundle" in bundle.get_data()
+    assert b".swagger-ui" in stylesheet.get_data()
+    assert icon.get_data().startswith(b"\x89PNG")
+
+
+def test_the_docs_files_are_cached_for_as_long_as_their_url_names_their_version(
+    docs_client: FlaskClient,
+) -> None:
+    [path, *_] = DOCS_ASSETS
+
+    response = docs_client.get(path)
+
+    assert response.cache_control.max_age is not None
+    assert response.cache_control.max_age >= 30 * 24 * 3600
+    assert response.cache_control.immutable
+    etag = response.headers["ETag"]
+    assert docs_client.get(path, headers={"If-None-Match": etag}).status_code == 304
+    # A page from before an upgrade names files that are gone.
+    other_version = path.replace(f"/{swagger_ui.VERSION}/", "/0.0.1/")
+    assert_error(docs_client.get(other_version), 404, "not_found")
+
+
+ASSETS_ROOT = f"/docs/swagger-ui/{swagger_ui.VERSION}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{ASSETS_ROOT}/../flask_swagger_ui.py",
+        f"{ASSETS_ROOT}/..%2fflask_swagger_ui.py",
+        f"{ASSETS_ROOT}/%2e%2e%2fflask_swagger_ui.py",
+        f"{ASSETS_ROOT}/%2E%2E%2Fflask_swagger_ui.py",
+        f"{ASSETS_ROOT}/..%5cflask_swagger_ui.py",
+        f"{ASSETS_ROOT}/%252e%252e%252fflask_swagger_ui.py",
+        f"{ASSETS_ROOT}/..%c0%afflask_swagger_ui.py",
+        f"{ASSETS_ROOT}/%2fetc%2fpasswd",
+        f"{ASSETS_ROOT}//etc/passwd",
+        f"{ASSETS_ROOT}/swagger-ui.css%00.py",
+        f"{ASSETS_ROOT}/swagger-ui.css/",
+        "/docs/swagger-ui/../swagger-ui.css",
+        "/docs/swagger-ui/%2e%2e/swagger-ui.css",
+        "/docs/swagger-ui/..%2f..%2f..%2fflask_swagger_ui/swagger-ui.css",
+        # Files of the package that the page does not load.
+        f"{ASSETS_ROOT}/LICENSE",
+        f"{ASSETS_ROOT}/VERSION",
+        f"{ASSETS_ROOT}/swagger-ui.js",
+        f"{ASSETS_ROOT}/oauth2-redirect.html",
+        f"{ASSETS_ROOT}/nope.js",
+        f"{ASSETS_ROOT}/",
+        "/docs/swagger-ui",
+    ],
+)
+def test_nothing_else_is_served_under_docs(docs_client: FlaskClient, path: str) -> None:
+    assert_error(docs_client.get(path), 404, "not_found")
 
 
 # -- rejected asks: 400, 404, 405, 413, 415 ----------------------------------------------------
@@ -1438,9 +1568,13 @@ def test_any_configured_token_is_let_in(secured: FlaskClient, token: str) -> Non
     assert secured.get("/metrics", headers=headers).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/openapi.json", "/docs"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/openapi.json", "/docs", *DOCS_ASSETS])
 def test_probes_and_docs_need_no_token(secured: FlaskClient, path: str) -> None:
     assert secured.get(path).status_code == 200
+
+
+def test_a_file_the_docs_do_not_have_is_404_without_a_token(secured: FlaskClient) -> None:
+    assert_error(secured.get(f"{ASSETS_ROOT}/nope.js"), 404, "not_found")
 
 
 def test_the_secured_openapi_document_says_bearer(secured: FlaskClient) -> None:
@@ -1473,12 +1607,12 @@ def test_over_the_rate_limit_is_429_with_retry_after(
         assert client.get("/readyz").status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", *DOCS_ASSETS])
 def test_the_description_of_the_api_spends_no_rate_budget(
     make_app: AppFactory, database_url: str, path: str
 ) -> None:
-    # A client (or a browser on /docs, which fetches /openapi.json too) reading how to
-    # call the API must not use up what it may call it with.
+    # A client (or a browser on /docs, which fetches its files and /openapi.json too)
+    # reading how to call the API must not use up what it may call it with.
     for tokens, headers in ((None, {}), (TOKENS, BEARER_A)):
         client = make_app(database_url, api_tokens=tokens, rate_limit="2/minute").test_client()
         for _ in range(3):

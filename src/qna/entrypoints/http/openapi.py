@@ -341,20 +341,3 @@ def openapi_document(
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return document
-
-
-DOCS_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <title>qna API</title>
-  <link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css">
-</head>
-<body>
-  <div id="docs"></div>
-  <noscript>The API is described in <a href="openapi.json">openapi.json</a>.</noscript>
-  <script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-  <script>SwaggerUIBundle({url: "openapi.json", dom_id: "#docs"});</script>
-</body>
-</html>
-"""

@@ -13,10 +13,15 @@ from flask_limiter.util import get_remote_address
 from qna.entrypoints.http.errors import ApiError, retry_after_header
 
 # Open without a token: probes, and the description of the API itself.
-PUBLIC_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz", "qna.docs", "qna.openapi_json"})
+PUBLIC_ENDPOINTS = frozenset(
+    {"qna.healthz", "qna.readyz", "qna.docs", "qna.docs_asset", "qna.openapi_json"}
+)
 # Never rate-limited: orchestrators poll the probes, and reading how to call the API
-# (/docs fetches /openapi.json on every load) must not use up the budget for calling it.
-UNLIMITED_ENDPOINTS = frozenset({"qna.healthz", "qna.readyz", "qna.docs", "qna.openapi_json"})
+# (/docs fetches its files and /openapi.json on every load) must not use up the budget
+# for calling it.
+UNLIMITED_ENDPOINTS = frozenset(
+    {"qna.healthz", "qna.readyz", "qna.docs", "qna.docs_asset", "qna.openapi_json"}
+)
 
 
 def _is_options() -> bool:

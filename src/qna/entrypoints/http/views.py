@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, abort, current_app, g, jsonify, request, send_file
 from pydantic import ValidationError
 
 from qna.application.ports import UnitOfWorkFactory
@@ -15,9 +15,9 @@ from qna.config import ConfigurationError
 from qna.container import Container
 from qna.domain.errors import StorageUnavailable
 from qna.domain.model import QnA, parse_question
-from qna.entrypoints.http import metrics
+from qna.entrypoints.http import metrics, swagger_ui
 from qna.entrypoints.http.errors import ApiError, database_retry_after, error_response
-from qna.entrypoints.http.openapi import DOCS_PAGE, IDEMPOTENCY_KEY_PATTERN
+from qna.entrypoints.http.openapi import IDEMPOTENCY_KEY_PATTERN
 from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
 
 bp = Blueprint("qna", __name__)
@@ -267,4 +267,17 @@ def openapi_json() -> Response:
 
 @bp.get("/docs")
 def docs() -> Response:
-    return Response(DOCS_PAGE, content_type="text/html; charset=utf-8")
+    return Response(swagger_ui.DOCS_PAGE, content_type="text/html; charset=utf-8")
+
+
+@bp.get("/docs/swagger-ui/<version>/<name>")
+def docs_asset(version: str, name: str) -> Response:
+    mimetype = swagger_ui.ASSET_TYPES.get(name)
+    # Another version is a page from before an upgrade: its files are gone.
+    if mimetype is None or version != swagger_ui.VERSION:
+        abort(404)
+    response = send_file(
+        swagger_ui.asset_path(name), mimetype=mimetype, max_age=swagger_ui.ASSET_MAX_AGE_S
+    )
+    response.cache_control.immutable = True
+    return response
