@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import re
 import threading
@@ -783,6 +784,22 @@ def test_the_docs_files_are_cached_for_as_long_as_their_url_names_their_version(
     # A page from before an upgrade names files that are gone.
     other_version = path.replace(f"/{swagger_ui.VERSION}/", "/0.0.1/")
     assert_error(docs_client.get(other_version), 404, "not_found")
+
+
+def test_the_docs_page_runs_only_its_own_scripts(docs_client: FlaskClient) -> None:
+    response = docs_client.get("/docs")
+
+    policy = response.headers["Content-Security-Policy"]
+    directives = dict(
+        (name, " ".join(values))
+        for name, *values in (part.split() for part in policy.split(";") if part.strip())
+    )
+    assert directives["default-src"] == "'none'"
+    assert "unsafe" not in policy
+    assert "http" not in policy and "*" not in policy
+    for script in page_parts(response).inline_scripts:
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in directives["script-src"].split(), script
 
 
 ASSETS_ROOT = f"/docs/swagger-ui/{swagger_ui.VERSION}"

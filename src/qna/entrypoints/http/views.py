@@ -267,7 +267,9 @@ def openapi_json() -> Response:
 
 @bp.get("/docs")
 def docs() -> Response:
-    return Response(swagger_ui.DOCS_PAGE, content_type="text/html; charset=utf-8")
+    response = Response(swagger_ui.DOCS_PAGE, content_type="text/html; charset=utf-8")
+    response.headers["Content-Security-Policy"] = swagger_ui.DOCS_CONTENT_SECURITY_POLICY
+    return response
 
 
 @bp.get("/docs/swagger-ui/<version>/<name>")
