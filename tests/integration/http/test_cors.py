@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flask import Response
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from qna.config import ConfigurationError
+from qna.entrypoints.http import swagger_ui
 from tests.integration.conftest import AppFactory
 from tests.support.databases import broken_sqlite_file
 from tests.support.fake_openai import FakeOpenAI, Status
@@ -47,6 +49,12 @@ def cors_headers(response: TestResponse) -> dict[str, str]:
 
 def names(value: str) -> set[str]:
     return {name.strip().lower() for name in value.split(",") if name.strip()}
+
+
+def vary(response: TestResponse) -> list[str]:
+    """What Vary names, over all its header lines, as sent (duplicates kept)."""
+    lines = response.headers.getlist("Vary")
+    return [name.strip().lower() for line in lines for name in line.split(",") if name.strip()]
 
 
 def test_without_the_setting_no_response_has_cors_headers(
@@ -196,6 +204,76 @@ def test_a_request_without_origin_gets_no_cors_headers(
 
     assert response.status_code == 201
     assert cors_headers(response) == {}
+
+
+def test_with_listed_origins_every_response_varies_on_origin(
+    make_app: AppFactory, database_url: str
+) -> None:
+    # A shared cache keys what it keeps on the request headers Vary names: without
+    # Origin among them, an answer it kept for another origin, or for none (without
+    # CORS headers), is served to a listed origin, and its browser refuses it.
+    client = make_app(
+        database_url, cors_origins=f"{APP},{OTHER}", api_tokens="tok", rate_limit="1/minute"
+    ).test_client()
+    bearer = {"Authorization": "Bearer tok"}
+    docs_file = f"/docs/swagger-ui/{swagger_ui.VERSION}/swagger-ui.css"
+    etag = client.get(docs_file).headers["ETag"]
+
+    responses = {
+        "no origin": client.get("/questions", headers=bearer),
+        "listed": client.get("/healthz", headers={"Origin": APP}),
+        "not listed": client.get("/healthz", headers={"Origin": "https://evil.example"}),
+        "preflight": preflight(client, OTHER),
+        "preflight, not listed": preflight(client, "https://evil.example"),
+        "preflight, no origin": client.options("/ask"),
+        "401": client.get("/questions"),
+        "429": client.get("/questions", headers=bearer),
+        "404": client.get("/nope", headers={"Origin": APP}),
+        "405": client.put("/ask"),
+        "docs": client.get("/docs"),
+        "304": client.get(docs_file, headers={"If-None-Match": etag}),
+    }
+
+    assert responses["429"].status_code == 429
+    assert responses["304"].status_code == 304
+    for name, response in responses.items():
+        assert vary(response) == ["origin"], (name, response.headers)
+
+
+def test_vary_on_origin_joins_what_a_response_varies_on_already(
+    make_app: AppFactory, database_url: str
+) -> None:
+    app = make_app(database_url, cors_origins=APP)
+
+    @app.get("/varied")
+    def varied() -> Response:
+        response = Response("x")
+        response.headers["Vary"] = "Accept-Encoding, origin"
+        response.headers.add("Vary", "Accept-Language")
+        return response
+
+    client = app.test_client()
+    for headers in ({}, {"Origin": APP}, {"Origin": OTHER}):
+        response = client.get("/varied", headers=headers)
+
+        assert response.headers.getlist("Vary") == ["Accept-Encoding, origin, Accept-Language"]
+
+
+@pytest.mark.parametrize("origins", [None, "*"])
+def test_without_a_list_of_origins_nothing_varies_on_origin(
+    make_app: AppFactory, database_url: str, origins: str | None
+) -> None:
+    # With no CORS, or "*" for everyone, every origin gets the same answer.
+    setting = {"cors_origins": origins} if origins else {}
+    client = make_app(database_url, **setting).test_client()
+
+    for response in (
+        client.get("/healthz"),
+        client.get("/healthz", headers={"Origin": APP}),
+        ask(client, OTHER),
+        preflight(client, APP),
+    ):
+        assert "Vary" not in response.headers, response.headers
 
 
 def test_an_ipv6_origin_matches_only_itself(make_app: AppFactory, database_url: str) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-from flask import Flask
+from flask import Flask, Response
 from flask_cors import CORS
+from werkzeug.datastructures import HeaderSet
+from werkzeug.http import parse_set_header
 
 # What a front-end sends beyond the CORS-safelisted headers: its token, its JSON body's
 # type, its retry key, and the request id the API echoes.
@@ -43,4 +45,26 @@ def install_cors(app: Flask, origins: list[str]) -> None:
         # Every error reaches the client through an error handler, and so through the
         # after-request hook that adds the headers: no need to wrap Flask's own.
         intercept_exceptions=False,
+        # Vary is set below, on every response: flask-cors sets it only on those it
+        # gives CORS headers to, and as a header line of its own.
+        vary_header=False,
     )
+    if not any_origin:
+        _vary_on_origin(app)
+
+
+def _vary_on_origin(app: Flask) -> None:
+    """`Vary: Origin` on every response, not only on those to an allowed origin: a
+    shared cache that kept a response made for another origin, or for none (without
+    CORS headers), would otherwise serve it to an allowed origin, whose browser then
+    refuses it. With "*" every origin gets the same answer, and nothing varies."""
+
+    @app.after_request
+    def vary(response: Response) -> Response:
+        names = HeaderSet()
+        for line in response.headers.getlist("Vary"):
+            names.update(parse_set_header(line))
+        if "*" not in names:  # varies on everything already
+            names.add("Origin")
+        response.headers["Vary"] = names.to_header()
+        return response
