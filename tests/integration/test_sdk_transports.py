@@ -109,6 +109,11 @@ class RawServer:
                 else:
                     connection.sendall(head + BODY)
                 if self.close_after:
+                    # shutdown() sends the FIN now: close() alone leaves the socket open
+                    # while `stream` refers to it, until this function returns, after
+                    # `closed` said it was closed (and a client reusing the connection
+                    # in between met a reset, not a closed connection).
+                    connection.shutdown(socket.SHUT_RDWR)
                     connection.close()
                     self.closed.release()
                     return
