@@ -329,6 +329,32 @@ def test_a_body_cut_short_of_its_content_length_is_not_asked(
     assert "cut short" not in [item["question"] for item in history]
 
 
+def serve_refusing_to_start(tmp_path: Path, database_url: str) -> tuple[int, str]:
+    """`qna serve` on `database_url`, expected to exit before it serves: its exit code
+    and its output (the test fails if it is still running after START_TIMEOUT_S)."""
+    env = {
+        **settings_free_environ(),
+        "HOME": str(tmp_path / "home"),
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": "http://127.0.0.1:1/v1",
+    }
+    process = subprocess.Popen(
+        [*qna_command(), "serve", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"qna serve started:\n{output.decode(errors='replace')}")
+    return process.returncode, output.decode(errors="replace")
+
+
 @pytest.mark.parametrize("kind", [*BROKEN_SQLITE_FILES, "newer-qna"])
 def test_serve_refuses_a_database_that_waiting_cannot_mend(tmp_path: Path, kind: str) -> None:
     # A database that is down is waited for (503 until it is back); a file that is not
@@ -338,29 +364,9 @@ def test_serve_refuses_a_database_that_waiting_cannot_mend(tmp_path: Path, kind:
         migrate_as_a_newer_qna(url)
     else:
         url = broken_sqlite_file(tmp_path / "qna.db", kind)
-    env = {
-        **settings_free_environ(),
-        "HOME": str(tmp_path / "home"),
-        "DATABASE_URL": url,
-        "OPENAI_BASE_URL": "http://127.0.0.1:1/v1",
-    }
-    process = subprocess.Popen(
-        [*qna_command(), "serve", "--port", str(free_port())],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=START_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"qna serve started:\n{output.decode(errors='replace')}")
-    text_output = output.decode(errors="replace")
+    returncode, text_output = serve_refusing_to_start(tmp_path, url)
 
-    assert process.returncode == 6, text_output
+    assert returncode == 6, text_output
     assert "Traceback" not in text_output
     [line] = text_output.splitlines()
     assert "database" in line
@@ -370,29 +376,9 @@ def test_serve_refuses_to_start_with_a_wrong_database_password(
     tmp_path: Path, postgres_url: str
 ) -> None:
     # It started, as for a database that is down, and answered 503 for ever.
-    env = {
-        **settings_free_environ(),
-        "HOME": str(tmp_path / "home"),
-        "DATABASE_URL": with_wrong_password(postgres_url),
-        "OPENAI_BASE_URL": "http://127.0.0.1:1/v1",
-    }
-    process = subprocess.Popen(
-        [*qna_command(), "serve", "--port", str(free_port())],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=START_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"qna serve started:\n{output.decode(errors='replace')}")
-    text_output = output.decode(errors="replace")
+    returncode, text_output = serve_refusing_to_start(tmp_path, with_wrong_password(postgres_url))
 
-    assert process.returncode == 3, text_output
+    assert returncode == 3, text_output
     [line] = text_output.splitlines()
     assert "DATABASE_URL" in line
     assert WRONG_PASSWORD not in line
