@@ -594,6 +594,18 @@ def test_openapi_is_a_valid_openapi_3_1_document(client: FlaskClient) -> None:
         assert jsonschema_rs.meta.is_valid(schema), name
 
 
+@pytest.mark.parametrize(("mounted_at", "server"), [("", "/"), ("/api", "/api")])
+def test_openapi_names_where_the_api_is_mounted(
+    client: FlaskClient, mounted_at: str, server: str
+) -> None:
+    # /docs "Try it out" sends to the document's server: under a prefix, with none
+    # named, it called the paths at the root, outside the API.
+    response = client.get("/openapi.json", base_url=f"http://localhost{mounted_at}/")
+
+    assert response.get_json()["servers"] == [{"url": server}]
+    assert client.get("/openapi.json").get_json()["servers"] == [{"url": "/"}]
+
+
 def template(path: str) -> str:
     """A path with its parameters unnamed: Flask's `<qna_id>` and OpenAPI's `{id}` agree."""
     return re.sub(r"<[^>]+>|\{[^}]+\}", "{}", path)

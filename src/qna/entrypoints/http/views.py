@@ -262,7 +262,9 @@ def prometheus_metrics() -> Response:
 @bp.get("/openapi.json")
 def openapi_json() -> Response:
     document: dict[str, Any] = current_app.extensions["qna.openapi"]
-    return jsonify(document)
+    # Where the API is: "/" unless it is mounted under a prefix (SCRIPT_NAME), which
+    # the paths do not carry; without it, /docs "Try it out" under /api called /ask.
+    return jsonify({**document, "servers": [{"url": request.script_root or "/"}]})
 
 
 @bp.get("/docs")
