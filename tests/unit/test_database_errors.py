@@ -34,6 +34,7 @@ def connect_error(message: str) -> OperationalError:
     [
         'FATAL:  password authentication failed for user "qna"',
         'FATAL:  Ident authentication failed for user "qna"',
+        'FATAL:  Peer authentication failed for user "qna"',
         'FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", database "qna", SSL off',
         'FATAL:  pg_hba.conf rejects connection for host "10.0.0.9", user "qna", database "qna"',
         'FATAL:  role "qna" does not exist',
@@ -67,17 +68,43 @@ def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
         connect_error(PREFIX + "FATAL:  the database system is starting up"),
         connect_error(PREFIX + 'FATAL:  too many connections for role "qna"'),
         connect_error(PREFIX + "timeout expired"),
+        # Checked by another service (LDAP, RADIUS, PAM): down, a right password fails.
+        connect_error(PREFIX + 'FATAL:  LDAP authentication failed for user "qna"'),
+        connect_error(PREFIX + 'FATAL:  RADIUS authentication failed for user "qna"'),
+        connect_error(PREFIX + 'FATAL:  PAM authentication failed for user "qna"'),
         # A session's error carries its SQLSTATE: this one is not about the login.
         OperationalError("SET ROLE", None, DriverError('role "qna" does not exist', "42704")),
         InternalError("INSERT", None, DriverError("cannot execute INSERT", "25006")),
     ],
-    ids=["refused", "starting-up", "too-many", "timeout", "set-role", "read-only"],
+    ids=[
+        "refused",
+        "starting-up",
+        "too-many",
+        "timeout",
+        "ldap",
+        "radius",
+        "pam",
+        "set-role",
+        "read-only",
+    ],
 )
 def test_a_database_that_is_not_there_stays_worth_waiting_for(failure: Exception) -> None:
     error = storage_unavailable(failure)
 
     assert type(error) is StorageUnavailable
     assert error.retryable
+
+
+def test_a_refused_login_is_reported_by_the_line_that_says_so() -> None:
+    # sslmode=prefer: libpq tried TLS first, then without; the second try was refused.
+    refused = 'FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", SSL off'
+    error = storage_unavailable(
+        connect_error(f"{PREFIX}SSL SYSCALL error: EOF detected\n{PREFIX}{refused}\n")
+    )
+
+    assert isinstance(error, DatabaseLoginRefused)
+    assert error.message.endswith(PREFIX + refused)
+    assert "SSL SYSCALL" not in error.message
 
 
 def test_a_refused_login_pickles_as_itself() -> None:

@@ -63,9 +63,11 @@ _LOGIN_REFUSED_SQLSTATES = frozenset({"28P01", "28000"})
 # The same refusals as libpq words them: psycopg2 gives an error met while connecting
 # no SQLSTATE, only this text (in English unless the server's lc_messages says
 # otherwise; a refusal worded in another language is told as the database unavailable).
-# "no password supplied" is libpq's own, for a server that asks for one.
+# "no password supplied" is libpq's own, for a server that asks for one. Not every
+# "authentication failed": with LDAP, RADIUS, PAM or GSSAPI the server asks another
+# service, and when that one is down a right password fails the same way, for a while.
 _LOGIN_REFUSED_MESSAGES = re.compile(
-    r"authentication failed for user"
+    r"(password|Ident|Peer) authentication failed for user"
     r"|no pg_hba\.conf entry for"
     r"|pg_hba\.conf rejects connection"
     r'|role ".*" does not exist'
@@ -77,27 +79,35 @@ _LOGIN_REFUSED_MESSAGES = re.compile(
 def is_login_refused(exc: BaseException) -> bool:
     """Whether `exc` is the database refusing qna's login (DATABASE_URL's user name or
     password), which no wait mends, as opposed to a database that is not there."""
+    return _login_refusal(exc) is not None
+
+
+def _login_refusal(exc: BaseException) -> str | None:
+    """The line of `exc` that says the login was refused; None if none does."""
     original = getattr(exc, "orig", None)
     pgcode = getattr(original, "pgcode", None)
+    lines = str(original).strip().splitlines()
     if pgcode in _LOGIN_REFUSED_SQLSTATES:
-        return True
-    return (
-        isinstance(exc, OperationalError)
-        and pgcode is None  # met while connecting: a session's errors carry their code
-        and _LOGIN_REFUSED_MESSAGES.search(str(original)) is not None
-    )
+        return lines[0] if lines else type(original).__name__
+    if not isinstance(exc, OperationalError) or pgcode is not None:
+        return None  # an error met in a session carries its code
+    # libpq reports each address (or sslmode=prefer's TLS try, then the plain one) on
+    # a line of its own: the refusal may be any of them, and is the one to report.
+    return next((line for line in lines if _LOGIN_REFUSED_MESSAGES.search(line)), None)
 
 
 def storage_unavailable(exc: BaseException) -> StorageUnavailable:
-    """The domain error for a driver failure, with the driver's first line as the reason."""
+    """The domain error for a driver failure, with the driver's first line as the reason
+    (a refused login: the line that says so)."""
     original = getattr(exc, "orig", None) or exc
     lines = str(original).strip().splitlines()
     reason = lines[0] if lines else type(original).__name__
-    if is_login_refused(exc):
+    refusal = _login_refusal(exc)
+    if refusal is not None:
         # libpq's words name the user, never the password.
         return DatabaseLoginRefused(
             f"The database refused the login of DATABASE_URL (check its user name and "
-            f"password): {reason}"
+            f"password): {refusal.strip()}"
         )
     # A broken file stays broken however long the caller waits.
     return StorageUnavailable(
