@@ -508,7 +508,7 @@ def test_history_by_a_status_with_no_records_says_so(fake: FakeOpenAI) -> None:
 
     assert text.exit_code == 0
     assert text.stdout == ""
-    assert text.stderr.strip() == "No pending questions yet."
+    assert text.stderr.strip() == "No pending questions."
 
 
 def test_history_by_an_unknown_status_is_a_usage_error(fake: FakeOpenAI) -> None:

@@ -484,8 +484,10 @@ def history(
         return
     if not page.items:
         # On stderr: a person sees why nothing came, a script still reads no lines.
-        which = f"{status} questions" if status else "questions"
-        tell(f"No {which} yet." if cursor is None else f"No more {which}.")
+        if cursor is not None:
+            tell(f"No more {status} questions." if status else "No more questions.")
+        else:  # other records may be there: only of this status is there none "yet"
+            tell(f"No {status} questions." if status else "No questions yet.")
     for qna in page.items:
         # Stored and shown in UTC; said so, or it reads as the local time.
         stamp = qna.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -594,7 +594,15 @@ def test_openapi_is_a_valid_openapi_3_1_document(client: FlaskClient) -> None:
         assert jsonschema_rs.meta.is_valid(schema), name
 
 
-@pytest.mark.parametrize(("mounted_at", "server"), [("", "/"), ("/api", "/api")])
+@pytest.mark.parametrize(
+    ("mounted_at", "server"),
+    [
+        ("", "/"),
+        ("/api", "/api"),
+        ("/my%20api", "/my%20api"),
+        ("/%C3%BC/a%7Bx%7D", "/%C3%BC/a%7Bx%7D"),
+    ],
+)
 def test_openapi_names_where_the_api_is_mounted(
     client: FlaskClient, mounted_at: str, server: str
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import quote
 
 from flask import Blueprint, Response, abort, current_app, g, jsonify, request, send_file
 from pydantic import ValidationError
@@ -264,7 +265,9 @@ def openapi_json() -> Response:
     document: dict[str, Any] = current_app.extensions["qna.openapi"]
     # Where the API is: "/" unless it is mounted under a prefix (SCRIPT_NAME), which
     # the paths do not carry; without it, /docs "Try it out" under /api called /ask.
-    return jsonify({**document, "servers": [{"url": request.script_root or "/"}]})
+    # script_root is decoded: quoted again (a space, "ü"), and "{" is no server variable.
+    mounted_at = quote(request.script_root, safe="/")
+    return jsonify({**document, "servers": [{"url": mounted_at or "/"}]})
 
 
 @bp.get("/docs")
