@@ -38,7 +38,9 @@ def asset_path(name: str) -> Path:
 # Relative URLs, as "openapi.json" is: from /docs, "docs/..." is /docs/..., and behind a
 # proxy that serves the API under /prefix the page still loads /prefix/docs/... .
 _ASSETS = f"docs/swagger-ui/{html.escape(VERSION)}"
-_START = 'SwaggerUIBundle({url: "openapi.json", dom_id: "#docs"});'
+# validatorUrl null: else, on a public host, Swagger UI shows a badge whose image
+# comes from validator.swagger.io (sending it this document's URL).
+_START = 'SwaggerUIBundle({url: "openapi.json", dom_id: "#docs", validatorUrl: null});'
 
 DOCS_PAGE = f"""<!doctype html>
 <html lang="en">
