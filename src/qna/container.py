@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 from dependency_injector import containers, providers
 from sqlalchemy import Engine
@@ -19,6 +20,7 @@ from qna.application.ports import LLM
 from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandoned
 from qna.config import ConfigurationError, Settings
 from qna.domain.errors import StorageUnavailable
+from qna.domain.model import parse_question
 
 
 def engine_resource(
@@ -180,6 +182,19 @@ def create_container(settings: Settings | None = None) -> Container:
     )
     container.config.from_dict(values)
     return container
+
+
+def ask_question_for(container: Container, question: str, **overrides: Any) -> AskQuestion:
+    """The container's AskQuestion (`overrides` as for its provider). If a setting it
+    needs is missing (no API key), an invalid `question` is still refused first, as
+    InvalidQuestion: no setting mends it. Only then: a built use case checks the
+    question itself, and an ask does not pay for it twice."""
+    try:
+        ask_question: AskQuestion = container.ask_question(**overrides)
+    except ConfigurationError:
+        parse_question(question, max_length=container.config.max_question_length())
+        raise
+    return ask_question
 
 
 def rebuilt(container: Container) -> Container:

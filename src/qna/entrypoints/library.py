@@ -18,16 +18,17 @@ from typing import Any, Self
 from uuid import UUID
 
 from qna.application.use_cases import ListQnA, Page
-from qna.config import ConfigurationError, Settings, load_settings
+from qna.config import Settings, load_settings
 from qna.container import (
     Container,
+    ask_question_for,
     create_container,
     rebuilt,
     shutdown,
     upgrade_database,
     warm_up,
 )
-from qna.domain.model import QnA, Status, parse_question
+from qna.domain.model import QnA, Status
 
 
 class Client:
@@ -55,15 +56,8 @@ class Client:
         the failure is stored) when the LLM does not answer;
         `qna.OutcomeNotStored` carries the answer the database would not take.
         """
-        container = self._open()
-        try:
-            ask_question = container.ask_question()
-        except ConfigurationError:
-            # No API key: an invalid question is still said first, as `qna ask` says it
-            # (only here: a built use case checks the question itself).
-            parse_question(question, max_length=container.config.max_question_length())
-            raise
-        return ask_question(question, fresh=fresh)
+        # No API key: an invalid question is still said first, as `qna ask` says it.
+        return ask_question_for(self._open(), question)(question, fresh=fresh)
 
     def get(self, qna_id: UUID | str) -> QnA:
         """One stored record; raises `qna.NotFound`."""

@@ -11,11 +11,11 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, request, 
 from pydantic import ValidationError
 
 from qna.application.ports import UnitOfWorkFactory
-from qna.application.use_cases import AskQuestion, GetQnA, ListQnA
+from qna.application.use_cases import GetQnA, ListQnA
 from qna.config import ConfigurationError
-from qna.container import Container
+from qna.container import Container, ask_question_for
 from qna.domain.errors import StorageUnavailable
-from qna.domain.model import QnA, parse_question
+from qna.domain.model import QnA
 from qna.entrypoints.http import metrics, swagger_ui
 from qna.entrypoints.http.errors import ApiError, database_retry_after, error_response
 from qna.entrypoints.http.openapi import IDEMPOTENCY_KEY_PATTERN
@@ -171,14 +171,9 @@ def units_of_work() -> UnitOfWorkFactory:
 @bp.post("/ask")
 def ask() -> Response:
     body = _parse_ask(_json_body())
-    try:
-        ask_question: AskQuestion = _container().ask_question(uow=units_of_work())
-    except ConfigurationError:
-        # No LLM setting (an embedded app): a question wrong on its face is still
-        # told 400, which no setting mends, not 503. Only here: the use case checks
-        # the question itself, and asks should not pay for it twice.
-        parse_question(body.question, max_length=_container().config.max_question_length())
-        raise
+    # No LLM setting (an embedded app): a question wrong on its face is still told 400,
+    # which no setting mends, not 503.
+    ask_question = ask_question_for(_container(), body.question, uow=units_of_work())
     asked = ask_question.ask(body.question, fresh=body.fresh, idempotency_key=_idempotency_key())
     qna = asked.qna
     if not asked.replayed:  # a replay asked nothing: counting it again would inflate
