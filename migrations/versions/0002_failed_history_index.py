@@ -1,4 +1,4 @@
-"""Index the failures, newest first: `qna history --status failed` and
+"""Index the failures, newest first: on PostgreSQL, `qna history --status failed` and
 `GET /questions?status=failed` read them without reading the whole history.
 
 Partial, so it holds only failed records. Building it reads the table once, and

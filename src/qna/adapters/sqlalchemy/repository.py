@@ -257,9 +257,10 @@ def list_statement(
 
 def _read_as(status: Status, abandoned_before: datetime | None) -> ColumnElement[bool]:
     """Records a reader is told are in `status`: one pending since before
-    `abandoned_before` is failed. Each case is served by an index (tables.py): the
-    failed and the pending by their partial ones, the answered — nearly all — by
-    the history's own."""
+    `abandoned_before` is failed. On PostgreSQL each case is served by an index
+    (tables.py): the failed and the pending by their partial ones, the answered —
+    nearly all — by the history's own. SQLite's planner reads the history's index
+    back instead, until it has a page (EXPLAIN QUERY PLAN)."""
     stored = qn_a.c.status == status.value
     if abandoned_before is None or status is Status.ANSWERED:
         return stored
