@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from qna.application.ports import Completion
@@ -203,6 +204,10 @@ class ChatCompletionsLLM(ABC):
         return Failure(
             error, what, retryable=True, cause=cause, detail=detail, retry_after=retry_after
         )
+
+    def _request_body(self, question: str) -> dict[str, Any]:
+        """The chat completion request for `question`, as both adapters send it."""
+        return {"model": self._model, "messages": [{"role": "user", "content": question}]}
 
     def _read_reply(self, body: bytes) -> Reply | Failure:
         """A 2xx response's body: the chat completion in it, or why it is not one."""

@@ -101,9 +101,7 @@ class HttpLLM(ChatCompletionsLLM):
             self._green.close()
 
     def _attempt(self, question: str, timeout: float, connect_timeout: float) -> Reply | Failure:
-        body = json.dumps(
-            {"model": self._model, "messages": [{"role": "user", "content": question}]}
-        ).encode()
+        body = json.dumps(self._request_body(question)).encode()
         started = time.monotonic()
         if self._green is not None:
             return self._green_attempt(body, timeout, connect_timeout, started)

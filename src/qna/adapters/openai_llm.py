@@ -71,7 +71,7 @@ class OpenAILLM(ChatCompletionsLLM):
             response = self._client.post(
                 "/chat/completions",
                 cast_to=httpx2.Response,
-                body={"model": self._model, "messages": [{"role": "user", "content": question}]},
+                body=self._request_body(question),
                 options={"timeout": openai.Timeout(timeout, connect=connect_timeout)},
             )
         # APITimeoutError subclasses APIConnectionError, so it must come first.
