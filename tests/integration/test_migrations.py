@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import sysconfig
+import threading
 import zipfile
 from pathlib import Path
 
@@ -155,3 +157,28 @@ def test_a_schema_from_a_newer_qna_is_storage_unavailable_naming_it(empty_url: s
             migrate.is_at_head(engine)
     finally:
         engine.dispose()
+
+
+def test_a_new_sqlite_file_another_connection_is_writing_to_is_switched_to_wal(
+    tmp_path: Path,
+) -> None:
+    # Processes started together on a new file: switching it to WAL while another
+    # connection held its write lock failed at once with "database is locked" (exit
+    # 6) — SQLite gives that switch no busy wait — instead of waiting for the lock.
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other (value INTEGER)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    committer = threading.Timer(0.3, writer.commit)
+    committer.start()
+    engine = create_engine(sqlite_url(path))
+    try:
+        with engine.connect() as connection:
+            mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        assert mode == "wal"
+        assert not committer.is_alive()  # it waited for the writer, not around it
+    finally:
+        committer.join()
+        engine.dispose()
+        writer.close()

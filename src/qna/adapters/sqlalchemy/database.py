@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -272,11 +273,33 @@ def set_driver_autocommit(connection: Connection, on: bool) -> None:
         driver.autocommit = on
 
 
+_SQLITE_BUSY_TIMEOUT = 5.0
+
+
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets `qna history` read while `qna serve` writes; the busy timeout makes
-    # concurrent writers queue instead of failing with "database is locked".
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    # The busy timeout makes concurrent writers queue instead of failing with
+    # "database is locked"; WAL lets `qna history` read while `qna serve` writes.
+    cursor.execute(f"PRAGMA busy_timeout={round(_SQLITE_BUSY_TIMEOUT * 1000)}")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    # A new file starts in rollback-journal mode, and switching it to WAL (once: the
+    # mode is kept in the file) reads it, then takes its write lock. When another
+    # connection holds or waits for that lock meanwhile — processes started together
+    # on a new file — SQLite does not wait (the busy timeout), it fails at once
+    # with "database is locked", since waiting while holding the read could
+    # deadlock. The statement has then done nothing and holds nothing, so it is
+    # tried again until the busy timeout is spent.
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(0.005)
