@@ -817,6 +817,7 @@ def test_the_docs_page_runs_only_its_own_scripts(docs_client: FlaskClient) -> No
         for name, *values in (part.split() for part in policy.split(";") if part.strip())
     )
     assert directives["default-src"] == "'none'"
+    assert directives["frame-ancestors"] == "'self'"  # no other site may frame it
     assert "unsafe" not in policy
     assert "http" not in policy and "*" not in policy
     for script in page_parts(response).inline_scripts:

@@ -70,7 +70,9 @@ def _script_hash(script: str) -> str:
 # its icons from data: URLs in its stylesheet, and sets its inline styles through the
 # DOM, which style-src leaves alone: no 'unsafe-inline' (Chromium reports no violation
 # with every operation open, the Authorize dialog used, and a request tried out). Its
-# forms never submit: they call the API by fetch.
+# forms never submit: they call the API by fetch. Only a page of this service may
+# frame it: framed by another site, a click meant for it could land in the Authorize
+# dialog or on "Execute" (clickjacking).
 DOCS_CONTENT_SECURITY_POLICY = "; ".join(
     [
         "default-src 'none'",
@@ -80,5 +82,6 @@ DOCS_CONTENT_SECURITY_POLICY = "; ".join(
         "connect-src 'self'",
         "base-uri 'none'",
         "form-action 'none'",
+        "frame-ancestors 'self'",
     ]
 )
