@@ -642,12 +642,16 @@ def test_ctrl_c_while_python_starts_qna_is_one_line_and_exit_130(
     ],
     ids=["closed", "disk-full"],
 )
-@pytest.mark.parametrize("args", [("ask", QUESTION), ("history",)], ids=["ask", "history"])
+@pytest.mark.parametrize(
+    "args",
+    [("ask", QUESTION), ("history",), ("--help",), ("db", "--help"), ("--version",)],
+    ids=["ask", "history", "help", "subcommand-help", "version"],
+)
 def test_output_that_cannot_be_written_is_one_line_and_exit_1(
     db_env: dict[str, str], redirection: str, args: tuple[str, ...]
 ) -> None:
     # Closed, the output vanished and qna exited 0; on a full disk it was called an
-    # internal error, naming OSError.
+    # internal error, naming OSError (the help and the version: a traceback).
     ask_json(QUESTION, db_env)  # something for history to list
 
     completed = run_closing(redirection, *args, env=db_env)

@@ -186,8 +186,29 @@ def one_line_usage_errors() -> Iterator[None]:
         raise OneLineUsageError(exc.format_message(), exc.ctx) from None
 
 
+def _show_help(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _write_or_fail(ctx.get_help())
+        ctx.exit()
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _write_or_fail(f"qna, version {version('qna')}")
+        ctx.exit()
+
+
 class QnACommand(click.Command):
-    """A `qna` command, whose usage errors all know their command."""
+    """A `qna` command, whose usage errors all know their command, and whose help
+    output that cannot be written is an error as any output's is."""
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            # Click's own wrote through `echo`: to a closed stdout nothing (exit 0),
+            # and a full disk's OSError escaped as a traceback.
+            option.callback = _show_help
+        return option
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -250,6 +271,9 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+_write_or_fail = handles_errors(write_line)
 
 
 def failure_message(error: StorageUnavailable | LLMError) -> str:
@@ -386,7 +410,15 @@ def describe(qna: QnA) -> str:
 
 
 @click.group("qna", cls=QnAGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version("qna"), "--version", "-V", prog_name="qna")
+@click.option(
+    "--version",
+    "-V",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show the version and exit.",
+)
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Ask an LLM a question; every question, answer and failure is kept.
