@@ -14,7 +14,7 @@ from qna.entrypoints.presenters import AskRequest, ErrorResponse, Health, QnAOut
 
 REF = "#/components/schemas/{model}"
 
-# An Idempotency-Key: printable ASCII but the comma, which a WSGI server puts between
+# An Idempotency-Key: visible ASCII (no space) but the comma, which a WSGI server puts between
 # two header lines of one name (RFC 9110, section 5.3): their join would be a third key.
 IDEMPOTENCY_KEY_PATTERN = r"[\x21-\x2b\x2d-\x7e]{1,200}"
 
@@ -44,8 +44,8 @@ ERROR_TEXTS = {
     400: "The request is malformed: not JSON or not UTF-8 (`invalid_json`), the wrong "
     "fields or types, or a key given twice in one object (`invalid_request`), a question "
     "that is empty, too long or contains control characters (`invalid_question`), an "
-    "Idempotency-Key that is not one key of 1 to 200 printable ASCII characters without "
-    "commas (`invalid_argument`), or a malformed chunked body, one cut short of its "
+    "Idempotency-Key that is not one key of 1 to 200 visible ASCII characters (no spaces, "
+    "no commas) (`invalid_argument`), or a malformed chunked body, one cut short of its "
     "Content-Length or one in a Transfer-Encoding other than chunked (`bad_request`).",
     401: "A bearer token is required (QNA_API_TOKENS is set) and was missing or wrong "
     "(`unauthorized`).",

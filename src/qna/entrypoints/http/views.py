@@ -139,8 +139,8 @@ def _idempotency_key() -> str | None:
         raise ApiError(
             400,
             "invalid_argument",
-            "Idempotency-Key must be one key of 1 to 200 printable ASCII characters, "
-            "without commas.",
+            "Idempotency-Key must be one key of 1 to 200 visible ASCII characters, "
+            "without spaces or commas.",
         )
     # Scoped by caller: two clients choosing the same key never see each other's asks.
     return f"{g.get('principal', 'anonymous')}:{key}"
