@@ -1062,6 +1062,22 @@ def test_a_wrong_database_password_exits_3_naming_database_url(
     assert fake_openai.calls == 0
 
 
+def test_a_database_the_server_does_not_have_exits_3_naming_it(
+    fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, postgres_url: str
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    missing = make_url(postgres_url).set(database="qna_no_such_database")
+    monkeypatch.setenv("DATABASE_URL", missing.render_as_string(hide_password=False))
+
+    result = qna("ask", "What is the capital of France?")
+
+    assert result.exit_code == 3, result.stderr
+    line = error_line(result.stderr)
+    assert "DATABASE_URL" in line and "database name" in line
+    assert 'database "qna_no_such_database" does not exist' in line
+    assert fake_openai.calls == 0
+
+
 def test_a_read_only_postgresql_database_exits_6(
     fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, postgres_url: str
 ) -> None:

@@ -40,6 +40,7 @@ def connect_error(message: str) -> OperationalError:
         'FATAL:  role "qna" does not exist',
         'FATAL:  role "qna" is not permitted to log in',
         "fe_sendauth: no password supplied",
+        'FATAL:  database "qan" does not exist',
     ],
 )
 def test_a_refused_login_is_a_configuration_error_naming_database_url(message: str) -> None:
@@ -54,7 +55,7 @@ def test_a_refused_login_is_a_configuration_error_naming_database_url(message: s
     assert message.split("  ")[-1] in error.message
 
 
-@pytest.mark.parametrize("sqlstate", ["28P01", "28000"])
+@pytest.mark.parametrize("sqlstate", ["28P01", "28000", "3D000"])
 def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
     error = storage_unavailable(OperationalError("connect", None, DriverError("no", sqlstate)))
 
@@ -93,6 +94,16 @@ def test_a_database_that_is_not_there_stays_worth_waiting_for(failure: Exception
 
     assert type(error) is StorageUnavailable
     assert error.retryable
+
+
+def test_a_database_the_server_does_not_have_points_at_the_database_name() -> None:
+    # It was "the database is unavailable" (exit 6), worth waiting for: no wait
+    # creates the database a typo in DATABASE_URL names.
+    error = storage_unavailable(connect_error(PREFIX + 'FATAL:  database "qan" does not exist'))
+
+    assert isinstance(error, DatabaseLoginRefused)
+    assert "check its database name" in error.message
+    assert "password" not in error.message
 
 
 def test_a_refused_login_is_reported_by_the_line_that_says_so() -> None:

@@ -81,10 +81,11 @@ class StorageUnavailable(QnAError):
 
 class DatabaseLoginRefused(ConfigurationError, StorageUnavailable):
     """The database refused qna's login (a wrong password or user name, no pg_hba.conf
-    entry for it): DATABASE_URL is wrong, which no wait mends, so it is told as any
-    wrong setting is. A StorageUnavailable too, not retryable: an answer the database
-    then will not store still reaches the asker (OutcomeNotStored), and code that
-    catches StorageUnavailable for a database it cannot use goes on catching it."""
+    entry for it, a database name the server does not have): DATABASE_URL is wrong,
+    which no wait mends, so it is told as any wrong setting is. A StorageUnavailable
+    too, not retryable: an answer the database then will not store still reaches the
+    asker (OutcomeNotStored), and code that catches StorageUnavailable for a database
+    it cannot use goes on catching it."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=False)

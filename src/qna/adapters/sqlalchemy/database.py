@@ -59,8 +59,9 @@ def _is_broken_sqlite_file(exc: BaseException) -> bool:
 
 
 # PostgreSQL's invalid_password and invalid_authorization_specification: the server
-# refused the login (wrong password, unknown role, no pg_hba.conf entry).
-_LOGIN_REFUSED_SQLSTATES = frozenset({"28P01", "28000"})
+# refused the login (wrong password, unknown role, no pg_hba.conf entry); and
+# invalid_catalog_name: DATABASE_URL names a database the server does not have.
+_LOGIN_REFUSED_SQLSTATES = frozenset({"28P01", "28000", "3D000"})
 # The same refusals as libpq words them: psycopg2 gives an error met while connecting
 # no SQLSTATE, only this text (in English unless the server's lc_messages says
 # otherwise; a refusal worded in another language is told as the database unavailable).
@@ -74,17 +75,15 @@ _LOGIN_REFUSED_MESSAGES = re.compile(
     r'|role ".*" does not exist'
     r'|role ".*" is not permitted to log in'
     r"|fe_sendauth: no password supplied"
+    r'|database ".*" does not exist'
 )
-
-
-def is_login_refused(exc: BaseException) -> bool:
-    """Whether `exc` is the database refusing qna's login (DATABASE_URL's user name or
-    password), which no wait mends, as opposed to a database that is not there."""
-    return _login_refusal(exc) is not None
+_NO_SUCH_DATABASE = re.compile(r'database ".*" does not exist')
 
 
 def _login_refusal(exc: BaseException) -> str | None:
-    """The line of `exc` that says the login was refused; None if none does."""
+    """The line of `exc` that says the database refused qna's login (DATABASE_URL's
+    user name, password or database name), which no wait mends; None if none does (a
+    database that is not there, say)."""
     original = getattr(exc, "orig", None)
     pgcode = getattr(original, "pgcode", None)
     lines = str(original).strip().splitlines()
@@ -106,9 +105,13 @@ def storage_unavailable(exc: BaseException) -> StorageUnavailable:
     refusal = _login_refusal(exc)
     if refusal is not None:
         # libpq's words name the user, never the password.
+        check = (
+            "its database name"
+            if _NO_SUCH_DATABASE.search(refusal)
+            else "its user name and password"
+        )
         return DatabaseLoginRefused(
-            f"The database refused the login of DATABASE_URL (check its user name and "
-            f"password): {refusal.strip()}"
+            f"The database refused the login of DATABASE_URL (check {check}): {refusal.strip()}"
         )
     # A broken file stays broken however long the caller waits.
     return StorageUnavailable(

@@ -71,7 +71,8 @@ ERROR_TEXTS = {
     "closed as abandoned). " + FAILURE_NOT_STORED + " An application embedded without "
     "OPENAI_API_KEY or OPENAI_BASE_URL answers `misconfigured` (`qna serve` refuses to "
     "start without them), as does one whose database refuses the login of DATABASE_URL "
-    "(a wrong user name or password; `qna serve` refuses to start then too).",
+    "(a wrong user name, password or database name; `qna serve` refuses to start then "
+    "too).",
     504: "The LLM did not answer in time (`llm_timeout`); stored as failed, the error's qna_id "
     "names the record. " + FAILURE_NOT_STORED,
 }
@@ -79,7 +80,7 @@ DATABASE_UNAVAILABLE = (
     "The database is unavailable (`database_unavailable`); see Retry-After, absent when "
     "waiting cannot help (a SQLite file that is not a database, a schema qna does not "
     "know). `misconfigured` when the database refuses the login of DATABASE_URL "
-    "(a wrong user name or password)."
+    "(a wrong user name, password or database name)."
 )
 
 
