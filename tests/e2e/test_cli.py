@@ -32,8 +32,10 @@ from qna.entrypoints.cli import cli
 from tests.e2e.helpers import error_line, stored_rows
 from tests.support.databases import (
     BROKEN_SQLITE_FILES,
+    MISSING_DATABASE,
     WRONG_PASSWORD,
     broken_sqlite_file,
+    with_missing_database,
     with_wrong_password,
 )
 from tests.support.fake_openai import (
@@ -1066,15 +1068,14 @@ def test_a_database_the_server_does_not_have_exits_3_naming_it(
     fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, postgres_url: str
 ) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
-    missing = make_url(postgres_url).set(database="qna_no_such_database")
-    monkeypatch.setenv("DATABASE_URL", missing.render_as_string(hide_password=False))
+    monkeypatch.setenv("DATABASE_URL", with_missing_database(postgres_url))
 
     result = qna("ask", "What is the capital of France?")
 
     assert result.exit_code == 3, result.stderr
     line = error_line(result.stderr)
     assert "DATABASE_URL" in line and "database name" in line
-    assert 'database "qna_no_such_database" does not exist' in line
+    assert f'database "{MISSING_DATABASE}" does not exist' in line
     assert fake_openai.calls == 0
 
 

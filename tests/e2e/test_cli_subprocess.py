@@ -644,8 +644,8 @@ def test_ctrl_c_while_python_starts_qna_is_one_line_and_exit_130(
 )
 @pytest.mark.parametrize(
     "args",
-    [("ask", QUESTION), ("history",), ("--help",), ("db", "--help"), ("--version",)],
-    ids=["ask", "history", "help", "subcommand-help", "version"],
+    [("ask", QUESTION), ("history",), ("-h",), ("ask", "--help"), ("db", "--help"), ("-V",)],
+    ids=["ask", "history", "help", "command-help", "group-help", "version"],
 )
 def test_output_that_cannot_be_written_is_one_line_and_exit_1(
     db_env: dict[str, str], redirection: str, args: tuple[str, ...]

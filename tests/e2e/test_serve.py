@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from tests.support.databases import (
     WRONG_PASSWORD,
     broken_sqlite_file,
     migrate_as_a_newer_qna,
+    with_missing_database,
     with_wrong_password,
 )
 from tests.support.fake_openai import DEFAULT_ANSWER, FakeOpenAI
@@ -372,11 +373,14 @@ def test_serve_refuses_a_database_that_waiting_cannot_mend(tmp_path: Path, kind:
     assert "database" in line
 
 
-def test_serve_refuses_to_start_with_a_wrong_database_password(
-    tmp_path: Path, postgres_url: str
+@pytest.mark.parametrize(
+    "wrong", [with_wrong_password, with_missing_database], ids=["password", "database-name"]
+)
+def test_serve_refuses_to_start_with_a_wrong_database_login(
+    tmp_path: Path, postgres_url: str, wrong: Callable[[str], str]
 ) -> None:
     # It started, as for a database that is down, and answered 503 for ever.
-    returncode, text_output = serve_refusing_to_start(tmp_path, with_wrong_password(postgres_url))
+    returncode, text_output = serve_refusing_to_start(tmp_path, wrong(postgres_url))
 
     assert returncode == 3, text_output
     [line] = text_output.splitlines()

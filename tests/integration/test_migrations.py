@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -171,14 +172,37 @@ def test_a_new_sqlite_file_another_connection_is_writing_to_is_switched_to_wal(
     writer.execute("BEGIN IMMEDIATE")
     writer.execute("INSERT INTO other VALUES (1)")
     committer = threading.Timer(0.3, writer.commit)
+    started = time.monotonic()
     committer.start()
     engine = create_engine(sqlite_url(path))
     try:
         with engine.connect() as connection:
             mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
         assert mode == "wal"
-        assert not committer.is_alive()  # it waited for the writer, not around it
+        # It could switch only once the writer let go: it waited, not went around.
+        assert time.monotonic() - started >= 0.25
     finally:
         committer.join()
+        engine.dispose()
+        writer.close()
+
+
+def test_switching_a_new_sqlite_file_to_wal_waits_no_longer_than_the_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    # QNA_DB_CONNECT_TIMEOUT_S bounds connecting, the switch to WAL included.
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other (value INTEGER)")
+    writer.execute("BEGIN IMMEDIATE")
+    committer = threading.Timer(2, writer.commit)
+    committer.start()
+    engine = create_engine(sqlite_url(path), connect_timeout=0.3)
+    try:
+        with pytest.raises(StorageUnavailable, match="database is locked"):
+            migrate.is_at_head(engine)
+        assert committer.is_alive()  # the writer still holds its lock: qna gave up first
+    finally:
+        committer.cancel()
         engine.dispose()
         writer.close()

@@ -129,6 +129,15 @@ def migrate_as_a_newer_qna(url: str) -> None:
 WRONG_PASSWORD = "wrong-pw-5b1e0c"
 
 
+#: A database name the test server does not have.
+MISSING_DATABASE = "qna_no_such_database"
+
+
+def with_missing_database(url: str) -> str:
+    """`url` (a PostgreSQL database) naming a database its server does not have."""
+    return make_url(url).set(database=MISSING_DATABASE).render_as_string(hide_password=False)
+
+
 def with_wrong_password(url: str) -> str:
     """`url` (a PostgreSQL database) with a password its server refuses. Fails the test
     if the server lets the wrong password in (trust authentication): it would check

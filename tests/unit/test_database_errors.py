@@ -1,5 +1,5 @@
 """Which driver failures are the database refusing qna's login (a wrong setting), and
-which are a database that is not there (worth waiting for). Against real PostgreSQL:
+which are a server that is not there (worth waiting for). Against real PostgreSQL:
 tests/e2e/test_cli.py and tests/integration/http/test_api.py (a wrong password)."""
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
     error = storage_unavailable(OperationalError("connect", None, DriverError("no", sqlstate)))
 
     assert isinstance(error, DatabaseLoginRefused)
+    # In the server's language, which may not be English: the code says what to check.
+    hint = "database name" if sqlstate == "3D000" else "user name and password"
+    assert f"check its {hint}" in error.message
 
 
 @pytest.mark.parametrize(
@@ -73,6 +76,11 @@ def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
         connect_error(PREFIX + 'FATAL:  LDAP authentication failed for user "qna"'),
         connect_error(PREFIX + 'FATAL:  RADIUS authentication failed for user "qna"'),
         connect_error(PREFIX + 'FATAL:  PAM authentication failed for user "qna"'),
+        # Dropped while the connection started: restored or renamed, there again soon.
+        connect_error(
+            PREFIX + 'FATAL:  database "qna" does not exist\n'
+            "DETAIL:  It seems to have just been dropped or renamed."
+        ),
         # A session's error carries its SQLSTATE: this one is not about the login.
         OperationalError("SET ROLE", None, DriverError('role "qna" does not exist', "42704")),
         InternalError("INSERT", None, DriverError("cannot execute INSERT", "25006")),
@@ -85,11 +93,12 @@ def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
         "ldap",
         "radius",
         "pam",
+        "just-dropped",
         "set-role",
         "read-only",
     ],
 )
-def test_a_database_that_is_not_there_stays_worth_waiting_for(failure: Exception) -> None:
+def test_a_server_that_is_not_there_stays_worth_waiting_for(failure: Exception) -> None:
     error = storage_unavailable(failure)
 
     assert type(error) is StorageUnavailable

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 import unicodedata
+from collections.abc import Callable
 from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -42,6 +43,7 @@ from tests.support.databases import (
     WRONG_PASSWORD,
     broken_sqlite_file,
     migrate_as_a_newer_qna,
+    with_missing_database,
     with_wrong_password,
 )
 from tests.support.fake_openai import DEFAULT_ANSWER, Delay, Drop, FakeOpenAI, Raw, Status
@@ -432,12 +434,15 @@ def test_without_a_database_asking_is_503_and_the_llm_is_not_asked(
     assert_error(client.get(f"/questions/{uuid4()}"), 503, "database_unavailable")
 
 
-def test_a_wrong_database_password_is_503_misconfigured_on_every_route(
-    make_app: AppFactory, fake_openai: FakeOpenAI, postgres_url: str
+@pytest.mark.parametrize(
+    "wrong", [with_wrong_password, with_missing_database], ids=["password", "database-name"]
+)
+def test_a_wrong_database_login_is_503_misconfigured_on_every_route(
+    make_app: AppFactory, fake_openai: FakeOpenAI, postgres_url: str, wrong: Callable[[str], str]
 ) -> None:
     # It was 503 database_unavailable with Retry-After: clients waited and retried
     # what only fixing DATABASE_URL mends. Told as a missing API key is.
-    client = make_app(with_wrong_password(postgres_url)).test_client()
+    client = make_app(wrong(postgres_url)).test_client()
 
     for response in (
         ask(client, QUESTION),

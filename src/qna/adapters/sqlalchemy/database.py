@@ -78,15 +78,20 @@ _LOGIN_REFUSED_MESSAGES = re.compile(
     r'|database ".*" does not exist'
 )
 _NO_SUCH_DATABASE = re.compile(r'database ".*" does not exist')
+# PostgreSQL's DETAIL when the database went away while the connection started
+# (`pg_restore --clean --create`, a dropdb and createdb): not a setting to fix.
+_JUST_DROPPED = "It seems to have just been dropped or renamed."
 
 
 def _login_refusal(exc: BaseException) -> str | None:
     """The line of `exc` that says the database refused qna's login (DATABASE_URL's
     user name, password or database name), which no wait mends; None if none does (a
-    database that is not there, say)."""
+    server that is not there, say)."""
     original = getattr(exc, "orig", None)
     pgcode = getattr(original, "pgcode", None)
     lines = str(original).strip().splitlines()
+    if any(_JUST_DROPPED in line for line in lines):
+        return None  # a database being restored or renamed: there again soon, perhaps
     if pgcode in _LOGIN_REFUSED_SQLSTATES:
         return lines[0] if lines else type(original).__name__
     if not isinstance(exc, OperationalError) or pgcode is not None:
@@ -105,11 +110,10 @@ def storage_unavailable(exc: BaseException) -> StorageUnavailable:
     refusal = _login_refusal(exc)
     if refusal is not None:
         # libpq's words name the user, never the password.
-        check = (
-            "its database name"
-            if _NO_SUCH_DATABASE.search(refusal)
-            else "its user name and password"
+        no_such_database = getattr(original, "pgcode", None) == "3D000" or bool(
+            _NO_SUCH_DATABASE.search(refusal)
         )
+        check = "its database name" if no_such_database else "its user name and password"
         return DatabaseLoginRefused(
             f"The database refused the login of DATABASE_URL (check {check}): {refusal.strip()}"
         )
@@ -222,7 +226,7 @@ def create_engine(
         )
     engine = sa_create_engine(url, **options)
     if backend == "sqlite":
-        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "connect", _sqlite_configurer(connect_timeout))
     else:
         _check_connection_options(engine)
         event.listen(engine, "checkout", _drop_if_closed_by_server)
@@ -276,33 +280,37 @@ def set_driver_autocommit(connection: Connection, on: bool) -> None:
         driver.autocommit = on
 
 
-_SQLITE_BUSY_TIMEOUT = 5.0
+def _sqlite_configurer(connect_timeout: float) -> Callable[[Any, Any], None]:
+    def configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL lets `qna history` read while `qna serve` writes. Switching to it is part
+        # of connecting, limited by the connect timeout (sqlite3's `timeout`, the busy
+        # timeout until the next line); then concurrent writers queue for up to 5 s
+        # instead of failing with "database is locked".
+        _switch_to_wal(cursor, connect_timeout)
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return configure_sqlite
 
 
-def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # The busy timeout makes concurrent writers queue instead of failing with
-    # "database is locked"; WAL lets `qna history` read while `qna serve` writes.
-    cursor.execute(f"PRAGMA busy_timeout={round(_SQLITE_BUSY_TIMEOUT * 1000)}")
-    _switch_to_wal(cursor)
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def _switch_to_wal(cursor: Any) -> None:
+def _switch_to_wal(cursor: Any, timeout: float) -> None:
     # A new file starts in rollback-journal mode, and switching it to WAL (once: the
     # mode is kept in the file) reads it, then takes its write lock. When another
     # connection holds or waits for that lock meanwhile — processes started together
     # on a new file — SQLite does not wait (the busy timeout), it fails at once
     # with "database is locked", since waiting while holding the read could
     # deadlock. The statement has then done nothing and holds nothing, so it is
-    # tried again until the busy timeout is spent.
-    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT
+    # tried again until `timeout` is spent.
+    deadline = time.monotonic() + timeout
     while True:
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+            # The primary code: SQLITE_BUSY_RECOVERY and the like are busy too.
+            busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() > deadline:
                 raise
         time.sleep(0.005)
