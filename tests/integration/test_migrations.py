@@ -10,6 +10,8 @@ import sysconfig
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -160,49 +162,52 @@ def test_a_schema_from_a_newer_qna_is_storage_unavailable_naming_it(empty_url: s
         engine.dispose()
 
 
+@contextmanager
+def write_locked_new_sqlite_file(path: Path, *, for_seconds: float) -> Iterator[threading.Timer]:
+    """A new SQLite file whose write lock another connection holds for `for_seconds`
+    (the timer that then lets it go), as a process started beside this one would."""
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other (value INTEGER)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    committer = threading.Timer(for_seconds, writer.commit)
+    committer.start()
+    try:
+        yield committer
+    finally:
+        committer.cancel()
+        committer.join()
+        writer.close()
+
+
 def test_a_new_sqlite_file_another_connection_is_writing_to_is_switched_to_wal(
     tmp_path: Path,
 ) -> None:
     # Processes started together on a new file: switching it to WAL while another
     # connection held its write lock failed at once with "database is locked" (exit
     # 6) — SQLite gives that switch no busy wait — instead of waiting for the lock.
-    path = tmp_path / "new.db"
-    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    writer.execute("CREATE TABLE other (value INTEGER)")
-    writer.execute("BEGIN IMMEDIATE")
-    writer.execute("INSERT INTO other VALUES (1)")
-    committer = threading.Timer(0.3, writer.commit)
     started = time.monotonic()
-    committer.start()
-    engine = create_engine(sqlite_url(path))
-    try:
-        with engine.connect() as connection:
-            mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
-        assert mode == "wal"
-        # It could switch only once the writer let go: it waited, not went around.
-        assert time.monotonic() - started >= 0.25
-    finally:
-        committer.join()
-        engine.dispose()
-        writer.close()
+    with write_locked_new_sqlite_file(tmp_path / "new.db", for_seconds=0.3):
+        engine = create_engine(sqlite_url(tmp_path / "new.db"))
+        try:
+            with engine.connect() as connection:
+                mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+            assert mode == "wal"
+            # It could switch only once the writer let go: it waited, not went around.
+            assert time.monotonic() - started >= 0.25
+        finally:
+            engine.dispose()
 
 
 def test_switching_a_new_sqlite_file_to_wal_waits_no_longer_than_the_connect_timeout(
     tmp_path: Path,
 ) -> None:
     # QNA_DB_CONNECT_TIMEOUT_S bounds connecting, the switch to WAL included.
-    path = tmp_path / "new.db"
-    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    writer.execute("CREATE TABLE other (value INTEGER)")
-    writer.execute("BEGIN IMMEDIATE")
-    committer = threading.Timer(2, writer.commit)
-    committer.start()
-    engine = create_engine(sqlite_url(path), connect_timeout=0.3)
-    try:
-        with pytest.raises(StorageUnavailable, match="database is locked"):
-            migrate.is_at_head(engine)
-        assert committer.is_alive()  # the writer still holds its lock: qna gave up first
-    finally:
-        committer.cancel()
-        engine.dispose()
-        writer.close()
+    with write_locked_new_sqlite_file(tmp_path / "new.db", for_seconds=2) as committer:
+        engine = create_engine(sqlite_url(tmp_path / "new.db"), connect_timeout=0.3)
+        try:
+            with pytest.raises(StorageUnavailable, match="database is locked"):
+                migrate.is_at_head(engine)
+            assert committer.is_alive()  # the writer still holds its lock: qna gave up first
+        finally:
+            engine.dispose()
