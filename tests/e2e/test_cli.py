@@ -288,6 +288,27 @@ def test_ask_shows_the_control_characters_of_an_answer_escaped(
     assert item["answer"] == HOSTILE
 
 
+def test_json_output_escapes_what_a_terminal_would_obey_and_stays_exact(
+    fake: FakeOpenAI, database_url: str
+) -> None:
+    # JSON may leave DEL, the C1 controls and bidi overrides raw: `qna ask --json` on a
+    # terminal let U+009B (CSI to a terminal) clear the screen.
+    answer = HOSTILE + " \u202eevil\u202c"
+    fake.script(Reply(text=answer))
+
+    asked = qna("ask", "--json", QUESTION)
+    record_id = json.loads(asked.stdout)["id"]
+    history = qna("history", "--json")
+    shown = qna("show", "--json", record_id)
+
+    for result in (asked, history, shown):
+        assert result.exit_code == 0, result.stderr
+        assert not any(char in result.stdout for char in "\x1b\x7f\x9b\u202e\u202c")
+    assert json.loads(asked.stdout)["answer"] == answer
+    assert json.loads(history.stdout)["items"][0]["answer"] == answer
+    assert json.loads(shown.stdout)["answer"] == answer
+
+
 def test_a_crlf_line_end_in_an_answer_is_kept(fake: FakeOpenAI) -> None:
     # Harmless on a terminal; escaped, every line of such an answer ended in \x0d.
     fake.script(Reply(text="One.\r\nTwo."))

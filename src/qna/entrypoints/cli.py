@@ -372,12 +372,25 @@ def progress(message: str) -> Iterator[None]:
         spinner.join()
 
 
+# What JSON leaves raw in a string but a terminal may obey: DEL, the C1 controls (a
+# terminal may read U+009B as CSI, the start of an escape sequence) and the bidi
+# controls _CONTROL_CHARACTERS names. The C0 controls JSON escapes itself.
+_JSON_RAW_CONTROLS = re.compile(r"[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _json_escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def emit_json(data: Any) -> None:
     # Escaped where the output's encoding lacks characters (cp1252, when redirected
     # on Windows): the same JSON, where the characters themselves were a crash.
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     escaped = codecs.lookup(encoding).name != "utf-8"
-    write_line(json.dumps(data, ensure_ascii=escaped, indent=2))
+    text = json.dumps(data, ensure_ascii=escaped, indent=2)
+    # Outside JSON's strings there are only ASCII characters, so each of these is in
+    # one, and its \u escape is the same string to any JSON reader: still exact.
+    write_line(_JSON_RAW_CONTROLS.sub(_json_escaped, text))
 
 
 def print_asked(qna: QnA, *, as_json: bool) -> None:
