@@ -99,9 +99,9 @@ def exit_code_for(error: Exception) -> int:
 # U+2066-U+2069), which reorder what the terminal shows after them ("Trojan Source":
 # `\u202e` makes "0001$" read "$1000"). Right-to-left letters and the marks LRM, RLM
 # and ALM (U+200E, U+200F, U+061C) reorder nothing, and are left as they are.
-_CONTROL_CHARACTERS = re.compile(
-    r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
-)
+# Of these, JSON leaves DEL, C1 and the bidi controls raw in a string (see emit_json).
+_DEL_C1_AND_BIDI = r"\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+_CONTROL_CHARACTERS = re.compile(rf"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f{_DEL_C1_AND_BIDI}]")
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -374,8 +374,8 @@ def progress(message: str) -> Iterator[None]:
 
 # What JSON leaves raw in a string but a terminal may obey: DEL, the C1 controls (a
 # terminal may read U+009B as CSI, the start of an escape sequence) and the bidi
-# controls _CONTROL_CHARACTERS names. The C0 controls JSON escapes itself.
-_JSON_RAW_CONTROLS = re.compile(r"[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# controls. The C0 controls JSON escapes itself.
+_JSON_RAW_CONTROLS = re.compile(f"[{_DEL_C1_AND_BIDI}]")
 
 
 def _json_escaped(match: re.Match[str]) -> str:

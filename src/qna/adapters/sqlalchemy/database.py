@@ -62,6 +62,7 @@ def _is_broken_sqlite_file(exc: BaseException) -> bool:
 # refused the login (wrong password, unknown role, no pg_hba.conf entry); and
 # invalid_catalog_name: DATABASE_URL names a database the server does not have.
 _LOGIN_REFUSED_SQLSTATES = frozenset({"28P01", "28000", "3D000"})
+_NO_SUCH_DATABASE = re.compile(r'database ".*" does not exist')
 # The same refusals as libpq words them: psycopg2 gives an error met while connecting
 # no SQLSTATE, only this text (in English unless the server's lc_messages says
 # otherwise; a refusal worded in another language is told as the database unavailable).
@@ -75,9 +76,8 @@ _LOGIN_REFUSED_MESSAGES = re.compile(
     r'|role ".*" does not exist'
     r'|role ".*" is not permitted to log in'
     r"|fe_sendauth: no password supplied"
-    r'|database ".*" does not exist'
+    rf"|{_NO_SUCH_DATABASE.pattern}"
 )
-_NO_SUCH_DATABASE = re.compile(r'database ".*" does not exist')
 # PostgreSQL's DETAIL when the database went away while the connection started
 # (`pg_restore --clean --create`, a dropdb and createdb): not a setting to fix.
 _JUST_DROPPED = "It seems to have just been dropped or renamed."
