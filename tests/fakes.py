@@ -187,6 +187,13 @@ class FakeRepository:
         qna = self._visible().get(qna_id)
         return copy.deepcopy(qna) if qna is not None else None
 
+    def list_by_id(self, *, first: UUID, last: UUID, limit: int) -> Sequence[QnA]:
+        in_range = sorted(
+            (qna for qna in self._visible().values() if first <= qna.id <= last),
+            key=lambda qna: qna.id,
+        )
+        return copy.deepcopy(in_range[:limit])
+
     def list(
         self,
         *,

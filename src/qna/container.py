@@ -17,7 +17,13 @@ from qna.adapters.sqlalchemy.database import UnknownConnectionOption, create_eng
 from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork, write_batches_for
 from qna.adapters.structured_logging import configure_logging
 from qna.application.ports import LLM
-from qna.application.use_cases import AskQuestion, GetQnA, ListQnA, ReapAbandoned
+from qna.application.use_cases import (
+    AskQuestion,
+    FindQnA,
+    GetQnA,
+    ListQnA,
+    ReapAbandoned,
+)
 from qna.config import ConfigurationError, Settings
 from qna.domain.errors import StorageUnavailable
 from qna.domain.model import parse_question
@@ -160,6 +166,7 @@ class Container(containers.DeclarativeContainer):
         llm_deadline=providers.Callable(seconds, config.llm_deadline_s),
     )
     get_qna = providers.Factory(GetQnA, uow=unit_of_work.provider, abandon_after=abandon_after)
+    find_qna = providers.Factory(FindQnA, uow=unit_of_work.provider, abandon_after=abandon_after)
     reap_abandoned = providers.Factory(
         ReapAbandoned, uow=unit_of_work.provider, abandon_after=abandon_after
     )

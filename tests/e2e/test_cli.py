@@ -573,6 +573,47 @@ def test_show_something_that_is_not_an_id_exits_5(fake: FakeOpenAI) -> None:
     assert "garbage" in error_line(result.stderr)
 
 
+def test_show_takes_a_start_of_an_id_that_only_one_record_has(fake: FakeOpenAI) -> None:
+    asked = qna_json("ask", QUESTION)
+
+    by_start = qna("show", asked["id"][:8].upper())
+
+    assert by_start.exit_code == 0, by_start.stderr
+    assert f"id:       {asked['id']}" in by_start.stdout
+    assert qna_json("show", asked["id"][:13]) == asked
+
+
+def test_show_refuses_a_start_that_two_ids_have_naming_both(
+    fake: FakeOpenAI, database_url: str
+) -> None:
+    first = qna_json("ask", QUESTION)
+    second = qna_json("ask", "And of Italy?")
+    twin = UUID(first["id"][:30] + ("000000" if first["id"][30:] != "000000" else "ffffff"))
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(qn_a.update().where(qn_a.c.id == UUID(second["id"])).values(id=twin))
+    finally:
+        engine.dispose()
+
+    result = qna("show", first["id"][:8])
+
+    assert result.exit_code == 4
+    line = error_line(result.stderr)
+    assert first["id"] in line and str(twin) in line and "give more of it" in line
+    assert result.stdout == ""
+    assert qna_json("show", str(twin))["question"] == "And of Italy?"
+
+
+def test_show_refuses_a_start_of_fewer_than_four_characters(fake: FakeOpenAI) -> None:
+    asked = qna_json("ask", QUESTION)
+
+    result = qna("show", asked["id"][:3])
+
+    assert result.exit_code == 4
+    assert "at least 4 characters" in error_line(result.stderr)
+
+
 # -- questions refused before anything happens ------------------------------------------------
 
 

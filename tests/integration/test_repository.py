@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from sqlalchemy import Engine, event, text
@@ -97,6 +97,37 @@ def test_an_error_inside_rolls_back(uow: SqlAlchemyUnitOfWork) -> None:
 def test_get_of_unknown_id_is_none(uow: SqlAlchemyUnitOfWork) -> None:
     with uow:
         assert uow.qnas.get(uuid4()) is None
+
+
+def test_list_by_id_finds_the_ids_in_a_range_in_id_order(uow: SqlAlchemyUnitOfWork) -> None:
+    # Bounds and their neighbours, where a text order of the stored form and the
+    # order of the ids could part: digits against letters, the first and last digit.
+    ids = [
+        "0fffffff-ffff-4fff-bfff-ffffffffffff",
+        "10000000-0000-4000-8000-000000000000",
+        "1000000a-0000-4000-8000-000000000000",
+        "1fffffff-ffff-4fff-bfff-ffffffffffff",
+        "20000000-0000-4000-8000-000000000000",
+        "a0000000-0000-4000-8000-000000000000",
+    ]
+    records = [QnA.ask(f"Q{n}", model="m", now=T0) for n in range(len(ids))]
+    for record, qna_id in zip(records, ids, strict=True):
+        record.id = UUID(qna_id)
+    store(uow, *reversed(records))
+    first = UUID("10000000-0000-0000-0000-000000000000")
+    last = UUID("1fffffff-ffff-ffff-ffff-ffffffffffff")
+
+    with uow:
+        found = uow.qnas.list_by_id(first=first, last=last, limit=5)
+        two = uow.qnas.list_by_id(first=first, last=last, limit=2)
+        letters = uow.qnas.list_by_id(
+            first=UUID(int=0xA << 124), last=UUID(int=2**128 - 1), limit=5
+        )
+
+    assert [str(qna.id) for qna in found] == ids[1:4]
+    assert found[0] == records[1]
+    assert [str(qna.id) for qna in two] == ids[1:3]
+    assert [str(qna.id) for qna in letters] == ids[5:]
 
 
 def test_list_is_newest_first_with_keyset_pages(uow: SqlAlchemyUnitOfWork) -> None:

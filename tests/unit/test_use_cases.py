@@ -13,7 +13,7 @@ import pytest
 
 from qna.application import AskQuestion, GetQnA, InvalidArgument, InvalidCursor, ListQnA
 from qna.application.ports import Completion
-from qna.application.use_cases import Page, encode_cursor
+from qna.application.use_cases import AmbiguousId, FindQnA, Page, encode_cursor
 from qna.domain import (
     InvalidQuestion,
     LLMError,
@@ -460,6 +460,116 @@ def test_get_of_a_malformed_id_is_not_found(world: World, qna_id: str) -> None:
 
     assert raised.value.code == "not_found"
     assert f"id {qna_id}." in raised.value.message
+
+
+# --- FindQnA: by an id or a start of one ----------------------------------------------
+
+
+def _seed_ids(world: World, *ids: str) -> dict[str, QnA]:
+    records = {}
+    for qna_id in ids:
+        records[qna_id] = QnA.ask(f"Question {qna_id}", model="m", now=world.clock())
+        records[qna_id].id = UUID(qna_id)
+    world.uow.seed(*records.values())
+    return records
+
+
+def _find(world: World, text: str) -> QnA:
+    return FindQnA(world.uow, abandon_after=timedelta(minutes=5), clock=world.clock)(text)
+
+
+TWINS = ("3f0c2c4e-8d3a-4f43-9a57-3f7f1f0a8b11", "3f0c2c4e-8d3a-4f43-9a57-3f7f1f0a8b12")
+LONER = "3f0d0000-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        "3f0d",
+        "3F0D",
+        "3f0d0000-",
+        "3f0d0000-00",
+        "3f0d000000",  # the hex digits without the hyphens
+        " 3f0d0000\n",
+        LONER,
+        LONER.replace("-", ""),
+    ],
+)
+def test_find_takes_an_id_or_a_start_no_other_id_has(world: World, start: str) -> None:
+    records = _seed_ids(world, *TWINS, LONER, "3f0c0000-0000-4000-8000-000000000000")
+
+    assert _find(world, start) == records[LONER]
+
+
+def test_find_takes_a_start_that_only_the_last_digit_tells_apart(world: World) -> None:
+    edge = "ffffffff-ffff-4fff-bfff-ffffffffffff"
+    records = _seed_ids(world, *TWINS, edge)
+
+    assert _find(world, TWINS[1]) == records[TWINS[1]]
+    # The range a start covers ends at ...fff, and includes it.
+    assert _find(world, "ffff") == records[edge]
+
+
+@pytest.mark.parametrize("start", ["3f0c", "3f0c2c4e-8d3a-4f43-9a57-3f7f1f0a8b1"])
+def test_find_refuses_a_start_that_several_ids_have_and_names_them(
+    world: World, start: str
+) -> None:
+    _seed_ids(world, *TWINS)
+
+    with pytest.raises(AmbiguousId) as raised:
+        _find(world, start)
+
+    assert isinstance(raised.value, InvalidArgument)
+    assert raised.value.code == "ambiguous_id"
+    assert all(twin in raised.value.message for twin in TWINS)
+    assert start in raised.value.message
+
+
+@pytest.mark.parametrize("start", ["3", "3f0", " 3f0\n"])
+def test_find_refuses_a_start_shorter_than_four_digits(world: World, start: str) -> None:
+    _seed_ids(world, LONER)
+
+    with pytest.raises(InvalidArgument, match="at least 4 characters") as raised:
+        _find(world, start)
+
+    assert raised.value.code == "invalid_argument"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("3f0e", "No question has an id starting 3f0e."),
+        ("3f0d-", "No question with id 3f0d-."),  # a hyphen out of place
+        ("3f0d00000-", "No question with id 3f0d00000-."),
+        ("3f0dxyz", "No question with id 3f0dxyz."),
+        ("", "No question with id ."),
+        (LONER + "0", f"No question with id {LONER}0."),
+    ],
+)
+def test_find_of_a_start_no_id_has_is_not_found(world: World, text: str, message: str) -> None:
+    _seed_ids(world, LONER)
+
+    with pytest.raises(NotFound) as raised:
+        _find(world, text)
+
+    assert raised.value.message == message
+
+
+def test_find_reports_an_abandoned_record_it_finds_as_failed(world: World) -> None:
+    _seed_ids(world, LONER)
+    world.clock.advance(timedelta(minutes=10))
+
+    found = _find(world, "3f0d")
+
+    assert (found.status, found.error_kind) == (Status.FAILED, "abandoned")
+    assert world.stored(UUID(LONER)).status is Status.FAILED
+
+
+def test_get_takes_full_ids_only(world: World) -> None:
+    _seed_ids(world, LONER)
+
+    with pytest.raises(NotFound):
+        GetQnA(world.uow)("3f0d")
 
 
 # --- ListQnA -------------------------------------------------------------------------

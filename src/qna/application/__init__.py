@@ -4,6 +4,7 @@ from qna.application.ports import LLM, Completion, PageKey, QnARepository, UnitO
 from qna.application.use_cases import (
     Asked,
     AskQuestion,
+    FindQnA,
     GetQnA,
     InvalidArgument,
     InvalidCursor,
@@ -16,6 +17,7 @@ __all__ = [
     "AskQuestion",
     "Asked",
     "Completion",
+    "FindQnA",
     "GetQnA",
     "InvalidArgument",
     "InvalidCursor",

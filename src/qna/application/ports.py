@@ -70,6 +70,10 @@ class QnARepository(Protocol):
 
     def get(self, qna_id: UUID) -> QnA | None: ...
 
+    def list_by_id(self, *, first: UUID, last: UUID, limit: int) -> Sequence[QnA]:
+        """The records whose id is from `first` to `last` (both included), in id order."""
+        ...
+
     def list(
         self,
         *,

@@ -58,6 +58,12 @@ class InvalidCursor(InvalidArgument):
     code = "invalid_cursor"
 
 
+class AmbiguousId(InvalidArgument):
+    """The start of an id given to `FindQnA` starts more than one record's id."""
+
+    code = "ambiguous_id"
+
+
 @dataclass(frozen=True)
 class Asked:
     """What `AskQuestion.ask` did: the record, and whether this call answered it."""
@@ -283,14 +289,53 @@ class _ReadsHistory:
 
 
 class GetQnA(_ReadsHistory):
+    """One record, by its full id."""
+
     def __call__(self, qna_id: UUID | str) -> QnA:
-        key = _parse_id(qna_id)
         with self._uow() as uow:
-            qna = uow.qnas.get(key) if key is not None else None
+            qna = self._find(uow, qna_id)
         if qna is None:
             raise NotFound(f"No question with id {qna_id}.")
         self._report_abandoned([qna])
         return qna
+
+    def _find(self, uow: UnitOfWork, qna_id: UUID | str) -> QnA | None:
+        key = _parse_id(qna_id)
+        return uow.qnas.get(key) if key is not None else None
+
+
+#: The fewest hex digits of an id that `FindQnA` takes as a start of one (as git
+#: takes a commit's): fewer would too often mean a mistyped or cut-off id.
+MIN_ID_PREFIX = 4
+
+
+class FindQnA(GetQnA):
+    """One record, by its full id or by a start of it that no other record's id has
+    (`3f0c2c4e`, read off `qna history`): for people, who type ids. The
+    HTTP API and `qna.Client.get` take full ids only, so that a program's reference
+    to a record cannot come to mean another."""
+
+    def _find(self, uow: UnitOfWork, qna_id: UUID | str) -> QnA | None:
+        if isinstance(qna_id, UUID) or _parse_id(qna_id) is not None:
+            return super()._find(uow, qna_id)
+        digits = _id_prefix_digits(qna_id)
+        if digits is None:
+            return None
+        if len(digits) < MIN_ID_PREFIX:
+            raise InvalidArgument(
+                f"Give at least {MIN_ID_PREFIX} characters of the id, not {qna_id.strip()}."
+            )
+        first = UUID(digits.ljust(32, "0"))
+        last = UUID(digits.ljust(32, "f"))
+        found = uow.qnas.list_by_id(first=first, last=last, limit=2)
+        if len(found) > 1:
+            raise AmbiguousId(
+                f"More than one question has an id starting {qna_id.strip()} "
+                f"({found[0].id}, {found[1].id}); give more of it."
+            )
+        if not found:
+            raise NotFound(f"No question has an id starting {qna_id.strip()}.")
+        return found[0]
 
 
 @dataclass(frozen=True)
@@ -440,6 +485,25 @@ def _parse_id(qna_id: UUID | str) -> UUID | None:
         return UUID(qna_id.strip())
     except (ValueError, TypeError, AttributeError):
         return None
+
+
+# Where an id's canonical form has hyphens ("-") and hex digits ("x"); without its
+# hyphens, an id is 32 hex digits (which `UUID` takes too).
+_ID_FORM = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _id_prefix_digits(text: str) -> str | None:
+    """The hex digits of `text` if it is a start of an id's canonical form, or of
+    its hex digits alone, in any case."""
+    text = text.strip().lower()
+    form = _ID_FORM if "-" in text else _ID_FORM.replace("-", "")
+    if not text or len(text) > len(form):
+        return None
+    for char, slot in zip(text, form, strict=False):
+        if (char == "-") != (slot == "-") or (slot == "x" and char not in _HEX_DIGITS):
+            return None
+    return text.replace("-", "")
 
 
 def _sleep(seconds: float) -> None:

@@ -553,10 +553,14 @@ def history(
 def show(app: AppContext, qna_id: str, as_json: bool) -> None:
     """Show one stored question and its answer.
 
+    ID is the record's id, or a start of it that no other record's id has (at
+    least 4 characters, e.g. 3f0c2c4e).
+
     \b
-    Exit codes: 0 shown, 3 configuration, 5 no such record, 6 database unavailable.
+    Exit codes: 0 shown, 3 configuration, 4 a start of an id too short or shared
+    by several records, 5 no such record, 6 database unavailable.
     """
-    qna = app.container().get_qna()(qna_id)
+    qna = app.container().find_qna()(qna_id)
     if as_json:
         emit_json(qna_to_dict(qna))
         return

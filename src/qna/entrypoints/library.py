@@ -60,7 +60,7 @@ class Client:
         return ask_question_for(self._open(), question)(question, fresh=fresh)
 
     def get(self, qna_id: UUID | str) -> QnA:
-        """One stored record; raises `qna.NotFound`."""
+        """One stored record, by its full id; raises `qna.NotFound`."""
         return self._open().get_qna()(qna_id)
 
     def history(

@@ -56,6 +56,13 @@ _CLOSE_PENDING = _SAVE_OUTCOME.where(qn_a.c.status == Status.PENDING.value)
 
 
 _BY_ID = select(qn_a).where(qn_a.c.id == bindparam("row_id"))
+# Ids in a range: a prefix of an id (`FindQnA`), served by the primary key.
+_BY_ID_RANGE = (
+    select(qn_a)
+    .where(qn_a.c.id.between(bindparam("first"), bindparam("last")))
+    .order_by(qn_a.c.id)
+    .limit(bindparam("limit"))
+)
 _BY_KEY = select(qn_a).where(qn_a.c.idempotency_key == bindparam("key"))
 _RELEASE_KEY = update(qn_a).where(qn_a.c.id == bindparam("row_id")).values(idempotency_key=None)
 
@@ -194,6 +201,10 @@ class SqlAlchemyQnARepository:
 
     def get(self, qna_id: UUID) -> QnA | None:
         return self._first(_BY_ID, {"row_id": qna_id})
+
+    def list_by_id(self, *, first: UUID, last: UUID, limit: int) -> Sequence[QnA]:
+        params = {"first": first, "last": last, "limit": limit}
+        return [to_domain(row) for row in self._connect().execute(_BY_ID_RANGE, params).mappings()]
 
     def list(
         self,
