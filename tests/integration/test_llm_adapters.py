@@ -30,6 +30,7 @@ from qna.adapters.openai_llm import OpenAILLM
 from qna.application.ports import Completion
 from qna.domain.errors import (
     LLMBadResponse,
+    LLMError,
     LLMRateLimited,
     LLMRefused,
     LLMTimeout,
@@ -43,6 +44,7 @@ from tests.support.fake_openai import (
     Raw,
     Reply,
     Status,
+    Step,
     chat_completion,
 )
 
@@ -414,6 +416,44 @@ def test_a_long_provider_message_is_truncated(fake: FakeOpenAI, make_llm: MakeLL
         make_llm().complete("Q?")
 
     assert len(caught.value.message) < 450
+
+
+@pytest.mark.parametrize(
+    ("step", "error"),
+    [
+        (Status(400, body={"error": {"message": "bad\x00request", "type": "x"}}), LLMRefused),
+        (Status(503, body={"error": {"message": "down\x00now", "type": "x"}}), LLMUnavailable),
+        (
+            raw_json(
+                {
+                    "choices": [{"message": {"content": None, "refusal": "No\x00pe"}}],
+                    "model": "m",
+                }
+            ),
+            LLMBadResponse,
+        ),
+    ],
+    ids=["refused", "unavailable", "declined"],
+)
+def test_a_provider_message_is_told_without_nul(
+    fake: FakeOpenAI, make_llm: MakeLLM, step: Step, error: type[LLMError]
+) -> None:
+    # PostgreSQL's text cannot hold NUL: the failure could not have been stored.
+    fake.script(step)
+
+    with pytest.raises(error) as caught:
+        make_llm(max_attempts=1).complete("Q?")
+
+    assert "\x00" not in caught.value.message
+    assert "\ufffd" in caught.value.message
+
+
+def test_a_model_name_is_told_without_nul(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.script(Reply(text="Paris\x00.", model="gpt\x00-x"))
+
+    completion = make_llm().complete("Q?")
+
+    assert (completion.text, completion.model) == ("Paris\ufffd.", "gpt\ufffd-x")
 
 
 # -- timeouts, dropped and refused connections -------------------------------------------

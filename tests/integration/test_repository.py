@@ -525,6 +525,21 @@ def test_a_row_that_breaks_a_constraint_fails_only_its_own_ask(pg_engine: Engine
     assert kept is not None and kept.question == "Already here?"
 
 
+def test_a_row_the_driver_will_not_send_fails_only_its_own_ask(pg_engine: Engine) -> None:
+    # psycopg2 refuses a string with NUL itself (ValueError), before anything is sent.
+    batches, writes = WriteBatches(), Writes(pg_engine)
+    records = [QnA.ask(f"Fine {n}?", model="m", now=T0) for n in range(4)]
+    unsendable = QnA.ask("With NUL?", model="m", now=T0)
+    unsendable.model = "m\x00"
+    records.insert(2, unsendable)
+
+    errors = writes.run_behind_first(batches.insert, add_with(pg_engine, batches), records)
+
+    assert list(errors) == ["With NUL?"] and isinstance(errors["With NUL?"], ValueError)
+    assert all(visible_elsewhere(pg_engine, qna) for qna in records if qna is not unsendable)
+    assert not visible_elsewhere(pg_engine, unsendable)
+
+
 def test_a_record_with_an_idempotency_key_is_inserted_alone(pg_engine: Engine) -> None:
     batches, writes = WriteBatches(), Writes(pg_engine)
     keyed = QnA.ask("Keyed?", model="m", now=T0)

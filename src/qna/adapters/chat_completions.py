@@ -188,7 +188,7 @@ class ChatCompletionsLLM(ABC):
     ) -> Failure:
         """A response that is not a 2xx; `message` is the provider's error message."""
         retry_after = retry_after_seconds(headers)
-        detail = self._redact(_truncate(message)) if isinstance(message, str) else ""
+        detail = self._storable(_truncate(message)) if isinstance(message, str) else ""
         error: type[LLMError]
         if status == 429:
             error, what = LLMRateLimited, "rate-limited the request (HTTP 429)"
@@ -237,7 +237,7 @@ class ChatCompletionsLLM(ABC):
     def _to_completion(self, reply: Reply) -> Completion:
         # Whatever JSON arrived is checked part by part before it is trusted.
         def bad(what: str) -> LLMBadResponse:
-            return LLMBadResponse(self._redact(f"The LLM at {self._where} {what}."))
+            return LLMBadResponse(self._storable(f"The LLM at {self._where} {what}."))
 
         if not reply.has_choices:
             raise bad("answered with no choices")
@@ -248,12 +248,15 @@ class ChatCompletionsLLM(ABC):
                 raise bad(f"declined to answer: {_truncate(refusal)}")
             raise bad("answered with an empty message")
         model = reply.model
-        # Made storable, not refused: the answer has been paid for. PostgreSQL's text
-        # cannot hold NUL (SQLite's can: both keep the same text this way), and a
-        # provider's model name or token counts past what the columns hold are noise.
+        # Made storable, not refused: the answer has been paid for. A provider's
+        # model name or token counts past what the columns hold are noise.
         return Completion(
-            text=content.replace("\x00", "\ufffd"),
-            model=model[:MAX_MODEL_LENGTH] if isinstance(model, str) and model else self._model,
+            text=_without_nul(content),
+            model=(
+                self._storable(model)[:MAX_MODEL_LENGTH]
+                if isinstance(model, str) and model
+                else self._model
+            ),
             prompt_tokens=_count(reply.prompt_tokens),
             completion_tokens=_count(reply.completion_tokens),
         )
@@ -268,11 +271,20 @@ class ChatCompletionsLLM(ABC):
             message += f": {failure.detail}"
         if not message.endswith((".", "!", "?", "…")):
             message += "."
-        return failure.error(self._redact(message), retry_after=failure.retry_after)
+        return failure.error(self._storable(message), retry_after=failure.retry_after)
 
-    def _redact(self, text: str) -> str:
-        # OpenAI echoes (part of) a rejected key in its 401 message; ours must not.
-        return text.replace(self._api_key, "***") if self._api_key else text
+    def _storable(self, text: str) -> str:
+        """The provider's words as qna stores and shows them: without our API key
+        (OpenAI echoes part of a rejected one in its 401 message) and without NUL,
+        which PostgreSQL's text cannot hold (SQLite's can: both keep the same text)."""
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return _without_nul(text)
+
+
+def _without_nul(text: str) -> str:
+    # PostgreSQL's text cannot hold NUL; SQLite's can, and both keep the same text so.
+    return text.replace("\x00", "\ufffd")
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

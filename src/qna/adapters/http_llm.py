@@ -58,7 +58,7 @@ class HttpLLM(ChatCompletionsLLM):
         base = (base_url or OPENAI_BASE_URL).rstrip("/")
         parts = urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"Not an http(s) URL: {self._redact(base)}")
+            raise ValueError(f"Not an http(s) URL: {self._storable(base)}")
         self._set_where(base)
         # Credentials in the URL go in the Authorization header, not the request line.
         # hostname has lost the brackets of an IPv6 address, which a netloc needs.

@@ -145,6 +145,12 @@ def _run(connect: Callable[[], Connection], statement: Executable, batch: list[_
                 _fail(batch, exc)  # the database's fault, not a row's: nobody is in
             else:
                 _run_alone(connection, statement, batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # Not the database's answer: the driver refused a value before sending
+            # anything (psycopg2 sends no string with NUL), perhaps only one row's.
+            _run_alone(connection, statement, batch)
     except Exception as exc:
         _fail(batch, exc)  # no connection, or a bug: every caller is told
         raise
@@ -161,13 +167,14 @@ def _run(connect: Callable[[], Connection], statement: Executable, batch: list[_
 
 
 def _run_alone(connection: Connection, statement: Executable, batch: list[_Waiter]) -> None:
-    """Perhaps one row's fault (a constraint, a value out of range): autocommit rolled
-    the whole statement back, so each row runs again alone, for its own outcome."""
+    """Perhaps one row's fault (a constraint, a value out of range or unsendable):
+    autocommit rolled the whole statement back, or it was never sent, so each row
+    runs again alone, for its own outcome."""
     for index, waiter in enumerate(batch):
         try:
             connection.execute(statement, waiter.params)
-        except DBAPIError as exc:
-            if is_unavailable(exc):
+        except Exception as exc:
+            if isinstance(exc, DBAPIError) and is_unavailable(exc):
                 _fail(batch[index:], exc)
                 return
             waiter.error = exc
