@@ -168,6 +168,54 @@ def test_a_key_still_in_flight_waits_then_gives_409(
     assert len(uow.committed_records()) == 1
 
 
+def test_a_retry_that_waited_for_a_failing_ask_is_stamped_when_it_asks(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # Stamped when its wait began, its record counted as abandoned while its own
+    # LLM call ran within the deadline, and a further retry asked the LLM again.
+    holder = QnA.ask("Slow?", model="fake-model", now=clock())
+    holder.idempotency_key, holder.request_fingerprint = "k", _fingerprint_of("Slow?")
+    uow.seed(holder)
+    timer = FakeTimer()
+
+    def wait_while_the_holder_runs(seconds: float) -> None:
+        timer.advance(seconds)
+        clock.advance(timedelta(seconds=seconds))
+        if clock() - holder.created_at >= timedelta(seconds=88):
+            with uow() as other:
+                holder.record_failure(LLMUnavailable("down"), latency_ms=1, now=clock())
+                other.qnas.save(holder)
+                other.commit()
+
+    seen_while_asking = []
+
+    def answer_slowly(_question: str) -> None:
+        clock.advance(timedelta(seconds=95))  # within its 120 s deadline
+        with uow() as reader:
+            mine = reader.qnas.get_by_idempotency_key("k")
+        assert mine is not None
+        reading = GetQnA(uow, abandon_after=timedelta(seconds=180), clock=clock)
+        seen_while_asking.append(reading(mine.id).status)
+
+    retry = AskQuestion(
+        uow,
+        FakeLLM(on_call=answer_slowly),
+        clock=clock,
+        timer=timer,
+        sleep=wait_while_the_holder_runs,
+        in_flight_wait=timedelta(seconds=90),
+        llm_deadline=timedelta(seconds=120),
+        abandon_after=timedelta(seconds=180),
+    )
+    asked_at = holder.created_at + timedelta(seconds=88)
+
+    answered = retry("Slow?", idempotency_key="k")
+
+    assert seen_while_asking == [Status.PENDING]
+    assert answered.status is Status.ANSWERED
+    assert answered.created_at >= asked_at
+
+
 @pytest.mark.parametrize(
     ("asking_for_s", "in_flight_wait_s", "retry_after"),
     [

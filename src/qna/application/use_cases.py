@@ -180,6 +180,10 @@ class AskQuestion:
         assert key is not None
         give_up_at = self._timer() + self._in_flight_wait
         while True:
+            # Asked now, not when the wait began: a record stamped then would count
+            # as abandoned (and another retry would ask the LLM again) while its own
+            # LLM call was still within its deadline.
+            qna.created_at = self._clock()
             try:
                 # A lost key leaves `qna` as it was: pending, and never stored.
                 return Asked(self._ask(qna, fresh=fresh))
