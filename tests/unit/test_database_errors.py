@@ -5,12 +5,13 @@ tests/e2e/test_cli.py and tests/integration/http/test_api.py (a wrong password).
 from __future__ import annotations
 
 import pickle
+import sqlite3
 
 import psycopg2
 import pytest
-from sqlalchemy.exc import InternalError, OperationalError
+from sqlalchemy.exc import DatabaseError, InternalError, OperationalError
 
-from qna.adapters.sqlalchemy.database import storage_unavailable
+from qna.adapters.sqlalchemy.database import is_unavailable, storage_unavailable
 from qna.domain.errors import ConfigurationError, DatabaseLoginRefused, StorageUnavailable
 
 PREFIX = 'connection to server at "db.example.com" (10.0.0.5), port 5432 failed: '
@@ -33,7 +34,6 @@ def connect_error(message: str) -> OperationalError:
     "message",
     [
         'FATAL:  password authentication failed for user "qna"',
-        'FATAL:  Ident authentication failed for user "qna"',
         'FATAL:  Peer authentication failed for user "qna"',
         'FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", database "qna", SSL off',
         'FATAL:  pg_hba.conf rejects connection for host "10.0.0.9", user "qna", database "qna"',
@@ -41,6 +41,8 @@ def connect_error(message: str) -> OperationalError:
         'FATAL:  role "qna" is not permitted to log in',
         "fe_sendauth: no password supplied",
         'FATAL:  database "qan" does not exist',
+        'FATAL:  permission denied for database "qna"\n'
+        "DETAIL:  User does not have CONNECT privilege.",
     ],
 )
 def test_a_refused_login_is_a_configuration_error_naming_database_url(message: str) -> None:
@@ -52,7 +54,7 @@ def test_a_refused_login_is_a_configuration_error_naming_database_url(message: s
     assert not error.retryable
     assert error.code == "misconfigured"
     assert "DATABASE_URL" in error.message
-    assert message.split("  ")[-1] in error.message
+    assert message.splitlines()[0].split("  ")[-1] in error.message
 
 
 @pytest.mark.parametrize("sqlstate", ["28P01", "28000", "3D000"])
@@ -76,6 +78,15 @@ def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
         connect_error(PREFIX + 'FATAL:  LDAP authentication failed for user "qna"'),
         connect_error(PREFIX + 'FATAL:  RADIUS authentication failed for user "qna"'),
         connect_error(PREFIX + 'FATAL:  PAM authentication failed for user "qna"'),
+        # Ident over TCP asks an identd on qna's own host: down, a right login fails.
+        connect_error(PREFIX + 'FATAL:  Ident authentication failed for user "qna"'),
+        # sslmode=prefer: the TLS try failed with LDAP down, so libpq tried without
+        # TLS, which a TLS-only pg_hba.conf refuses whatever the first failure was.
+        connect_error(
+            f'{PREFIX}FATAL:  LDAP authentication failed for user "qna"\n'
+            f'{PREFIX}FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", '
+            'database "qna", no encryption\n'
+        ),
         # Dropped while the connection started: restored or renamed, there again soon.
         connect_error(
             PREFIX + 'FATAL:  database "qna" does not exist\n'
@@ -93,6 +104,8 @@ def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
         "ldap",
         "radius",
         "pam",
+        "ident",
+        "ldap-then-unencrypted",
         "just-dropped",
         "set-role",
         "read-only",
@@ -125,6 +138,44 @@ def test_a_refused_login_is_reported_by_the_line_that_says_so() -> None:
     assert isinstance(error, DatabaseLoginRefused)
     assert error.message.endswith(PREFIX + refused)
     assert "SSL SYSCALL" not in error.message
+
+
+def test_a_refused_password_stays_refused_when_the_unencrypted_retry_is_refused_too() -> None:
+    password = 'FATAL:  password authentication failed for user "qna"'
+    unencrypted = 'FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", no encryption'
+
+    error = storage_unavailable(connect_error(f"{PREFIX}{password}\n{PREFIX}{unencrypted}\n"))
+
+    assert isinstance(error, DatabaseLoginRefused)
+    assert error.message.endswith(PREFIX + password)
+
+
+def test_a_database_the_user_may_not_connect_to_points_at_its_privilege() -> None:
+    error = storage_unavailable(
+        connect_error(PREFIX + 'FATAL:  permission denied for database "qna"')
+    )
+
+    assert isinstance(error, DatabaseLoginRefused)
+    assert "check that its user may connect to that database" in error.message
+    assert "password" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("code", "name"),
+    [(11, "SQLITE_CORRUPT"), (779, "SQLITE_CORRUPT_INDEX"), (26, "SQLITE_NOTADB")],
+)
+def test_a_broken_sqlite_file_is_unavailable_for_good_by_any_of_its_codes(
+    code: int, name: str
+) -> None:
+    # sqlite3 gives the extended code: SQLite 3.44 reports a damaged index so.
+    original = sqlite3.DatabaseError("database disk image is malformed")
+    original.sqlite_errorcode, original.sqlite_errorname = code, name
+    failure = DatabaseError("UPDATE qn_a", None, original)
+
+    assert is_unavailable(failure)
+    error = storage_unavailable(failure)
+    assert type(error) is StorageUnavailable
+    assert not error.retryable
 
 
 def test_a_refused_login_pickles_as_itself() -> None:

@@ -27,10 +27,12 @@ from qna.domain.errors import DatabaseLoginRefused, StorageUnavailable
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
 UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
-# SQLite's result codes for a file that is not, or is no longer, a database (another
-# program's file at DATABASE_URL's path, a disk that lost pages). sqlite3 raises them
-# as a plain DatabaseError, the class it also uses for bugs; these two are not bugs.
-_BROKEN_SQLITE_FILE = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+# SQLite's primary result codes for a file that is not, or is no longer, a database
+# (another program's file at DATABASE_URL's path, a disk that lost pages):
+# SQLITE_CORRUPT and SQLITE_NOTADB. sqlite3 raises them as a plain DatabaseError, the
+# class it also uses for bugs; these are not bugs. Their extended codes
+# (SQLITE_CORRUPT_INDEX, say) share the low byte.
+_BROKEN_SQLITE_FILE = frozenset({11, 26})
 
 
 # PostgreSQL's read_only_sql_transaction: a hot standby, or default_transaction_read_only.
@@ -54,7 +56,7 @@ def _is_broken_sqlite_file(exc: BaseException) -> bool:
     return (
         isinstance(exc, DatabaseError)
         and isinstance(original, sqlite3.DatabaseError)
-        and getattr(original, "sqlite_errorname", None) in _BROKEN_SQLITE_FILE
+        and (getattr(original, "sqlite_errorcode", None) or 0) & 0xFF in _BROKEN_SQLITE_FILE
     )
 
 
@@ -67,17 +69,24 @@ _NO_SUCH_DATABASE = re.compile(r'database ".*" does not exist')
 # no SQLSTATE, only this text (in English unless the server's lc_messages says
 # otherwise; a refusal worded in another language is told as the database unavailable).
 # "no password supplied" is libpq's own, for a server that asks for one. Not every
-# "authentication failed": with LDAP, RADIUS, PAM or GSSAPI the server asks another
-# service, and when that one is down a right password fails the same way, for a while.
+# "authentication failed": with LDAP, RADIUS, PAM, GSSAPI or Ident (over TCP) the
+# server asks another service (Ident: one on qna's own host), and when that one is
+# down a right login fails the same way, for a while.
+_NO_CONNECT_PRIVILEGE = re.compile(r'permission denied for database ".*"')
 _LOGIN_REFUSED_MESSAGES = re.compile(
-    r"(password|Ident|Peer) authentication failed for user"
+    r"(password|Peer) authentication failed for user"
     r"|no pg_hba\.conf entry for"
     r"|pg_hba\.conf rejects connection"
     r'|role ".*" does not exist'
     r'|role ".*" is not permitted to log in'
     r"|fe_sendauth: no password supplied"
     rf"|{_NO_SUCH_DATABASE.pattern}"
+    rf"|{_NO_CONNECT_PRIVILEGE.pattern}"
 )
+# sslmode=prefer (libpq's default) tries again without TLS after a TLS try failed for
+# any reason; where pg_hba.conf takes TLS only, that second try is refused as
+# unencrypted whatever the first failure was, and the first is the one that counts.
+_REFUSED_UNENCRYPTED = re.compile(r"no pg_hba\.conf entry for .*(no encryption|SSL off)\s*$")
 # PostgreSQL's DETAIL when the database went away while the connection started
 # (`pg_restore --clean --create`, a dropdb and createdb): not a setting to fix.
 _JUST_DROPPED = "It seems to have just been dropped or renamed."
@@ -98,6 +107,8 @@ def _login_refusal(exc: BaseException) -> str | None:
         return None  # an error met in a session carries its code
     # libpq reports each address (or sslmode=prefer's TLS try, then the plain one) on
     # a line of its own: the refusal may be any of them, and is the one to report.
+    if any("authentication failed" in line for line in lines):
+        lines = [line for line in lines if not _REFUSED_UNENCRYPTED.search(line)]
     return next((line for line in lines if _LOGIN_REFUSED_MESSAGES.search(line)), None)
 
 
@@ -110,10 +121,12 @@ def storage_unavailable(exc: BaseException) -> StorageUnavailable:
     refusal = _login_refusal(exc)
     if refusal is not None:
         # libpq's words name the user, never the password.
-        no_such_database = getattr(original, "pgcode", None) == "3D000" or bool(
-            _NO_SUCH_DATABASE.search(refusal)
-        )
-        check = "its database name" if no_such_database else "its user name and password"
+        if getattr(original, "pgcode", None) == "3D000" or _NO_SUCH_DATABASE.search(refusal):
+            check = "its database name"
+        elif _NO_CONNECT_PRIVILEGE.search(refusal):
+            check = "that its user may connect to that database"
+        else:
+            check = "its user name and password"
         return DatabaseLoginRefused(
             f"The database refused the login of DATABASE_URL (check {check}): {refusal.strip()}"
         )
