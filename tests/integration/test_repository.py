@@ -11,7 +11,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import IntegrityError
 
 from qna.adapters.sqlalchemy.batching import StatementBatcher
@@ -393,6 +393,39 @@ def pg_engine(postgres_url: str) -> Iterator[Engine]:
         connection.execute(text("DELETE FROM qn_a"))
     yield engine
     engine.dispose()
+
+
+def test_a_connection_that_breaks_after_the_work_is_done_fails_nothing(
+    pg_engine: Engine,
+) -> None:
+    # The server ends the session between the read and the unit's rollback (a
+    # restart, a failover): the read was done, and a 500 told the reader otherwise.
+    record = QnA.ask("Read, then dropped?", model="m", now=T0)
+    with SqlAlchemyUnitOfWork(pg_engine, autocommit=True) as uow:
+        uow.qnas.add(record)
+    admin = pg_engine.connect()
+    try:
+        with SqlAlchemyUnitOfWork(pg_engine) as uow:
+            read = uow.qnas.get(record.id)
+            pid = uow._connect().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            admin.commit()
+            _wait_until_gone(admin, pid)
+    finally:
+        admin.close()
+
+    assert read == record
+    with SqlAlchemyUnitOfWork(pg_engine) as uow:  # the pool is sound
+        assert uow.qnas.get(record.id) == record
+
+
+def _wait_until_gone(admin: Connection, pid: int) -> None:
+    deadline = time.monotonic() + 10
+    query = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+    while admin.execute(query, {"pid": pid}).scalar():
+        assert time.monotonic() < deadline, f"backend {pid} still there"
+        admin.rollback()
+        time.sleep(0.01)
 
 
 def test_only_postgresql_shares_statements(engine: Engine) -> None:

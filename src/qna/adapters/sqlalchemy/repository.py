@@ -341,9 +341,11 @@ class SqlAlchemyUnitOfWork:
         if connection is not None:
             try:
                 self._give_back(connection)
-            except DBAPIError:
-                # The connection is already broken; the original error says more.
-                if exc is None:
+            except DBAPIError as error:
+                # The connection is already broken; the original error says more. With
+                # none, the work was done: a connection that broke since (a restart, a
+                # failover) took its transaction with it, as the rollback would have.
+                if exc is None and not is_unavailable(error):
                     raise
         if exc is not None and is_unavailable(exc):
             raise storage_unavailable(exc) from exc
