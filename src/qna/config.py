@@ -6,6 +6,8 @@ The README's settings table is this class, in words; keep them together.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib.util
 import os
 import re
@@ -118,6 +120,13 @@ class Settings(BaseSettings):
     if not TYPE_CHECKING:  # mypy keeps the pydantic plugin's typed __init__
 
         def __init__(self, **values: Any) -> None:
+            # A name that is no setting is a TypeError, as for any Python function:
+            # ignored, a misspelt `database_url` would send the records to the default
+            # database. (`extra="ignore"` is for .env files: they hold other programs'
+            # variables too.) pydantic-settings' own arguments start with "_".
+            for name in values:
+                if not name.startswith("_"):
+                    setting_field(name, caller="Settings()")
             # Settings built directly (`qna.Settings(...)`) refuse a value as every
             # entrypoint does: with the error a caller of qna catches, naming the variable.
             try:
@@ -397,6 +406,27 @@ def describe_invalid_settings(exc: ValidationError) -> str:
     error = first.get("ctx", {}).get("error")
     reason = str(error) if first["type"] == "value_error" and error else first["msg"]
     return f"{name} is invalid: {reason}."
+
+
+@functools.cache
+def _setting_fields() -> dict[str, str]:
+    """Each setting's field, by its name (`database_url`) and its variable's (`DATABASE_URL`)."""
+    fields = {name: name for name in Settings.model_fields}
+    for name, info in Settings.model_fields.items():
+        for alias in getattr(info.validation_alias, "choices", []):
+            fields[str(alias)] = name
+    return fields
+
+
+def setting_field(name: str, *, caller: str) -> str:
+    """The field of the setting `name` names; a TypeError (as `caller`'s, with the
+    name it may have meant) when it names none."""
+    fields = _setting_fields()
+    if name not in fields:
+        close = difflib.get_close_matches(name, sorted(fields), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"{caller} got an unexpected keyword argument {name!r}{hint}")
+    return fields[name]
 
 
 def load_settings(base: Settings | None = None, **overrides: object) -> Settings:

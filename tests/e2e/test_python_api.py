@@ -412,6 +412,9 @@ def test_a_misspelt_keyword_is_refused_not_ignored(tmp_path: Path) -> None:
         qna.connect(databse_url=f"sqlite:///{tmp_path / 'x.db'}", openai_base_url="http://x/v1")
     with pytest.raises(TypeError, match="'colour'"):
         qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", colour="blue")
+    # Settings built directly, the other way in the README gives.
+    with pytest.raises(TypeError, match=r"Settings\(\).*'DATABSE_URL'.*'DATABASE_URL'"):
+        qna.Settings(DATABSE_URL=f"sqlite:///{tmp_path / 'x.db'}")
     assert not (tmp_path / "home").exists()
 
 

@@ -11,14 +11,13 @@ with qna.connect() as client:           # settings from the environment / .env
 
 from __future__ import annotations
 
-import difflib
 import os
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
 from qna.application.use_cases import ListQnA, Page
-from qna.config import Settings, load_settings
+from qna.config import Settings, load_settings, setting_field
 from qna.container import (
     Container,
     ask_question_for,
@@ -139,15 +138,6 @@ def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
     return Client(container)
 
 
-def _setting_fields() -> dict[str, str]:
-    """Each setting's field, by its name (`database_url`) and its variable's (`DATABASE_URL`)."""
-    fields = {name: name for name in Settings.model_fields}
-    for name, info in Settings.model_fields.items():
-        for alias in getattr(info.validation_alias, "choices", []):
-            fields[str(alias)] = name
-    return fields
-
-
 def _by_field(settings: object, overrides: dict[str, Any]) -> dict[str, Any]:
     """`overrides` under the settings' own names: merged with a Settings object's
     values, a variable's name (`DATABASE_URL=`) lost to the object's `database_url`."""
@@ -156,14 +146,9 @@ def _by_field(settings: object, overrides: dict[str, Any]) -> dict[str, Any]:
             f"connect() takes a qna.Settings, not {type(settings).__name__}; "
             "give single settings by name, e.g. connect(database_url=...)"
         )
-    fields = _setting_fields()
     by_field: dict[str, Any] = {}
     for name, value in overrides.items():
-        field = fields.get(name)
-        if field is None:
-            close = difflib.get_close_matches(name, sorted(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"connect() got an unexpected keyword argument {name!r}{hint}")
+        field = setting_field(name, caller="connect()")
         if field in by_field:
             raise TypeError(f"connect() got the setting {field!r} twice, by two of its names")
         by_field[field] = value
