@@ -556,6 +556,31 @@ def test_show_prints_one_record(fake: FakeOpenAI) -> None:
     assert qna_json("show", asked["id"]) == asked
 
 
+def test_show_tells_only_the_token_counts_the_llm_reported(fake: FakeOpenAI) -> None:
+    body = chat_completion(text="Paris.", model="m")
+    body["usage"] = {"completion_tokens": 5}
+    fake.script(Raw(200, json.dumps(body).encode()))
+    asked = qna_json("ask", QUESTION)
+
+    shown = qna("show", asked["id"]).stdout
+
+    assert "tokens:   5 completion\n" in shown
+    assert "None" not in shown
+
+
+def test_show_names_the_record_a_cached_answer_came_from(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QNA_CACHE_TTL", "3600")
+    first = qna_json("ask", QUESTION)
+    cached = qna_json("ask", QUESTION)
+
+    assert (
+        f"source:   the cache (the answer of {first['id']})\n" in qna("show", cached["id"]).stdout
+    )
+    assert "source:" not in qna("show", first["id"]).stdout
+
+
 def test_show_an_unknown_id_exits_5(fake: FakeOpenAI) -> None:
     unknown = str(uuid4())
 
@@ -1102,6 +1127,36 @@ def test_an_unreachable_database_exits_6(
     line = error_line(result.stderr)
     assert "secret" not in line
     assert fake_openai.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "exit_code"),
+    [
+        (("show", "3f0"), 4),
+        (("show", ""), 4),
+        (("show", "not-an-id"), 5),
+        (("history", "--cursor", "garbage"), 4),
+    ],
+    ids=["short-start", "empty-id", "not-an-id", "bad-cursor"],
+)
+def test_an_argument_wrong_on_its_face_is_refused_before_the_database_is_opened(
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    exit_code: int,
+) -> None:
+    # It was exit 6 with the database down (fix the database, it said), and a new
+    # SQLite file created and migrated to refuse it.
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    for url in ("postgresql://u:secret@127.0.0.1:1/x", f"sqlite:///{tmp_path}/new.db"):
+        monkeypatch.setenv("DATABASE_URL", url)
+
+        result = qna(*args)
+
+        assert result.exit_code == exit_code, result.stderr
+        error_line(result.stderr)
+    assert not (tmp_path / "new.db").exists()
 
 
 @EVERY_COMMAND_THAT_OPENS_THE_DATABASE

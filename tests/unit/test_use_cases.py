@@ -525,14 +525,44 @@ def test_find_refuses_a_start_that_several_ids_have_and_names_them(
     assert start in raised.value.message
 
 
-@pytest.mark.parametrize("start", ["3", "3f0", " 3f0\n"])
-def test_find_refuses_a_start_shorter_than_four_digits(world: World, start: str) -> None:
+@pytest.mark.parametrize(
+    ("start", "message"),
+    [
+        ("3", "Give at least 4 characters of the id, not 3."),
+        (" 3f0\n", "Give at least 4 characters of the id, not 3f0."),
+        ("", "Give at least 4 characters of the id."),
+        ("  ", "Give at least 4 characters of the id."),
+    ],
+)
+def test_find_refuses_a_start_shorter_than_four_digits(
+    world: World, start: str, message: str
+) -> None:
     _seed_ids(world, LONER)
 
-    with pytest.raises(InvalidArgument, match="at least 4 characters") as raised:
+    with pytest.raises(InvalidArgument) as raised:
         _find(world, start)
 
-    assert raised.value.code == "invalid_argument"
+    assert (raised.value.code, raised.value.message) == ("invalid_argument", message)
+
+
+@pytest.mark.parametrize(
+    ("use_case", "text", "error"),
+    [
+        (GetQnA, "nope", NotFound),
+        (GetQnA, "3f0d", NotFound),
+        (FindQnA, "nope", NotFound),
+        (FindQnA, "3f0", InvalidArgument),
+    ],
+)
+def test_what_is_not_an_id_on_its_face_is_refused_without_asking_the_database(
+    world: World, use_case: type[GetQnA], text: str, error: type[Exception]
+) -> None:
+    world.uow.fail_next(DATABASE_DOWN)
+
+    with pytest.raises(error):
+        use_case(world.uow)(text)
+
+    assert world.uow.opened == 0
 
 
 @pytest.mark.parametrize(
@@ -542,7 +572,6 @@ def test_find_refuses_a_start_shorter_than_four_digits(world: World, start: str)
         ("3f0d-", "No question with id 3f0d-."),  # a hyphen out of place
         ("3f0d00000-", "No question with id 3f0d00000-."),
         ("3f0dxyz", "No question with id 3f0dxyz."),
-        ("", "No question with id ."),
         (LONER + "0", f"No question with id {LONER}0."),
     ],
 )

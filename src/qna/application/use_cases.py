@@ -16,6 +16,7 @@ from qna.application.ports import (
     LLM,
     DuplicateIdempotencyKey,
     PageKey,
+    QnARepository,
     UnitOfWork,
     UnitOfWorkFactory,
 )
@@ -296,16 +297,26 @@ class GetQnA(_ReadsHistory):
     """One record, by its full id."""
 
     def __call__(self, qna_id: UUID | str) -> QnA:
+        # What is not an id on its face is no record: the database is not asked (were
+        # it down, that is what the caller would be told).
+        wanted = self.parse(qna_id)
         with self._uow() as uow:
-            qna = self._find(uow, qna_id)
+            qna = self._find(uow.qnas, wanted)
         if qna is None:
             raise NotFound(f"No question with id {qna_id}.")
         self._report_abandoned([qna])
         return qna
 
-    def _find(self, uow: UnitOfWork, qna_id: UUID | str) -> QnA | None:
+    @staticmethod
+    def parse(qna_id: UUID | str) -> UUID | IdStart:
+        """What `qna_id` names; NotFound when it names nothing."""
         key = _parse_id(qna_id)
-        return uow.qnas.get(key) if key is not None else None
+        if key is None:
+            raise NotFound(f"No question with id {qna_id}.")
+        return key
+
+    def _find(self, qnas: QnARepository, wanted: UUID | IdStart) -> QnA | None:
+        return qnas.get(wanted) if isinstance(wanted, UUID) else None
 
 
 #: The fewest hex digits of an id that `FindQnA` takes as a start of one (as git
@@ -313,32 +324,49 @@ class GetQnA(_ReadsHistory):
 MIN_ID_PREFIX = 4
 
 
+@dataclass(frozen=True)
+class IdStart:
+    """The start of an id, as a person types it (`3f0c2c4e`): its hex digits."""
+
+    digits: str
+    #: As it was given, for messages.
+    text: str
+
+
 class FindQnA(GetQnA):
     """One record, by its full id or by a start of it that no other record's id has
-    (`3f0c2c4e`, read off `qna history`): for people, who type ids. The
-    HTTP API and `qna.Client.get` take full ids only, so that a program's reference
-    to a record cannot come to mean another."""
+    (`3f0c2c4e`, read off `qna history`): for people, who type ids. The HTTP API and
+    `qna.Client.get` take full ids only, so that a program's reference to a record
+    cannot come to mean another."""
 
-    def _find(self, uow: UnitOfWork, qna_id: UUID | str) -> QnA | None:
+    @staticmethod
+    def parse(qna_id: UUID | str) -> UUID | IdStart:
+        """What `qna_id` names, checked before any database is asked:
+        InvalidArgument for a start too short, NotFound for what is not an id."""
         if isinstance(qna_id, UUID) or _parse_id(qna_id) is not None:
-            return super()._find(uow, qna_id)
-        digits = _id_prefix_digits(qna_id)
+            return GetQnA.parse(qna_id)
+        text = qna_id.strip()
+        digits = _id_prefix_digits(text)
         if digits is None:
-            return None
+            raise NotFound(f"No question with id {qna_id}.")
         if len(digits) < MIN_ID_PREFIX:
-            raise InvalidArgument(
-                f"Give at least {MIN_ID_PREFIX} characters of the id, not {qna_id.strip()}."
-            )
-        first = UUID(digits.ljust(32, "0"))
-        last = UUID(digits.ljust(32, "f"))
-        found = uow.qnas.list_by_id(first=first, last=last, limit=2)
+            given = f", not {text}." if text else "."
+            raise InvalidArgument(f"Give at least {MIN_ID_PREFIX} characters of the id{given}")
+        return IdStart(digits, text)
+
+    def _find(self, qnas: QnARepository, wanted: UUID | IdStart) -> QnA | None:
+        if isinstance(wanted, UUID):
+            return super()._find(qnas, wanted)
+        first = UUID(wanted.digits.ljust(32, "0"))
+        last = UUID(wanted.digits.ljust(32, "f"))
+        found = qnas.list_by_id(first=first, last=last, limit=2)
         if len(found) > 1:
             raise AmbiguousId(
-                f"More than one question has an id starting {qna_id.strip()} "
+                f"More than one question has an id starting {wanted.text} "
                 f"({found[0].id}, {found[1].id}); give more of it."
             )
         if not found:
-            raise NotFound(f"No question has an id starting {qna_id.strip()}.")
+            raise NotFound(f"No question has an id starting {wanted.text}.")
         return found[0]
 
 
@@ -499,10 +527,10 @@ _HEX_DIGITS = frozenset("0123456789abcdef")
 
 def _id_prefix_digits(text: str) -> str | None:
     """The hex digits of `text` if it is a start of an id's canonical form, or of
-    its hex digits alone, in any case."""
-    text = text.strip().lower()
+    its hex digits alone, in any case ("" for "")."""
+    text = text.lower()
     form = _ID_FORM if "-" in text else _ID_FORM.replace("-", "")
-    if not text or len(text) > len(form):
+    if len(text) > len(form):
         return None
     for char, slot in zip(text, form, strict=False):
         if (char == "-") != (slot == "-") or (slot == "x" and char not in _HEX_DIGITS):

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
-from qna.application.use_cases import InvalidArgument, ListQnA
+from qna.application.use_cases import FindQnA, InvalidArgument, ListQnA, decode_cursor
 from qna.config import ConfigurationError, Settings
 from qna.domain.errors import (
     InvalidQuestion,
@@ -523,6 +523,8 @@ def history(
     Exit codes: 0 listed (also when there is nothing to list), 3 configuration,
     4 a cursor this command did not give out, 6 database unavailable.
     """
+    if cursor is not None:
+        decode_cursor(cursor)  # wrong on its face: said so before the database is opened
     page = app.container().list_qna()(limit=limit, cursor=cursor, status=status)
     if as_json:
         emit_json({"items": [qna_to_dict(q) for q in page.items], "next": page.next_cursor})
@@ -560,6 +562,7 @@ def show(app: AppContext, qna_id: str, as_json: bool) -> None:
     Exit codes: 0 shown, 3 configuration, 4 a start of an id too short or shared
     by several records, 5 no such record, 6 database unavailable.
     """
+    FindQnA.parse(qna_id)  # wrong on its face: said so before the database is opened
     qna = app.container().find_qna()(qna_id)
     if as_json:
         emit_json(qna_to_dict(qna))
@@ -570,8 +573,11 @@ def show(app: AppContext, qna_id: str, as_json: bool) -> None:
     say(f"model:    {qna.model}")
     if qna.latency_ms is not None:
         say(f"latency:  {qna.latency_ms} ms")
-    if qna.prompt_tokens is not None or qna.completion_tokens is not None:
-        say(f"tokens:   {qna.prompt_tokens} prompt, {qna.completion_tokens} completion")
+    counts = [(qna.prompt_tokens, "prompt"), (qna.completion_tokens, "completion")]
+    if reported := [f"{count} {kind}" for count, kind in counts if count is not None]:
+        say(f"tokens:   {', '.join(reported)}")
+    if qna.source_id is not None:
+        say(f"source:   the cache (the answer of {qna.source_id})")
     say(f"question: {qna.question}")
     say(f"answer:   {describe(qna)}")
 
