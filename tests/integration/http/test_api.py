@@ -510,6 +510,20 @@ def test_a_request_wrong_on_its_face_does_not_touch_the_database(
     assert database.exists()
 
 
+def test_an_id_that_is_none_on_its_face_is_404_without_a_database(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    # It was 503 with the database down: a client told to wait for a record no id
+    # of that form can name.
+    database = tmp_path / "qna.db"
+    for url in (UNREACHABLE_DATABASE, sqlite_url(database)):
+        client = make_app(url).test_client()
+
+        assert_error(client.get("/questions/not-an-id"), 404, "not_found")
+        assert_error(client.get("/questions/3f0c2c4e"), 404, "not_found")  # a start: full ids only
+    assert not database.exists()
+
+
 @pytest.mark.parametrize("kind", BROKEN_SQLITE_FILES)
 def test_a_sqlite_file_that_is_not_a_database_is_503(
     make_app: AppFactory, fake_openai: FakeOpenAI, tmp_path: Path, kind: str
