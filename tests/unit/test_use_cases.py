@@ -241,6 +241,21 @@ def test_an_ask_interrupted_while_the_llm_thinks_is_stored_closed(world: World) 
     assert stored.error_kind == "abandoned"
 
 
+def test_an_interrupted_ask_stays_interrupted_when_the_database_is_gone(world: World) -> None:
+    # The interrupt was lost: the outcome the database would not take was raised
+    # instead (exit 6, not 130).
+    llm = FakeLLM(
+        script=[KeyboardInterrupt()],
+        on_call=lambda _question: world.uow.fail_next(DATABASE_DOWN, times=2),
+    )
+
+    with pytest.raises(KeyboardInterrupt):
+        world.ask(llm)("Will this work?")
+
+    [stored] = world.uow.store.values()
+    assert stored.status is Status.PENDING  # read as abandoned once old enough
+
+
 def test_retry_after_survives_the_reraise(world: World) -> None:
     error = LLMRateLimited("slow down", retry_after=7.5)
 

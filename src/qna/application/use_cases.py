@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import time
@@ -162,8 +163,11 @@ class AskQuestion:
         except KeyboardInterrupt:
             # Ctrl-C at the command line: the asker stops, and says so now rather than
             # leave the record pending until it is old enough to count as abandoned.
+            # If the database will not take that, it is read so then all the same; the
+            # interrupt, not the database, is what the asker is told.
             qna.abandon(now=self._clock())
-            self._save(qna)
+            with contextlib.suppress(StorageUnavailable):
+                self._save(qna)
             raise
         qna.record_answer(
             answer=completion.text,
