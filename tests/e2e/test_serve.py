@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
+    reason: str = ""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -99,6 +101,7 @@ def _reply(response: http.client.HTTPResponse) -> Reply:
         response.status,
         {name.lower(): value for name, value in response.getheaders()},
         response.read(),
+        response.reason,
     )
 
 
@@ -292,8 +295,22 @@ def test_after_a_malformed_chunked_body_the_response_says_connection_close(
             431,
             "headers_too_large",
         ),
+        # gunicorn's own 501 ("Bad Request"), code internal_error: the app answers
+        # the Transfer-Encodings it is handed (gzip, chunked) 400, as README says.
+        (
+            b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: x-foo, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
+            b"Expect: 200-ok\r\nContent-Length: 2\r\n\r\n{}",
+            417,
+            "expectation_failed",
+        ),
     ],
-    ids=["bad-request-line", "long-uri", "long-header"],
+    ids=["bad-request-line", "long-uri", "long-header", "unknown-coding", "expectation"],
 )
 def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
     server: Server, request_bytes: bytes, status: int, code: str
@@ -303,6 +320,8 @@ def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
         reply = read_reply(sock)
 
     assert reply.status == status, reply.body
+    # As RFC 9110 names them (Python's HTTPStatus keeps 414's older name).
+    assert reply.reason == {414: "URI Too Long"}.get(status, HTTPStatus(status).phrase)
     assert reply.headers.get("content-type") == "application/json"
     assert reply.json()["error"]["code"] == code
     # The README: every response carries X-Request-ID.

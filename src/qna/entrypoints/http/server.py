@@ -42,9 +42,17 @@ def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     # gunicorn answers requests it cannot parse (oversized headers, bad request
     # lines) itself, with an HTML page; our contract is JSON for every error, and an
     # X-Request-ID on every response (new: the request's own was not read).
-    code = {400: "bad_request", 414: "uri_too_long", 431: "headers_too_large"}.get(
-        status_int, "bad_request" if status_int < 500 else "internal_error"
-    )
+    if status_int == 501:
+        # gunicorn's one 501 (with the reason "Bad Request"): a Transfer-Encoding it
+        # cannot take off. The app answers those it is handed 400 bad_request; one
+        # answer to one mistake, whichever of the two meets it.
+        status_int, reason = 400, "Bad Request"
+    code = {
+        400: "bad_request",
+        414: "uri_too_long",
+        417: "expectation_failed",
+        431: "headers_too_large",
+    }.get(status_int, "bad_request" if status_int < 500 else "internal_error")
     body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
