@@ -278,8 +278,13 @@ def docs_asset(version: str, name: str) -> Response:
     # Another version is a page from before an upgrade: its files are gone.
     if mimetype is None or version != swagger_ui.VERSION:
         abort(404)
+    # Not conditional: never changing, a file needs no 304s, and werkzeug's answers to
+    # If-Match and Range (a 412 with the file as its body, a 416) were no JSON errors.
     response = send_file(
-        swagger_ui.asset_path(name), mimetype=mimetype, max_age=swagger_ui.ASSET_MAX_AGE_S
+        swagger_ui.asset_path(name),
+        mimetype=mimetype,
+        max_age=swagger_ui.ASSET_MAX_AGE_S,
+        conditional=False,
     )
     response.cache_control.immutable = True
     return response
