@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any
@@ -82,6 +83,8 @@ def _json_body() -> bytes:
 
 
 def _parse_ask(body: bytes) -> AskRequest:
+    if b"NaN" in body or b"Infinity" in body:
+        _refuse_non_json_numbers(body)
     try:
         parsed = AskRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -107,6 +110,22 @@ def _refuse_duplicate_keys(body: bytes) -> None:
     """
     if body.count(b":") > 1:
         _KEY_CHECK.decode(body.decode())
+
+
+def _refuse_non_json_numbers(body: bytes) -> None:
+    """pydantic's parser takes NaN, Infinity and -Infinity, which JSON has not (an
+    ignored field holding one made the body pass). A second parse, run only on
+    bodies that name one, perhaps inside a string."""
+    # Not JSON, or not UTF-8, anyway (ValueError): pydantic's parse says where.
+    with contextlib.suppress(ValueError):
+        _NUMBER_CHECK.decode(body.decode())
+
+
+def _not_a_json_number(constant: str) -> None:
+    raise ApiError(400, "invalid_json", f"The body is not valid JSON: {constant} is no JSON value.")
+
+
+_NUMBER_CHECK = json.JSONDecoder(parse_constant=_not_a_json_number)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
