@@ -217,7 +217,6 @@ def test_with_listed_origins_every_response_varies_on_origin(
     ).test_client()
     bearer = {"Authorization": "Bearer tok"}
     docs_file = f"/docs/swagger-ui/{swagger_ui.VERSION}/swagger-ui.css"
-    etag = client.get(docs_file).headers["ETag"]
 
     responses = {
         "no origin": client.get("/questions", headers=bearer),
@@ -231,11 +230,10 @@ def test_with_listed_origins_every_response_varies_on_origin(
         "404": client.get("/nope", headers={"Origin": APP}),
         "405": client.put("/ask"),
         "docs": client.get("/docs"),
-        "304": client.get(docs_file, headers={"If-None-Match": etag}),
+        "docs file": client.get(docs_file),
     }
 
     assert responses["429"].status_code == 429
-    assert responses["304"].status_code == 304
     for name, response in responses.items():
         assert vary(response) == ["origin"], (name, response.headers)
 
