@@ -144,6 +144,8 @@ def server(
         "DATABASE_URL": postgres_url,
         "OPENAI_BASE_URL": fake_openai.base_url,
         "QNA_LLM_MAX_ATTEMPTS": "1",
+        # Shorter than Server.connect's 10 s: a body that stops arriving is answered.
+        "QNA_BODY_TIMEOUT_S": "2",
     }
     log = tmp_path / "serve.log"
     with log.open("wb") as output:
@@ -326,6 +328,34 @@ def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
     assert reply.json()["error"]["code"] == code
     # The README: every response carries X-Request-ID.
     assert re.fullmatch(r"[0-9a-f]{32}", reply.headers.get("x-request-id", "")), reply.headers
+
+
+@pytest.mark.parametrize("server", ["gevent", "gthread"], indirect=True)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_body_that_stops_arriving_is_408_and_its_connection_closed(
+    server: Server, fake_openai: FakeOpenAI, framing: str
+) -> None:
+    # Headers sent, then the body stalled: the connection, and a place among the
+    # worker's --connections, were held for good (a slowloris, with enough of them).
+    head = b"POST /ask HTTP/1.1\r\nHost: qna\r\nContent-Type: application/json\r\n"
+    if framing == "length":
+        stalled = head + b'Content-Length: 100\r\n\r\n{"question":'
+    else:
+        stalled = head + b'Transfer-Encoding: chunked\r\n\r\n20\r\n{"question":'
+    with server.connect() as sock:
+        sock.sendall(stalled)
+        reply = read_reply(sock)  # Server.connect gives up after 10 s
+        after = sock.recv(1024)
+
+    assert reply.status == 408, reply.body
+    assert reply.json()["error"] == {
+        "code": "request_timeout",
+        "message": "The request body did not arrive within 2 s.",
+    }
+    assert reply.headers.get("connection") == "close"
+    assert after == b""
+    assert fake_openai.calls == 0
+    assert server.request("GET", "/healthz").status == 200
 
 
 def test_a_body_cut_short_of_its_content_length_is_not_asked(

@@ -46,6 +46,7 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     # API's paths are exact (a trailing slash is a 404 too), and never answered in HTML.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = container.config.max_body_bytes()
+    app.config["QNA_BODY_TIMEOUT_S"] = container.config.body_timeout_s()
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.extensions["qna.container"] = container

@@ -52,6 +52,8 @@ ERROR_TEXTS = {
     404: "No such record, or the id is not one (`not_found`).",
     409: "A request with this Idempotency-Key is still being answered "
     "(`idempotency_key_in_flight`).",
+    408: "The body did not arrive within QNA_BODY_TIMEOUT_S (`request_timeout`); the "
+    "connection is closed.",
     413: "The body is larger than QNA_MAX_BODY_BYTES (`payload_too_large`).",
     415: "The body is not JSON (application/json or a +json type), is declared in a "
     "charset other than UTF-8, or is compressed (a Content-Encoding other than identity) "
@@ -215,7 +217,7 @@ def openapi_document(
                                 **REQUEST_ID,
                             },
                         ),
-                        **_errors(400, 401, 409, 413, 415, 422, 429, 502, 503, 504),
+                        **_errors(400, 401, 408, 409, 413, 415, 422, 429, 502, 503, 504),
                         **common,
                     },
                 }

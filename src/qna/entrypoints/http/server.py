@@ -73,7 +73,8 @@ class ClosingResponse(gunicorn_wsgi.Response):  # type: ignore[misc]
     Connection header without looking: the 400 said keep-alive, and a client or a
     proxy's pool sent its next request into a connection that was going away.
     After a 413 the body was refused unread: kept open, the connection had gunicorn
-    read and discard all the client went on sending before the next request.
+    read and discard all the client went on sending before the next request. After
+    a 408 the body stopped arriving part of the way.
     """
 
     def should_close(self) -> bool:
@@ -81,7 +82,7 @@ class ClosingResponse(gunicorn_wsgi.Response):  # type: ignore[misc]
         return (
             bool(super().should_close())
             or getattr(body, "failed", False) is True
-            or self.status_code == 413
+            or self.status_code in (408, 413)
         )
 
 

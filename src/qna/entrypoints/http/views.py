@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, abort, current_app, g, jsonify, request, send_file
 from pydantic import ValidationError
 
+from qna.adapters.llm_pool import under_gevent
 from qna.application.ports import UnitOfWorkFactory
 from qna.application.use_cases import GetQnA, ListQnA
 from qna.config import ConfigurationError
@@ -66,13 +68,15 @@ def _json_body() -> bytes:
             f"Send the body chunked or with a Content-Length; Transfer-Encoding: "
             f"{transfer[:40]} is not supported.",
         )
-    # Reading enforces MAX_CONTENT_LENGTH (413) when the length is declared.
-    body = request.get_data(cache=False)
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    # A chunked body is cut at the limit without an error; one more byte from the
-    # raw input (the limited stream reports itself exhausted) tells whether it was.
-    # (A declared length over the limit was refused by get_data already.)
-    if len(body) >= limit and request.environ["wsgi.input"].read(1):
+    with _arriving_within(current_app.config["QNA_BODY_TIMEOUT_S"]):
+        # Reading enforces MAX_CONTENT_LENGTH (413) when the length is declared.
+        body = request.get_data(cache=False)
+        # A chunked body is cut at the limit without an error; one more byte from the
+        # raw input (the limited stream reports itself exhausted) tells whether it was.
+        # (A declared length over the limit was refused by get_data already.)
+        too_large = len(body) >= limit and request.environ["wsgi.input"].read(1)
+    if too_large:
         raise ApiError(413, "payload_too_large", "The request body is too large.")
     # gunicorn ends the body where the client stopped sending, even short of the
     # declared length: the request never arrived whole, whatever its prefix parses as.
@@ -80,6 +84,54 @@ def _json_body() -> bytes:
     if declared is not None and len(body) < declared:
         raise ApiError(400, "bad_request", "The body ended before its Content-Length.")
     return body
+
+
+@contextlib.contextmanager
+def _arriving_within(seconds: float) -> Iterator[None]:
+    """The request body read inside must arrive within `seconds`, else 408: a client
+    that sent its headers, then stalled (or dripped) its body, held its connection
+    and a place among the worker's --connections for good, also through a SIGTERM's
+    graceful stop. In a gevent worker the whole read is bounded; in a gthread one,
+    each wait for the socket (a thread cannot be interrupted)."""
+    if under_gevent():
+        import gevent
+
+        try:
+            with gevent.Timeout(seconds):
+                yield
+        except gevent.Timeout:
+            raise _body_too_slow(seconds) from None
+        return
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:  # not under gunicorn: a test client, another WSGI server
+        yield
+        return
+    before = sock.gettimeout()
+    sock.settimeout(seconds)
+    try:
+        yield
+    except Exception as exc:
+        # werkzeug reports a failed read (an OSError, as a timeout is) as the client
+        # gone: a 400 ClientDisconnected raised while handling it.
+        if _timed_out(exc):
+            raise _body_too_slow(seconds) from None
+        raise
+    finally:
+        sock.settimeout(before)
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, TimeoutError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _body_too_slow(seconds: float) -> ApiError:
+    return ApiError(
+        408, "request_timeout", f"The request body did not arrive within {seconds:g} s."
+    )
 
 
 def _parse_ask(body: bytes) -> AskRequest:
