@@ -456,6 +456,19 @@ def test_a_model_name_is_told_without_nul(fake: FakeOpenAI, make_llm: MakeLLM) -
     assert (completion.text, completion.model) == ("Paris\ufffd.", "gpt\ufffd-x")
 
 
+def test_lone_surrogates_are_told_as_replacement_characters(
+    fake: FakeOpenAI, make_llm: MakeLLM
+) -> None:
+    # A "\ud83d" escape in the JSON (an emoji cut at max_tokens by a provider that
+    # escapes non-ASCII): neither database's driver can encode it.
+    body = chat_completion(text="Paris \ud83d", model="gpt-\udc00")
+    fake.script(Raw(200, json.dumps(body).encode()))
+
+    completion = make_llm().complete("Q?")
+
+    assert (completion.text, completion.model) == ("Paris \ufffd", "gpt-\ufffd")
+
+
 # -- timeouts, dropped and refused connections -------------------------------------------
 
 

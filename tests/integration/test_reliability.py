@@ -596,24 +596,25 @@ def test_an_answer_past_what_the_database_holds_is_stored_not_lost(
     assert row_by_id(database_url, body["id"])["status"] == "answered"
 
 
-def test_a_provider_error_and_model_with_nul_are_stored_not_lost(
+def test_a_provider_error_and_answer_with_nul_or_surrogates_are_stored_not_lost(
     client: FlaskClient, fake_openai: FakeOpenAI, database_url: str
 ) -> None:
     # psycopg2 refuses to send a string with NUL: the failure, and the answer of a
     # model named so, were a 500 and a record left pending.
     fake_openai.script(
-        Status(400, body={"error": {"message": "bad\x00request", "type": "x"}}),
-        Reply(text="Paris.", model="gpt\x00-x"),
+        Status(400, body={"error": {"message": "bad\x00request \ud83d", "type": "x"}}),
+        Reply(text="Paris \ud83d", model="gpt\x00-x"),
     )
 
     failed, answered = ask(client, "First?"), ask(client, "Second?")
 
     error = error_of(failed, 502, "llm_refused")
-    assert "bad\ufffdrequest" in error["message"]
+    assert "bad\ufffdrequest \ufffd" in error["message"]
     assert row_by_id(database_url, error["qna_id"])["status"] == "failed"
     assert answered.status_code == 201, answered.get_data(as_text=True)
-    assert answered.get_json()["response_model"] == "gpt\ufffd-x"
-    assert row_by_id(database_url, answered.get_json()["id"])["status"] == "answered"
+    body = answered.get_json()
+    assert (body["answer"], body["response_model"]) == ("Paris \ufffd", "gpt\ufffd-x")
+    assert row_by_id(database_url, body["id"])["status"] == "answered"
 
 
 @pytest.mark.postgres

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -251,7 +252,7 @@ class ChatCompletionsLLM(ABC):
         # Made storable, not refused: the answer has been paid for. A provider's
         # model name or token counts past what the columns hold are noise.
         return Completion(
-            text=_without_nul(content),
+            text=_storable_text(content),
             model=(
                 self._storable(model)[:MAX_MODEL_LENGTH]
                 if isinstance(model, str) and model
@@ -275,16 +276,21 @@ class ChatCompletionsLLM(ABC):
 
     def _storable(self, text: str) -> str:
         """The provider's words as qna stores and shows them: without our API key
-        (OpenAI echoes part of a rejected one in its 401 message) and without NUL,
-        which PostgreSQL's text cannot hold (SQLite's can: both keep the same text)."""
+        (OpenAI echoes part of a rejected one in its 401 message) and without what no
+        database stores (`_UNSTORABLE`)."""
         if self._api_key:
             text = text.replace(self._api_key, "***")
-        return _without_nul(text)
+        return _storable_text(text)
 
 
-def _without_nul(text: str) -> str:
-    # PostgreSQL's text cannot hold NUL; SQLite's can, and both keep the same text so.
-    return text.replace("\x00", "\ufffd")
+# NUL, which PostgreSQL's text cannot hold (SQLite's can: both keep the same text so),
+# and lone surrogates (a "\ud83d" escape in the JSON, an emoji cut in half at
+# max_tokens), which neither database's driver can encode.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable_text(text: str) -> str:
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

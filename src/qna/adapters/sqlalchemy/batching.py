@@ -145,11 +145,12 @@ def _run(connect: Callable[[], Connection], statement: Executable, batch: list[_
                 _fail(batch, exc)  # the database's fault, not a row's: nobody is in
             else:
                 _run_alone(connection, statement, batch)
-        except Exception:
+        except (ValueError, TypeError):
             if len(batch) == 1:
                 raise
             # Not the database's answer: the driver refused a value before sending
-            # anything (psycopg2 sends no string with NUL), perhaps only one row's.
+            # anything (psycopg2 sends no string with NUL, no lone surrogate), perhaps
+            # only one row's.
             _run_alone(connection, statement, batch)
     except Exception as exc:
         _fail(batch, exc)  # no connection, or a bug: every caller is told
