@@ -895,6 +895,13 @@ HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
     # JSON has no NaN or Infinity; pydantic's parser took them, in an ignored field too.
     ("nan-ignored", b'{"question": "x", "extra": NaN}', "invalid_json"),
     ("infinity", b'{"question": "x", "extra": [1, -Infinity]}', "invalid_json"),
+    # Too deep for the NaN check's parser too: pydantic's depth error, not a 500.
+    ("nested-with-nan", b"[" * 3000 + b"NaN" + b"]" * 3000, "invalid_json"),
+    (
+        "nested-with-nan-in-text",
+        b'{"question": "What is NaN?", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+        "invalid_json",
+    ),
     ("invalid-utf8", b'{"question": "\xff\xfe caf\xe9"}', "invalid_json"),
     ("overlong-utf8", b'{"question": "\xc0\xaf"}', "invalid_json"),
     ("encoded-surrogate", b'{"question": "\xed\xa0\x80"}', "invalid_json"),

@@ -96,10 +96,13 @@ def _arriving_within(seconds: float) -> Iterator[None]:
     if under_gevent():
         import gevent
 
+        timer = gevent.Timeout(seconds)
         try:
-            with gevent.Timeout(seconds):
+            with timer:
                 yield
-        except gevent.Timeout:
+        except gevent.Timeout as fired:
+            if fired is not timer:
+                raise  # another's deadline
             raise _body_too_slow(seconds) from None
         return
     sock = request.environ.get("gunicorn.socket")
@@ -168,8 +171,9 @@ def _refuse_non_json_numbers(body: bytes) -> None:
     """pydantic's parser takes NaN, Infinity and -Infinity, which JSON has not (an
     ignored field holding one made the body pass). A second parse, run only on
     bodies that name one, perhaps inside a string."""
-    # Not JSON, or not UTF-8, anyway (ValueError): pydantic's parse says where.
-    with contextlib.suppress(ValueError):
+    # Not JSON, or not UTF-8, anyway (ValueError), or nested past what this parser
+    # takes (RecursionError): pydantic's parse says where, or that it is too deep.
+    with contextlib.suppress(ValueError, RecursionError):
         _NUMBER_CHECK.decode(body.decode())
 
 
@@ -356,6 +360,7 @@ def docs_asset(version: str, name: str) -> Response:
         mimetype=mimetype,
         max_age=swagger_ui.ASSET_MAX_AGE_S,
         conditional=False,
+        etag=False,  # a tag no request can use
     )
     response.cache_control.immutable = True
     return response
