@@ -422,14 +422,15 @@ def _setting_fields() -> dict[str, str]:
 
 
 def setting_field(name: str, *, caller: str) -> str:
-    """The field of the setting `name` names; a TypeError (as `caller`'s, with the
-    name it may have meant) when it names none."""
+    """The field of the setting `name` names, in any case (as Settings takes them); a
+    TypeError (as `caller`'s, with the name it may have meant) when it names none."""
     fields = _setting_fields()
-    if name not in fields:
+    field = fields.get(name) or {key.lower(): f for key, f in fields.items()}.get(name.lower())
+    if field is None:
         close = difflib.get_close_matches(name, sorted(fields), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise TypeError(f"{caller} got an unexpected keyword argument {name!r}{hint}")
-    return fields[name]
+    return field
 
 
 def load_settings(base: Settings | None = None, **overrides: object) -> Settings:

@@ -80,12 +80,20 @@ def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
         connect_error(PREFIX + 'FATAL:  PAM authentication failed for user "qna"'),
         # Ident over TCP asks an identd on qna's own host: down, a right login fails.
         connect_error(PREFIX + 'FATAL:  Ident authentication failed for user "qna"'),
-        # sslmode=prefer: the TLS try failed with LDAP down, so libpq tried without
-        # TLS, which a TLS-only pg_hba.conf refuses whatever the first failure was.
-        connect_error(
-            f'{PREFIX}FATAL:  LDAP authentication failed for user "qna"\n'
-            f'{PREFIX}FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", '
-            'database "qna", no encryption\n'
+        # sslmode=prefer: the TLS try failed (LDAP down, too many connections), so
+        # libpq tried without TLS, which a TLS-only pg_hba.conf refuses whatever the
+        # first failure was.
+        *(
+            connect_error(
+                f"{PREFIX}FATAL:  {first}\n"
+                f'{PREFIX}FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", '
+                'database "qna", no encryption\n'
+            )
+            for first in (
+                'LDAP authentication failed for user "qna"',
+                'too many connections for role "qna"',
+                'database "qna" is not currently accepting connections',
+            )
         ),
         # Dropped while the connection started: restored or renamed, there again soon.
         connect_error(
@@ -106,6 +114,8 @@ def test_a_refused_login_is_known_by_its_sqlstate_too(sqlstate: str) -> None:
         "pam",
         "ident",
         "ldap-then-unencrypted",
+        "too-many-then-unencrypted",
+        "not-accepting-then-unencrypted",
         "just-dropped",
         "set-role",
         "read-only",
@@ -129,15 +139,31 @@ def test_a_database_the_server_does_not_have_points_at_the_database_name() -> No
 
 
 def test_a_refused_login_is_reported_by_the_line_that_says_so() -> None:
-    # sslmode=prefer: libpq tried TLS first, then without; the second try was refused.
+    # Two addresses (a host name that resolves to two): the first is down, the second
+    # refuses the password.
+    down = 'connection to server at "db" (10.0.0.5), port 5432 failed: Connection refused'
+    refused = (
+        'connection to server at "db" (10.0.0.6), port 5432 failed: '
+        'FATAL:  password authentication failed for user "qna"'
+    )
+    error = storage_unavailable(connect_error(f"{down}\n{refused}\n"))
+
+    assert isinstance(error, DatabaseLoginRefused)
+    assert error.message.endswith(refused)
+    assert "Connection refused" not in error.message
+
+
+def test_a_tls_try_that_broke_is_what_counts_not_the_unencrypted_retry() -> None:
+    # sslmode=prefer: the TLS try broke off, so libpq tried without TLS, which a
+    # TLS-only pg_hba.conf refuses; that refusal says nothing of why TLS failed.
     refused = 'FATAL:  no pg_hba.conf entry for host "10.0.0.9", user "qna", SSL off'
     error = storage_unavailable(
         connect_error(f"{PREFIX}SSL SYSCALL error: EOF detected\n{PREFIX}{refused}\n")
     )
 
-    assert isinstance(error, DatabaseLoginRefused)
-    assert error.message.endswith(PREFIX + refused)
-    assert "SSL SYSCALL" not in error.message
+    assert type(error) is StorageUnavailable
+    assert error.retryable
+    assert "SSL SYSCALL error" in error.message
 
 
 def test_a_refused_password_stays_refused_when_the_unencrypted_retry_is_refused_too() -> None:

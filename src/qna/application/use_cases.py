@@ -165,9 +165,10 @@ class AskQuestion:
             # leave the record pending until it is old enough to count as abandoned.
             # If the database will not take that, it is read so then all the same; the
             # interrupt, not the database, is what the asker is told.
+            # One try, not `_save`'s two: the asker is leaving.
             qna.abandon(now=self._clock())
             with contextlib.suppress(StorageUnavailable):
-                self._save(qna)
+                self._save_once(qna)
             raise
         qna.record_answer(
             answer=completion.text,
@@ -347,7 +348,7 @@ class FindQnA(GetQnA):
     def parse(qna_id: UUID | str) -> UUID | IdStart:
         """What `qna_id` names, checked before any database is asked:
         InvalidArgument for a start too short, NotFound for what is not an id."""
-        if isinstance(qna_id, UUID) or _parse_id(qna_id) is not None:
+        if not isinstance(qna_id, str) or _parse_id(qna_id) is not None:
             return GetQnA.parse(qna_id)
         text = qna_id.strip()
         digits = _id_prefix_digits(text)

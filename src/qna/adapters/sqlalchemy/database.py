@@ -84,8 +84,9 @@ _LOGIN_REFUSED_MESSAGES = re.compile(
     rf"|{_NO_CONNECT_PRIVILEGE.pattern}"
 )
 # sslmode=prefer (libpq's default) tries again without TLS after a TLS try failed for
-# any reason; where pg_hba.conf takes TLS only, that second try is refused as
-# unencrypted whatever the first failure was, and the first is the one that counts.
+# any reason (LDAP down, too many connections); where pg_hba.conf takes TLS only,
+# that second try is refused as unencrypted whatever the first failure was, and the
+# first is the one that counts.
 _REFUSED_UNENCRYPTED = re.compile(r"no pg_hba\.conf entry for .*(no encryption|SSL off)\s*$")
 # PostgreSQL's DETAIL when the database went away while the connection started
 # (`pg_restore --clean --create`, a dropdb and createdb): not a setting to fix.
@@ -107,9 +108,19 @@ def _login_refusal(exc: BaseException) -> str | None:
         return None  # an error met in a session carries its code
     # libpq reports each address (or sslmode=prefer's TLS try, then the plain one) on
     # a line of its own: the refusal may be any of them, and is the one to report.
-    if any("authentication failed" in line for line in lines):
-        lines = [line for line in lines if not _REFUSED_UNENCRYPTED.search(line)]
+    lines = [
+        line
+        for index, line in enumerate(lines)
+        if not (_REFUSED_UNENCRYPTED.search(line) and _tried_before(line, lines[:index]))
+    ]
     return next((line for line in lines if _LOGIN_REFUSED_MESSAGES.search(line)), None)
+
+
+def _tried_before(line: str, earlier: list[str]) -> bool:
+    """Whether one of the `earlier` lines is a failed try at `line`'s address (libpq:
+    'connection to server at "db" (10.0.0.5), port 5432 failed: ...')."""
+    address, failed, _ = line.partition(" failed: ")
+    return bool(failed) and any(other.startswith(address + failed) for other in earlier)
 
 
 def storage_unavailable(exc: BaseException) -> StorageUnavailable:

@@ -52,8 +52,9 @@ ERROR_TEXTS = {
     404: "No such record, or the id is not one (`not_found`).",
     409: "A request with this Idempotency-Key is still being answered "
     "(`idempotency_key_in_flight`).",
-    408: "The body did not arrive within QNA_BODY_TIMEOUT_S (`request_timeout`); the "
-    "connection is closed.",
+    408: "The body did not arrive in time (`request_timeout`): within QNA_BODY_TIMEOUT_S "
+    "in all (gevent workers, the default) or at each wait for more of it (gthread "
+    "workers); the connection is closed.",
     413: "The body is larger than QNA_MAX_BODY_BYTES (`payload_too_large`).",
     415: "The body is not JSON (application/json or a +json type), is declared in a "
     "charset other than UTF-8, or is compressed (a Content-Encoding other than identity) "
@@ -73,7 +74,8 @@ ERROR_TEXTS = {
     "closed as abandoned). " + FAILURE_NOT_STORED + " An application embedded without "
     "OPENAI_API_KEY or OPENAI_BASE_URL answers `misconfigured` (`qna serve` refuses to "
     "start without them), as does one whose database refuses the login of DATABASE_URL "
-    "(a wrong user name, password or database name; `qna serve` refuses to start then "
+    "(a wrong user name, password or database name, no right to connect to it; `qna serve` "
+    "refuses to start then "
     "too).",
     504: "The LLM did not answer in time (`llm_timeout`); stored as failed, the error's qna_id "
     "names the record. " + FAILURE_NOT_STORED,
@@ -82,7 +84,7 @@ DATABASE_UNAVAILABLE = (
     "The database is unavailable (`database_unavailable`); see Retry-After, absent when "
     "waiting cannot help (a SQLite file that is not a database, a schema qna does not "
     "know). `misconfigured` when the database refuses the login of DATABASE_URL "
-    "(a wrong user name, password or database name)."
+    "(a wrong user name, password or database name, no right to connect to it)."
 )
 
 
