@@ -415,6 +415,10 @@ def test_a_misspelt_keyword_is_refused_not_ignored(tmp_path: Path) -> None:
     # Settings built directly, the other way in the README gives.
     with pytest.raises(TypeError, match=r"Settings\(\).*'DATABSE_URL'.*'DATABASE_URL'"):
         qna.Settings(DATABSE_URL=f"sqlite:///{tmp_path / 'x.db'}")
+    # A name in another case is the setting still, as pydantic-settings takes it.
+    assert qna.Settings(Database_Url="sqlite:///y.db", _env_file=None).database_url == (
+        "sqlite:///y.db"
+    )
     assert not (tmp_path / "home").exists()
 
 
