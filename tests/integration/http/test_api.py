@@ -25,7 +25,7 @@ from uuid import UUID, uuid4
 import jsonschema_rs
 import pytest
 import schemathesis
-from flask import Flask
+from flask import Flask, abort
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,7 +35,7 @@ from werkzeug.test import TestResponse
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
 from qna.config import ConfigurationError
-from qna.entrypoints.http import swagger_ui
+from qna.entrypoints.http import server, swagger_ui
 from qna.entrypoints.presenters import QnAOut
 from tests.integration.conftest import MAX_BODY_BYTES, MAX_QUESTION_LENGTH, AppFactory
 from tests.support.databases import (
@@ -1053,6 +1053,34 @@ def test_a_wrong_method_is_405_with_allow(
 
     assert_error(response, 405, "method_not_allowed")
     assert {m.strip() for m in response.headers["Allow"].split(",")} == allowed
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (417, "expectation_failed"),
+        (431, "headers_too_large"),
+        (418, "bad_request"),
+        (505, "internal_error"),
+    ],
+)
+def test_an_http_error_has_the_same_code_from_the_app_and_from_gunicorn(
+    app: Flask, monkeypatch: pytest.MonkeyPatch, status: int, code: str
+) -> None:
+    # gunicorn answers what it cannot parse itself (server._json_error); the app
+    # answers the rest. One status, one code, whichever of the two answers it.
+    @app.route("/aborts")
+    def aborts() -> None:
+        abort(status)
+
+    assert_error(app.test_client().get("/aborts"), status, code)
+
+    written: list[bytes] = []
+    monkeypatch.setattr(server.gunicorn_util, "write_nonblock", lambda _s, b: written.append(b))
+    server._json_error(None, status, "Reason", "A message.")
+    head, _, body = written[0].partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert json.loads(body) == {"error": {"code": code, "message": "A message."}}
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from qna.domain.errors import (
 )
 from qna.domain.model import QnA
 from qna.entrypoints.http import metrics
+from qna.entrypoints.http.codes import code_for
 from qna.entrypoints.presenters import ErrorInfo, qna_to_dict
 
 log = logging.getLogger("qna.http")
@@ -62,22 +63,6 @@ STATUS_BY_ERROR: list[tuple[type[QnAError], int]] = [
     (LLMBadResponse, 502),
     (LLMError, 502),
 ]
-
-HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    409: "conflict",
-    411: "length_required",
-    413: "payload_too_large",
-    414: "uri_too_long",
-    415: "unsupported_media_type",
-    422: "unprocessable_entity",
-    429: "rate_limited",
-    431: "headers_too_large",
-}
 
 
 def error_response(
@@ -159,7 +144,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
         status = error.code or 500
-        code = HTTP_CODES.get(status, "http_error")
+        code = code_for(status)
         message = _HTTP_MESSAGES.get(status) or error.description or code
         headers = {}
         if status == 405 and error.response is None:

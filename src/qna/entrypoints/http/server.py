@@ -34,6 +34,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from qna.config import Settings
 from qna.container import check_llm_settings, create_container, shutdown, upgrade_database
 from qna.domain.errors import StorageUnavailable
+from qna.entrypoints.http.codes import code_for
 
 log = logging.getLogger("qna.serve")
 
@@ -47,12 +48,7 @@ def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
         # cannot take off. The app answers those it is handed 400 bad_request; one
         # answer to one mistake, whichever of the two meets it.
         status_int, reason = 400, "Bad Request"
-    code = {
-        400: "bad_request",
-        414: "uri_too_long",
-        417: "expectation_failed",
-        431: "headers_too_large",
-    }.get(status_int, "bad_request" if status_int < 500 else "internal_error")
+    code = code_for(status_int)
     body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
