@@ -631,6 +631,63 @@ def test_ctrl_c_while_python_starts_qna_is_one_line_and_exit_130(
     assert error_line(completed.stderr) == "qna: error: interrupted"
 
 
+# And, at exit, whether a module finished loading (a module whose import was broken
+# off is not in sys.modules).
+LOADED_AT_EXIT = """
+import atexit
+
+
+def _tell_loaded():
+    with open(os.environ["QNA_TEST_LOADED_OUT"], "w") as out:
+        out.write(str(os.environ["QNA_TEST_LOADED"] in sys.modules))
+
+
+atexit.register(_tell_loaded)
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "loaded"),
+    [
+        # `qna ask` loads the container (SQLAlchemy, dependency-injector: ~0.5 s)...
+        ("qna.container", "qna.container"),
+        ("dependency_injector.providers", "qna.container"),
+        ("sqlalchemy", "qna.container"),
+        # ...then the SDK (~1 s), before it touches the database or the LLM.
+        ("openai", "qna.adapters.openai_llm"),
+        ("openai.types.chat", "qna.adapters.openai_llm"),
+    ],
+)
+def test_ctrl_c_while_ask_loads_its_modules_lets_them_load_then_exit_130(
+    fake_openai: FakeOpenAI, env: dict[str, str], tmp_path: Path, module: str, loaded: str
+) -> None:
+    # Raised in the middle of these imports, the KeyboardInterrupt could land in
+    # Python code that pydantic-core runs while it builds the SDK's models, and come
+    # out as a SchemaError: "internal error", exit 1. Held until they are loaded, it
+    # cannot land there: the module is whole at exit, and the ask never started.
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT + LOADED_AT_EXIT)
+    fired, loaded_out = tmp_path / "fired", tmp_path / "loaded"
+    hooked = {
+        **env,
+        "PYTHONPATH": str(tmp_path / "hook"),
+        "QNA_TEST_CTRL_C_AT": module,
+        "QNA_TEST_CTRL_C_FIRED": str(fired),
+        "QNA_TEST_CTRL_C_SIGNAL": str(int(signal.SIGINT)),
+        "QNA_TEST_LOADED": loaded,
+        "QNA_TEST_LOADED_OUT": str(loaded_out),
+    }
+
+    completed = run("ask", QUESTION, env=hooked)
+
+    assert fired.exists(), f"{module} was not imported: the test interrupted nothing"
+    assert "Traceback" not in completed.stderr
+    assert completed.returncode == 130, completed.stderr
+    assert error_line(completed.stderr) == "qna: error: interrupted"
+    assert loaded_out.read_text() == "True", f"{loaded} was left half-loaded"
+    assert fake_openai.calls == 0
+
+
 @pytest.mark.parametrize(
     "redirection",
     [

@@ -301,11 +301,14 @@ class AppContext:
         self._migrated = False
 
     def container(self, *, migrate: bool = True) -> Container:
-        from qna.container import create_container, upgrade_database
-
         if self._container is None:
-            self._container = create_container(Settings())
+            with interrupts_held():
+                from qna.container import create_container
+
+                self._container = create_container(Settings())
         if migrate and not self._migrated:
+            from qna.container import upgrade_database
+
             upgrade_database(self._container)
             self._migrated = True
         return self._container
@@ -319,6 +322,33 @@ class AppContext:
 
         with interrupts_ignored():
             shutdown(self._container)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """A Ctrl-C while a command loads what it needs (the container's modules, the
+    openai package: about a second) is told once they are loaded: "interrupted", 130.
+
+    Raised in the middle of an import, the KeyboardInterrupt could land in Python
+    code that pydantic-core runs while it builds a model, and come out as its
+    SchemaError: "internal error", exit 1. (`console.main` holds it the same way
+    while the command's own modules load.) Never around a wait for the database or
+    the LLM, which Ctrl-C must break off at once.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield  # a handler of the caller's own, or SIGINT ignored: left as it is
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 @contextmanager
@@ -475,7 +505,8 @@ def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     parse_question(question, max_length=max_length)
     # A missing API key is a configuration error, reported before the database is
     # touched: with no key and no database, the key is the thing to fix first.
-    app.container(migrate=False).llm()
+    with interrupts_held():
+        app.container(migrate=False).llm()
     container = app.container()
     ask_question = container.ask_question()
     try:
