@@ -1775,6 +1775,22 @@ def test_rate_limits_are_per_token(make_app: AppFactory, database_url: str) -> N
     assert client.get("/questions", headers={"Authorization": "Bearer tok-b"}).status_code == 200
 
 
+def test_requests_refused_for_their_token_spend_their_address_budget(
+    make_app: AppFactory, database_url: str
+) -> None:
+    # Refused before the limiter counted them, they were never limited: a client could
+    # guess tokens as fast as it could send them.
+    client = make_app(database_url, api_tokens=TOKENS, rate_limit="2/minute").test_client()
+    wrong = {"Authorization": "Bearer tok-c"}
+
+    assert_error(client.get("/questions", headers=wrong), 401, "unauthorized")
+    assert_error(client.get("/questions"), 401, "unauthorized")
+    assert_error(client.get("/questions", headers=wrong), 429, "rate_limited")
+    assert_error(client.get("/questions"), 429, "rate_limited")
+    # A valid token has a budget of its own, untouched by its address's.
+    assert client.get("/questions", headers=BEARER_A).status_code == 200
+
+
 # A browser's CORS preflight never carries Authorization, and precedes every request it
 # makes: it must be answered without a token and must not spend the caller's budget.
 PREFLIGHT = {

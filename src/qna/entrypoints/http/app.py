@@ -17,7 +17,7 @@ from qna.entrypoints.http import views
 from qna.entrypoints.http.cors import install_cors
 from qna.entrypoints.http.errors import register_error_handlers
 from qna.entrypoints.http.openapi import openapi_document
-from qna.entrypoints.http.security import install_auth, install_rate_limit
+from qna.entrypoints.http.security import install_access
 
 log = logging.getLogger("qna.http")
 
@@ -60,12 +60,15 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     app.register_blueprint(views.bp)
     register_error_handlers(app)
     _install_request_log(app)
-    # Authentication runs first, then rate limiting, then anything that touches the
-    # database: a request without a valid token is turned away before it costs
-    # anything, and is told 401 even while the database is down.
-    tokens: list[str] = container.config.api_tokens() or []
-    install_auth(app, tokens)
-    install_rate_limit(app, container.config.rate_limit(), container.config.rate_limit_storage())
+    # Tokens and rate limits before anything that touches the database: a request
+    # without a valid token is turned away (and counted) before it costs more, and is
+    # told 401 even while the database is down.
+    install_access(
+        app,
+        container.config.api_tokens() or [],
+        container.config.rate_limit(),
+        container.config.rate_limit_storage(),
+    )
     install_cors(app, container.config.cors_origins() or [])
     _install_schema_guard(app, container)
     return app

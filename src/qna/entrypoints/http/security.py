@@ -36,11 +36,30 @@ def principal_of(token: str) -> str:
     return "t:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def install_auth(app: Flask, tokens: list[str]) -> None:
+def install_access(app: Flask, tokens: list[str], limit: str, storage_uri: str) -> None:
+    """Who may call the API, and how often, in this order: the request's bearer token
+    is checked (a valid one names the rate-limit bucket), the rate limit counts the
+    request, then a request without a valid token is refused (401).
+
+    A request refused for its token is counted too, against its address: guessing
+    tokens is as limited as calling, and a flood of them is a 429 like any other.
+    Neither step touches the database, so 401 and 429 hold while it is down.
+    """
+    _install_identify(app, tokens)
+    install_rate_limit(app, limit, storage_uri)
+
+    @app.before_request
+    def refuse_without_a_valid_token() -> None:
+        refusal = g.pop("refusal", None)
+        if refusal is not None:
+            raise refusal
+
+
+def _install_identify(app: Flask, tokens: list[str]) -> None:
     encoded = [token.encode() for token in tokens]
 
     @app.before_request
-    def authenticate() -> None:
+    def identify() -> None:
         g.principal = "anonymous"
         if not encoded or request.endpoint in PUBLIC_ENDPOINTS or _is_options():
             return
@@ -53,12 +72,13 @@ def install_auth(app: Flask, tokens: list[str]) -> None:
             matched |= hmac.compare_digest(candidate, token)
         bearer = scheme.lower() == "bearer" and bool(candidate)
         if not bearer or not matched:
-            raise ApiError(
+            g.refusal = ApiError(
                 401,
                 "unauthorized",
                 "Send a valid token as 'Authorization: Bearer <token>'.",
                 {"WWW-Authenticate": _challenge(token_sent=bearer)},
             )
+            return
         g.principal = principal_of(candidate.decode(errors="replace"))
 
 
