@@ -43,9 +43,15 @@ class FakeConnection:
         self.row_error: BaseException | None = None
         #: Raised for the next call with more than one row.
         self.batch_error: BaseException | None = None
+        #: Raised for the next one-row call after a call with more than one row.
+        self.retry_error: BaseException | None = None
+        #: Raised by every connect after the first.
+        self.reconnect_error: BaseException | None = None
 
     def connect(self) -> Connection:
         self.connects += 1
+        if self.connects > 1 and self.reconnect_error is not None:
+            raise self.reconnect_error
         return self  # type: ignore[return-value]
 
     def hold_first(self) -> None:
@@ -64,6 +70,9 @@ class FakeConnection:
         rows = params if isinstance(params, list) else [params]
         if len(rows) > 1 and self.batch_error is not None:
             error, self.batch_error = self.batch_error, None
+            raise error
+        if len(rows) == 1 and len(self.calls) > 1 and self.retry_error is not None:
+            error, self.retry_error = self.retry_error, None
             raise error
         if self.row_error is not None and any(row.get("bad") for row in rows):
             raise self.row_error
@@ -279,7 +288,7 @@ def test_a_caller_that_stops_waiting_is_withdrawn_and_the_queue_goes_on() -> Non
         assert result["queued"] == 0
 
 
-def test_no_connection_fails_every_row_of_the_batch() -> None:
+def test_no_connection_fails_a_lone_caller_and_the_next_one_runs() -> None:
     batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
 
     def no_connection() -> Connection:
@@ -290,6 +299,34 @@ def test_no_connection_fails_every_row_of_the_batch() -> None:
     assert connection.calls == []
     batcher.execute(connection.connect, {"n": 2})
     assert connection.calls == [{"n": 2}]
+
+
+def test_no_connection_for_a_shared_statement_fails_every_caller_of_it() -> None:
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    connection.reconnect_error = operational_error()
+    first, callers = run_batch_behind_a_first_call(
+        batcher, connection, [{"n": 1}, {"n": 2}, {"n": 3}]
+    )
+    assert first.returned
+    # None of the three rows was sent: none of their callers may return.
+    assert connection.calls == [{"n": 0}]
+    assert all(isinstance(caller.error, OperationalError) for caller in callers)
+    assert not any(caller.returned for caller in callers)
+
+
+def test_the_database_going_down_while_rows_are_retried_alone_fails_the_rest() -> None:
+    # The shared statement failed for what may be one row's fault, so each row runs
+    # again alone; the first of those finds the database gone: that row and every
+    # later one are out, and their callers must hear it.
+    batcher, connection = StatementBatcher(STATEMENT), FakeConnection()
+    connection.batch_error = integrity_error()
+    connection.retry_error = operational_error()
+    _first, callers = run_batch_behind_a_first_call(
+        batcher, connection, [{"n": 1}, {"n": 2}, {"n": 3}]
+    )
+    assert len(connection.calls) == 3  # the first, the shared one, one row alone
+    assert all(isinstance(caller.error, OperationalError) for caller in callers)
+    assert not any(caller.returned for caller in callers)
 
 
 def test_a_caller_that_fails_before_waiting_is_withdrawn_and_the_queue_goes_on() -> None:
