@@ -343,13 +343,18 @@ def test_record_failure_keeps_the_error_code_and_message() -> None:
 def test_record_cached_copies_the_answer_and_points_at_its_source() -> None:
     source = _pending()
     _answer(source)
-    qna = QnA.ask("what is 6 X 7?", model="gpt-test", now=LATER)
+    asked_at = LATER + timedelta(hours=1)
+    qna = QnA.ask("what is 6 X 7?", model="gpt-test", now=asked_at)
 
-    qna.record_cached(source, now=LATER)
+    qna.record_cached(source, now=asked_at)
 
     assert qna.status is Status.ANSWERED
     assert qna.answer == source.answer
     assert qna.model == source.model
+    # The model that answered (a dated version of the one asked for) is the source's;
+    # the time it was answered is this ask's, not the source's.
+    assert qna.response_model == source.response_model == "gpt-test-2025-01-01"
+    assert (qna.created_at, qna.answered_at) == (asked_at, asked_at)
     assert qna.source_id == source.id
     assert (qna.prompt_tokens, qna.completion_tokens, qna.latency_ms) == (0, 0, 0)
     assert qna.question == "what is 6 X 7?"

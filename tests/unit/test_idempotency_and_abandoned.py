@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import copy
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -379,3 +380,75 @@ def test_closing_abandoned_records_keeps_an_answer_that_landed_since_they_were_r
     ]
     stored = {r.id: r.status for r in uow.committed_records()}
     assert stored == {lost.id: Status.FAILED, late.id: Status.ANSWERED}
+
+
+def _seed_holder(uow: FakeUnitOfWorkFactory, *, now: datetime, question: str) -> QnA:
+    holder = QnA.ask(question, model="fake-model", now=now)
+    holder.idempotency_key, holder.request_fingerprint = "k", _fingerprint_of(question)
+    uow.seed(holder)
+    return holder
+
+
+def test_a_retry_that_finds_the_abandoned_holders_answer_landed_replays_it(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The holder looked abandoned (pending far past any deadline), but its answer
+    # lands just as the retry closes it: the close finds it no longer pending, and
+    # the retry must replay that answer, not free the key and pay the LLM again.
+    holder = _seed_holder(uow, now=clock() - timedelta(minutes=30), question="Late?")
+
+    def answer_lands_first(repository: FakeRepository, qna: QnA) -> bool:
+        landed = copy.deepcopy(holder)
+        landed.record_answer(
+            answer="Late, but here.",
+            model="fake-model",
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_ms=9,
+            now=clock(),
+        )
+        with uow() as asker:
+            asker.qnas.save(landed)
+            asker.commit()
+        return False
+
+    monkeypatch.setattr(FakeRepository, "close_pending", answer_lands_first)
+    llm = FakeLLM("Asked twice.")
+
+    asked = make_ask(uow, llm, clock).ask("Late?", idempotency_key="k")
+
+    assert llm.calls == 0
+    assert asked.replayed
+    assert (asked.qna.id, asked.qna.answer) == (holder.id, "Late, but here.")
+
+
+def test_a_key_released_between_the_insert_and_the_read_is_tried_again(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The insert lost the key to a holder that let it go before the read that
+    # follows: nothing to wait for or replay, the key is there to take.
+    holder = _seed_holder(uow, now=clock(), question="Again?")
+    read = FakeRepository.get_by_idempotency_key
+    reads = []
+
+    def released_once(repository: FakeRepository, key: str) -> QnA | None:
+        reads.append(key)
+        # The first read is the fake's own insert finding the key held; the second,
+        # the use case's, finds it gone.
+        if len(reads) == 2:
+            with uow() as other:
+                other.qnas.release_idempotency_key(holder.id)
+                other.commit()
+            return None
+        return read(repository, key)
+
+    monkeypatch.setattr(FakeRepository, "get_by_idempotency_key", released_once)
+    llm = FakeLLM("Taken.")
+
+    asked = make_ask(uow, llm, clock).ask("Again?", idempotency_key="k")
+
+    assert llm.calls == 1
+    assert not asked.replayed
+    assert asked.qna.id != holder.id and asked.qna.answer == "Taken."
+    assert asked.qna.idempotency_key == "k"
+    assert len(reads) >= 3  # the first insert, the read that found none, the second insert
