@@ -242,7 +242,6 @@ def test_serves_many_threads_at_once_with_one_instance(fake: FakeOpenAI, make_ll
         except BaseException as exc:
             errors.append(exc)
 
-    started = time.monotonic()
     if isinstance(llm, GREEN_ADAPTERS):  # its asks run in greenlets, as in gevent workers
         gevent.joinall([gevent.spawn(ask, i) for i in range(30)])
     else:
@@ -255,8 +254,8 @@ def test_serves_many_threads_at_once_with_one_instance(fake: FakeOpenAI, make_ll
     assert errors == []
     assert len(results) == 30
     assert fake.calls == 30
-    # In series this would take 9 s; concurrently, about one latency.
-    assert time.monotonic() - started < 5
+    # Concurrently, not one after another: the server held several at once.
+    assert fake.max_in_flight > 1
 
 
 # -- retries -----------------------------------------------------------------------------
@@ -490,14 +489,15 @@ def test_a_timeout_is_retried(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
 
 
 def test_an_attempt_never_outlives_the_deadline(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
-    fake.script(Delay(3.0))
-    llm = make_llm(request_timeout=10.0, deadline=0.3, clock=time.monotonic)
+    fake.script(Delay(30.0))
+    llm = make_llm(request_timeout=20.0, deadline=0.3, clock=time.monotonic)
 
     started = time.monotonic()
     with pytest.raises(LLMTimeout) as caught:
         llm.complete("Q?")
 
-    assert time.monotonic() - started < 2.5
+    # Ended by the 0.3 s deadline, far from the 20 s request timeout or the answer.
+    assert time.monotonic() - started < 10
     assert fake.calls == 1
     assert "0.3 s deadline" in caught.value.message
 
