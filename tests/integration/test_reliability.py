@@ -366,14 +366,20 @@ def test_any_question_is_stored_as_the_parse_rules_say_or_refused(
 
 
 @PROPERTY_SETTINGS
-@given(body=json_values | ask_bodies, ascii_only=st.booleans())
+@given(
+    body=json_values | ask_bodies,
+    ascii_only=st.booleans(),
+    content_type=st.sampled_from(["application/json", "application/json; charset=utf-8"]),
+)
 def test_no_json_body_is_a_server_error(
-    client: FlaskClient, body: object, ascii_only: bool
+    client: FlaskClient, body: object, ascii_only: bool, content_type: str
 ) -> None:
+    # Lone surrogates cannot be UTF-8: sent raw (not ascii_only), they make invalid
+    # UTF-8 on purpose.
     response = client.post(
         "/ask",
         data=json.dumps(body, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"),
-        content_type="application/json",
+        content_type=content_type,
     )
 
     assert response.status_code < 500, response.get_data(as_text=True)
@@ -684,6 +690,10 @@ def test_database_connections_probe_a_silent_server(postgres_url: str) -> None:
             sock = socket.socket(fileno=os.dup(fd))
             try:
                 if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    # No TCP, nothing to probe; CI reaches its database over TCP, so
+                    # there this is a broken set-up, not a test to skip.
+                    if os.environ.get("CI"):
+                        pytest.fail("CI's test database must be reached over TCP")
                     pytest.skip("the test database is reached over a Unix socket")
                 assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
                 if hasattr(socket, "TCP_KEEPIDLE"):

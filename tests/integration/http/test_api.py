@@ -1526,41 +1526,6 @@ def test_line_endings_and_surrounding_space_are_normalised(client: FlaskClient) 
 
 # -- properties ----------------------------------------------------------------------------------
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=12,
-)
-ask_shaped = st.fixed_dictionaries(
-    {"question": json_values | st.text()}, optional={"fresh": json_values}
-)
-
-
-@settings(
-    max_examples=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    value=json_values | ask_shaped,
-    ascii_only=st.booleans(),
-    content_type=st.sampled_from(["application/json", "application/json; charset=utf-8"]),
-)
-def test_no_json_body_is_a_server_error(
-    client: FlaskClient, value: object, ascii_only: bool, content_type: str
-) -> None:
-    # Lone surrogates cannot be UTF-8: sent raw, they make invalid UTF-8 on purpose.
-    body = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
-
-    response = post_raw(client, body, content_type)
-
-    assert response.status_code in {201, 400}, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    if response.status_code == 400:
-        assert_error(response, 400, response.get_json()["error"]["code"])
-
 
 @settings(
     max_examples=50,
