@@ -19,6 +19,8 @@ from uuid import UUID, uuid4
 
 import pytest
 
+from qna.adapters.sqlalchemy import migrate
+from qna.adapters.sqlalchemy.database import create_engine
 from tests.e2e.helpers import error_line, settings_free_environ, stored_rows
 from tests.support.fake_openai import DEFAULT_ANSWER, Delay, FakeOpenAI, Status
 
@@ -477,6 +479,11 @@ def test_commands_started_together_on_a_new_sqlite_file_all_migrate_it(
         ]
 
         assert outcomes == [("", 0)] * len(processes)
+        engine = create_engine(url)
+        try:
+            assert migrate.is_at_head(engine)
+        finally:
+            engine.dispose()
 
 
 def test_output_in_an_encoding_without_the_characters_is_not_a_crash(
@@ -686,6 +693,56 @@ def test_ctrl_c_while_ask_loads_its_modules_lets_them_load_then_exit_130(
     assert error_line(completed.stderr) == "qna: error: interrupted"
     assert loaded_out.read_text() == "True", f"{loaded} was left half-loaded"
     assert fake_openai.calls == 0
+
+
+# Starts a program with SIGINT ignored, as a shell starts a background job (`qna ask
+# ... &` in a script): the ignoring survives exec.
+STARTED_IGNORING_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "module"),
+    [
+        # While the command's own modules load (console.main holds SIGINT there)...
+        (("--version",), "qna.entrypoints.cli"),
+        # ...and while `qna ask` loads the container and the SDK (cli holds it there).
+        (("ask", QUESTION), "qna.container"),
+        (("ask", QUESTION), "openai"),
+    ],
+)
+def test_a_sigint_the_process_was_started_ignoring_stays_ignored(
+    fake_openai: FakeOpenAI, env: dict[str, str], tmp_path: Path, args: tuple[str, ...], module: str
+) -> None:
+    # The terminal's Ctrl-C is not for a background job: holding SIGINT while modules
+    # load, and putting the handler back after, must not turn it on for one.
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT)
+    fired = tmp_path / "fired"
+    hooked = {
+        **env,
+        "PYTHONPATH": str(tmp_path / "hook"),
+        "QNA_TEST_CTRL_C_AT": module,
+        "QNA_TEST_CTRL_C_FIRED": str(fired),
+        "QNA_TEST_CTRL_C_SIGNAL": str(int(signal.SIGINT)),
+    }
+    completed = subprocess.run(
+        [sys.executable, "-c", STARTED_IGNORING_SIGINT, *qna_command(), *args],
+        env=hooked,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert fired.exists(), f"{module} was not imported: the test interrupted nothing"
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+    if args[0] == "ask":
+        assert completed.stdout == DEFAULT_ANSWER + "\n"
+        assert fake_openai.calls == 1
 
 
 @pytest.mark.parametrize(
