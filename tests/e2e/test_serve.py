@@ -220,6 +220,21 @@ def test_serve_answers_keeps_history_and_stops_on_sigterm(
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGQUIT, 131)])
+def test_a_fast_stop_is_told_by_the_exit_code_not_as_sigterms_0(
+    server: Server, signum: int, exit_code: int
+) -> None:
+    # Ctrl-C and SIGQUIT cut off asks in flight; gunicorn exited 0 for them too, so a
+    # script could not tell that from SIGTERM's drain.
+    server.process.send_signal(signum)
+    try:
+        stopped_with = server.process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"qna serve did not stop within {STOP_TIMEOUT_S} s:\n{server.output()}")
+    assert stopped_with == exit_code, server.output()
+    assert "Traceback" not in server.output()
+
+
 def test_a_chunked_body_over_the_limit_is_413(server: Server, fake_openai: FakeOpenAI) -> None:
     # The first 64 KiB (the default limit) are a valid ask on their own.
     chunks = [b'{"question": "What is the capital of France?"}', b" " * 70_000]

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
@@ -27,6 +28,7 @@ from typing import Any
 
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
@@ -114,10 +116,41 @@ class JsonErrorGeventWorker(GeventWorker):  # type: ignore[misc]
 WORKER_CLASSES = {"gevent": JsonErrorGeventWorker, "gthread": JsonErrorThreadWorker}
 
 
+class QnAArbiter(Arbiter):  # type: ignore[misc]
+    """gunicorn's master, remembering a fast stop.
+
+    Ctrl-C (SIGINT) and SIGQUIT stop the server at once, cutting off asks in flight;
+    gunicorn then exits 0, as after SIGTERM's drain, so a script could not tell the
+    two apart. `qna serve` exits 128 + the signal instead, as a shell reports a
+    program a signal ended (130, 131); SIGTERM stays 0.
+    """
+
+    fast_stop: int | None = None
+
+    def handle_int(self) -> None:
+        self.fast_stop = signal.SIGINT
+        super().handle_int()
+
+    def handle_quit(self) -> None:
+        self.fast_stop = signal.SIGQUIT
+        super().handle_quit()
+
+
 class QnAServer(BaseApplication):  # type: ignore[misc]
     def __init__(self, options: dict[str, Any]) -> None:
         self._options = options
         super().__init__()
+
+    def run(self) -> None:
+        arbiter = QnAArbiter(self)
+        try:
+            arbiter.run()
+        except SystemExit as stop:
+            # The master's own exit: a worker (a forked copy of it) exits without a
+            # fast stop of its own, whatever the master was told.
+            if not stop.code and arbiter.fast_stop is not None:
+                raise SystemExit(128 + arbiter.fast_stop) from None
+            raise
 
     def load_config(self) -> None:
         for key, value in self._options.items():
