@@ -148,7 +148,13 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("QNA_DB_POOL_SIZE"))
     db_connect_timeout_s: float = Field(
-        5.0, gt=0, allow_inf_nan=False, validation_alias=_env("QNA_DB_CONNECT_TIMEOUT_S")
+        # Bounded as the LLM's timeouts are; libpq's connect_timeout is a C int, and
+        # past it PostgreSQL refused every connection (read as an outage, exit 6).
+        5.0,
+        gt=0,
+        le=_DAY,
+        allow_inf_nan=False,
+        validation_alias=_env("QNA_DB_CONNECT_TIMEOUT_S"),
     )
     # PostgreSQL only; 0 turns it off. Every statement of an ask takes milliseconds.
     db_statement_timeout_s: float = Field(

@@ -960,6 +960,7 @@ def test_an_api_key_is_sent_without_surrounding_whitespace(
         ("QNA_MAX_QUESTION_LENGTH", "0"),
         ("QNA_DB_POOL_SIZE", "lots"),
         ("QNA_DB_CONNECT_TIMEOUT_S", "inf"),
+        ("QNA_DB_CONNECT_TIMEOUT_S", "1e10"),  # past libpq's int: every connect refused
         ("QNA_DB_STATEMENT_TIMEOUT_S", "-1"),
         ("QNA_DB_STATEMENT_TIMEOUT_S", "nan"),
         ("QNA_DB_STATEMENT_TIMEOUT_S", "3000000"),  # past PostgreSQL's limit
