@@ -7,6 +7,7 @@ and restarts under it.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
@@ -235,6 +236,13 @@ def test_the_server_starts_without_its_database_and_rides_out_a_restart(
         ("After?", "answered"),
         ("First?", "answered"),
     ]
+    # The master said why it started without migrating, in a JSON line as every log.
+    [said] = [
+        json.loads(line)
+        for line in server.output().splitlines()
+        if "database not ready at start" in line
+    ]
+    assert (said["level"], said["logger"]) == ("warning", "qna.serve")
 
 
 @pytest.fixture

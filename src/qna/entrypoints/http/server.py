@@ -204,6 +204,9 @@ def migrate_before_serving(settings: Settings) -> None:
     does: StorageUnavailable, not a server answering 503 for ever. So does one
     that refuses DATABASE_URL's login: a ConfigurationError, as a missing API key is."""
     container = create_container(settings)
+    # The master's own lines (the database not ready, abandoned asks closed) are JSON,
+    # as the workers' are; undone by the shutdown below, before the workers fork.
+    container.logging.init()
     try:
         # A server that cannot ask anything should not start: say which setting is
         # missing now, not as a 503 on every ask. Checked, not built: the LLM client
