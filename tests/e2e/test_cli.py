@@ -206,6 +206,18 @@ def test_a_dot_env_that_cannot_be_read_exits_3(fake: FakeOpenAI, tmp_path: Path)
     assert fake.calls == 0
 
 
+def test_a_directory_named_dot_env_is_no_settings_file(fake: FakeOpenAI, tmp_path: Path) -> None:
+    # `python -m venv .env` makes one: a virtualenv, passed over, not refused.
+    (tmp_path / ".env").mkdir()
+    (tmp_path / ".env" / "QNA_MODEL").write_text("not-a-setting", encoding="utf-8")
+
+    record = qna_json("ask", QUESTION)
+
+    assert record["status"] == "answered"
+    assert record["model"] != "not-a-setting"
+    assert fake.calls == 1
+
+
 def test_ask_dash_reads_the_question_from_stdin(fake: FakeOpenAI, database_url: str) -> None:
     result = qna("ask", "-", input="What is\nthe capital of France?\n")
 
