@@ -1740,6 +1740,27 @@ def test_rate_limits_are_per_token(make_app: AppFactory, database_url: str) -> N
     assert client.get("/questions", headers={"Authorization": "Bearer tok-b"}).status_code == 200
 
 
+@pytest.mark.parametrize("rate_limit", ["", "5/minute"])
+def test_the_document_names_the_rate_limit_headers_where_they_are_sent(
+    make_app: AppFactory, database_url: str, rate_limit: str
+) -> None:
+    client = make_app(database_url, rate_limit=rate_limit).test_client()
+    paths = client.get("/openapi.json").get_json()["paths"]
+    limit_headers = {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"}
+
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            counted = bool(rate_limit) and path not in ("/healthz", "/readyz")
+            counted = counted and method != "options"
+            for status, response in operation["responses"].items():
+                documented = set(response.get("headers", {}))
+                assert "X-Request-ID" in documented, (path, method, status)
+                assert (limit_headers <= documented) == counted, (path, method, status)
+                if counted and status.startswith("2"):
+                    sent = client.open(path.replace("{id}", str(uuid4())), method=method.upper())
+                    assert limit_headers <= set(sent.headers.keys()), (path, method)
+
+
 def test_requests_refused_for_their_token_spend_their_address_budget(
     make_app: AppFactory, database_url: str
 ) -> None:

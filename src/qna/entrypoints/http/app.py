@@ -54,6 +54,7 @@ def create_app(container: Container | None = None, settings: Settings | None = N
         max_question_length=container.config.max_question_length(),
         max_body_bytes=container.config.max_body_bytes(),
         auth=bool(container.config.api_tokens()),
+        rate_limited=bool(container.config.rate_limit().strip()),
     )
     container.logging.init()
     warm_up(container)

@@ -121,9 +121,45 @@ def _with_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
 REQUEST_ID = {
     "X-Request-ID": {
         "description": "The client's X-Request-ID if it sent a sane one, else a new one.",
+        "required": True,
         "schema": {"type": "string"},
     }
 }
+
+
+RATE_LIMIT = {
+    "X-RateLimit-Limit": {
+        "description": "Requests the client may make in the current window (QNA_RATE_LIMIT).",
+        "schema": {"type": "string"},
+    },
+    "X-RateLimit-Remaining": {
+        "description": "Requests left in the current window.",
+        "schema": {"type": "string"},
+    },
+    "X-RateLimit-Reset": {
+        "description": "When the current window ends, in seconds since the Unix epoch.",
+        "schema": {"type": "string"},
+    },
+}
+# Not required: a rate-limit store that is down lets requests through without them.
+# Not counted against the rate limit: the probes, and OPTIONS (security.py).
+_UNLIMITED_OPERATIONS = frozenset({"health", "ready"})
+
+
+def _add_common_headers(paths: dict[str, Any], *, rate_limited: bool) -> None:
+    """X-Request-ID on every response; the rate limit's headers on every response of
+    an operation it counts."""
+    for operations in paths.values():
+        for operation in operations.values():
+            counted = rate_limited and not (
+                operation["operationId"] in _UNLIMITED_OPERATIONS
+                or operation["operationId"].endswith("Options")
+            )
+            for response in operation["responses"].values():
+                headers = response.setdefault("headers", {})
+                headers.update(REQUEST_ID)
+                if counted:
+                    headers.update(RATE_LIMIT)
 
 
 def _options(operations: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +183,6 @@ def _options(operations: dict[str, Any]) -> dict[str, Any]:
                         "required": True,
                         "schema": {"type": "string"},
                     },
-                    **REQUEST_ID,
                 },
             }
         },
@@ -155,7 +190,7 @@ def _options(operations: dict[str, Any]) -> dict[str, Any]:
 
 
 def openapi_document(
-    *, max_question_length: int, max_body_bytes: int, auth: bool
+    *, max_question_length: int, max_body_bytes: int, auth: bool, rate_limited: bool = False
 ) -> dict[str, Any]:
     _, top = models_json_schema(
         [
@@ -216,7 +251,6 @@ def openapi_document(
                                     "description": "The stored record.",
                                     "schema": {"type": "string"},
                                 },
-                                **REQUEST_ID,
                             },
                         ),
                         **_errors(400, 401, 408, 409, 413, 415, 422, 429, 502, 503, 504),
@@ -343,6 +377,7 @@ def openapi_document(
     }
     for operations in document["paths"].values():
         operations["options"] = _options(operations)
+    _add_common_headers(document["paths"], rate_limited=rate_limited)
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return document
