@@ -122,6 +122,7 @@ def test_an_answer_to_an_allowed_origin_can_be_read_with_its_headers(
     exposed = names(response.headers["Access-Control-Expose-Headers"])
     # What the API documents for a client to read, beyond what CORS always exposes.
     assert {"location", "retry-after", "x-request-id", "www-authenticate", "allow"} <= exposed
+    assert {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= exposed
     assert "Access-Control-Allow-Credentials" not in response.headers
     # Preflight-only headers stay on the preflight.
     assert "Access-Control-Allow-Methods" not in response.headers

@@ -15,7 +15,17 @@ ALLOWED_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "
 # What the API documents for a client to read, beyond the headers a browser always shows
 # (Content-Type, Content-Length, ...): without them, a script could not see when to
 # retry, where the stored record is, or why a token was refused.
-EXPOSED_RESPONSE_HEADERS = ["Allow", "Location", "Retry-After", "WWW-Authenticate", "X-Request-ID"]
+EXPOSED_RESPONSE_HEADERS = [
+    "Allow",
+    "Location",
+    "Retry-After",
+    "WWW-Authenticate",
+    "X-Request-ID",
+    # With QNA_RATE_LIMIT: a front-end may show what is left of the budget.
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+]
 # How long a browser may reuse a preflight's answer before asking again.
 PREFLIGHT_MAX_AGE_S = 600
 
