@@ -127,6 +127,7 @@ REQUEST_ID = {
 }
 
 
+# Not required: a rate-limit store that is down lets requests through without them.
 RATE_LIMIT = {
     "X-RateLimit-Limit": {
         "description": "Requests the client may make in the current window (QNA_RATE_LIMIT).",
@@ -141,7 +142,6 @@ RATE_LIMIT = {
         "schema": {"type": "string"},
     },
 }
-# Not required: a rate-limit store that is down lets requests through without them.
 # Not counted against the rate limit: the probes, and OPTIONS (security.py).
 _UNLIMITED_OPERATIONS = frozenset({"health", "ready"})
 
