@@ -61,6 +61,9 @@ def _install_identify(app: Flask, tokens: list[str]) -> None:
     @app.before_request
     def identify() -> None:
         g.principal = "anonymous"
+        # A refusal the limiter's 429 kept from being raised must not outlive its
+        # request (`g` is the app context's, which requests may share: the test client).
+        g.pop("refusal", None)
         if not encoded or request.endpoint in PUBLIC_ENDPOINTS or _is_options():
             return
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
@@ -133,6 +136,11 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
         # A rate-limit store that is down must not take the whole API with it.
         swallow_errors=True,
         key_prefix="qna",
+        # The limiter passes over a request with no endpoint (no route: a 404, or a
+        # method the route does not take: a 405). Counted like any other, so that a
+        # token cannot be guessed without limit on a URL with no route (a valid one
+        # gets the 404, a wrong one the 401).
+        request_identifier=lambda: request.endpoint or "unrouted",
     )
 
     @app.after_request
