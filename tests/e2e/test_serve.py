@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -233,6 +234,47 @@ def test_a_fast_stop_is_told_by_the_exit_code_not_as_sigterms_0(
         pytest.fail(f"qna serve did not stop within {STOP_TIMEOUT_S} s:\n{server.output()}")
     assert stopped_with == exit_code, server.output()
     assert "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGQUIT, 131)])
+def test_a_fast_stop_in_the_middle_of_sigterms_drain_is_told_too(
+    server: Server, fake_openai: FakeOpenAI, signum: int, exit_code: int
+) -> None:
+    # During the drain gunicorn takes Ctrl-C off its queue itself and cuts the asks
+    # off at once, but its handler never ran: the server exited 0, as if drained.
+    fake_openai.latency = 20  # an ask the drain (30 s) would wait for
+    outcome: list[BaseException | int] = []
+
+    def ask() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            body = json.dumps({"question": "Long?"})
+            connection.request("POST", "/ask", body, {"Content-Type": "application/json"})
+            outcome.append(connection.getresponse().status)
+        except (OSError, http.client.HTTPException) as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    deadline = time.monotonic() + 10
+    while fake_openai.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake_openai.calls == 1
+
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    server.process.send_signal(signum)
+    try:
+        stopped_with = server.process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"qna serve did not stop within {STOP_TIMEOUT_S} s:\n{server.output()}")
+    asking.join(30)
+
+    assert stopped_with == exit_code, server.output()
+    # Cut off: no answer reached the asker.
+    assert len(outcome) == 1 and not isinstance(outcome[0], int), outcome
 
 
 def test_a_chunked_body_over_the_limit_is_413(server: Server, fake_openai: FakeOpenAI) -> None:

@@ -700,11 +700,12 @@ def serve(
     """Serve the HTTP API under gunicorn (migrates the database first).
 
     \b
-    Exit codes: 0 stopped by SIGTERM (asks in flight finish first), 3
-    configuration, 6 a database that waiting cannot mend (not a database, corrupt,
-    a schema qna does not know; one that is down is waited for), 12 cannot listen
-    on --host and --port (in use, not this machine's address), 130 stopped by
-    Ctrl-C and 131 by SIGQUIT (at once: asks in flight are cut off).
+    Exit codes: 0 stopped by SIGTERM (asks in flight may finish within
+    --graceful-timeout; those still running then are cut off), 3 configuration,
+    6 a database that waiting cannot mend (not a database, corrupt, a schema qna
+    does not know; one that is down is waited for), 12 cannot listen on --host
+    and --port (in use, not this machine's address), 130 stopped by Ctrl-C and
+    131 by SIGQUIT (at once: asks in flight are cut off).
     """
     from qna.entrypoints.http import server
 

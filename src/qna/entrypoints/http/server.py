@@ -127,13 +127,14 @@ class QnAArbiter(Arbiter):  # type: ignore[misc]
 
     fast_stop: int | None = None
 
-    def handle_int(self) -> None:
-        self.fast_stop = signal.SIGINT
-        super().handle_int()
-
-    def handle_quit(self) -> None:
-        self.fast_stop = signal.SIGQUIT
-        super().handle_quit()
+    def signal(self, sig: int, frame: Any) -> None:
+        # Noted as it arrives, not when it is handled: during SIGTERM's drain gunicorn
+        # takes a SIGINT or SIGQUIT off its queue itself ("Quick shutdown requested"),
+        # and its handlers never run. Only in the master: a worker just forked runs
+        # this handler until it installs its own.
+        if sig in (signal.SIGINT, signal.SIGQUIT) and os.getpid() == self.pid:
+            self.fast_stop = self.fast_stop or sig
+        super().signal(sig, frame)
 
 
 class QnAServer(BaseApplication):  # type: ignore[misc]
