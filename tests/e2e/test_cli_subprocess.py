@@ -665,8 +665,20 @@ atexit.register(_tell_loaded)
         ("openai.types.chat", "qna.adapters.openai_llm"),
     ],
 )
-def test_ctrl_c_while_ask_loads_its_modules_lets_them_load_then_exit_130(
-    fake_openai: FakeOpenAI, env: dict[str, str], tmp_path: Path, module: str, loaded: str
+@pytest.mark.parametrize(
+    ("signum", "exit_code", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_an_interrupt_while_ask_loads_its_modules_lets_them_load_then_exits(
+    fake_openai: FakeOpenAI,
+    env: dict[str, str],
+    tmp_path: Path,
+    module: str,
+    loaded: str,
+    signum: int,
+    exit_code: int,
+    said: str,
 ) -> None:
     # Raised in the middle of these imports, the KeyboardInterrupt could land in
     # Python code that pydantic-core runs while it builds the SDK's models, and come
@@ -680,7 +692,7 @@ def test_ctrl_c_while_ask_loads_its_modules_lets_them_load_then_exit_130(
         "PYTHONPATH": str(tmp_path / "hook"),
         "QNA_TEST_CTRL_C_AT": module,
         "QNA_TEST_CTRL_C_FIRED": str(fired),
-        "QNA_TEST_CTRL_C_SIGNAL": str(int(signal.SIGINT)),
+        "QNA_TEST_CTRL_C_SIGNAL": str(int(signum)),
         "QNA_TEST_LOADED": loaded,
         "QNA_TEST_LOADED_OUT": str(loaded_out),
     }
@@ -689,8 +701,8 @@ def test_ctrl_c_while_ask_loads_its_modules_lets_them_load_then_exit_130(
 
     assert fired.exists(), f"{module} was not imported: the test interrupted nothing"
     assert "Traceback" not in completed.stderr
-    assert completed.returncode == 130, completed.stderr
-    assert error_line(completed.stderr) == "qna: error: interrupted"
+    assert completed.returncode == exit_code, completed.stderr
+    assert error_line(completed.stderr) == f"qna: error: {said}"
     assert loaded_out.read_text() == "True", f"{loaded} was left half-loaded"
     assert fake_openai.calls == 0
 

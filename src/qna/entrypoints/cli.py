@@ -326,29 +326,38 @@ class AppContext:
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """A Ctrl-C while a command loads what it needs (the container's modules, the
-    openai package: about a second) is told once they are loaded: "interrupted", 130.
+    """A Ctrl-C (or SIGTERM) while a command loads what it needs (the container's
+    modules, the openai package: about a second) is told once they are loaded:
+    "interrupted", 130 ("terminated", 143).
 
-    Raised in the middle of an import, the KeyboardInterrupt could land in Python
-    code that pydantic-core runs while it builds a model, and come out as its
-    SchemaError: "internal error", exit 1. (`console.main` holds it the same way
-    while the command's own modules load.) Never around a wait for the database or
-    the LLM, which Ctrl-C must break off at once.
+    Raised in the middle of an import, the KeyboardInterrupt (SIGTERM's Terminated is
+    one) could land in Python code that pydantic-core runs while it builds a model,
+    and come out as its SchemaError: "internal error", exit 1. (`console.main` holds
+    Ctrl-C the same way while the command's own modules load.) The interrupt wins over
+    an error the loading meets meanwhile: the asker asked to stop. Never around a
+    wait for the database or the LLM, which Ctrl-C must break off at once.
     """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield  # a handler of the caller's own, or SIGINT ignored: left as it is
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
     held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    previous = {}
+    for number, raising in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, _terminate),
+    ):
+        # Only a handler that raises is held: a caller's own, or a signal ignored (a
+        # background job's Ctrl-C), is left as it is.
+        if signal.getsignal(number) is raising:
+            previous[number] = raising
+            signal.signal(number, lambda signum, _frame: held.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if held:
-        raise KeyboardInterrupt
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            raise Terminated if held[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 @contextmanager
