@@ -593,6 +593,23 @@ sys.meta_path.insert(0, CtrlCAt())
 """
 
 
+def interrupt_at_import(
+    tmp_path: Path, module: str, signum: int = signal.SIGINT, *, hook: str = ""
+) -> tuple[dict[str, str], Path]:
+    """The environment of a `qna` process that sends itself `signum` as it starts
+    importing `module` (CTRL_C_AT_IMPORT, and `hook` beside it), and the file whose
+    existence says it did."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT + hook)
+    fired = tmp_path / "fired"
+    return {
+        "PYTHONPATH": str(tmp_path / "hook"),
+        "QNA_TEST_CTRL_C_AT": module,
+        "QNA_TEST_CTRL_C_FIRED": str(fired),
+        "QNA_TEST_CTRL_C_SIGNAL": str(int(signum)),
+    }, fired
+
+
 @pytest.mark.parametrize(
     "module",
     [
@@ -611,17 +628,8 @@ sys.meta_path.insert(0, CtrlCAt())
 def test_ctrl_c_while_python_starts_qna_is_one_line_and_exit_130(
     tmp_path: Path, module: str
 ) -> None:
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT)
-    fired = tmp_path / "fired"
-    env = {
-        **settings_free_environ(),
-        "HOME": str(tmp_path / "home"),
-        "PYTHONPATH": str(tmp_path / "hook"),
-        "QNA_TEST_CTRL_C_AT": module,
-        "QNA_TEST_CTRL_C_FIRED": str(fired),
-        "QNA_TEST_CTRL_C_SIGNAL": str(int(signal.SIGINT)),
-    }
+    interrupting, fired = interrupt_at_import(tmp_path, module)
+    env = {**settings_free_environ(), "HOME": str(tmp_path / "home"), **interrupting}
 
     completed = subprocess.run(
         [*qna_command(), "--version"],
@@ -684,15 +692,11 @@ def test_an_interrupt_while_ask_loads_its_modules_lets_them_load_then_exits(
     # Python code that pydantic-core runs while it builds the SDK's models, and come
     # out as a SchemaError: "internal error", exit 1. Held until they are loaded, it
     # cannot land there: the module is whole at exit, and the ask never started.
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT + LOADED_AT_EXIT)
-    fired, loaded_out = tmp_path / "fired", tmp_path / "loaded"
+    interrupting, fired = interrupt_at_import(tmp_path, module, signum, hook=LOADED_AT_EXIT)
+    loaded_out = tmp_path / "loaded"
     hooked = {
         **env,
-        "PYTHONPATH": str(tmp_path / "hook"),
-        "QNA_TEST_CTRL_C_AT": module,
-        "QNA_TEST_CTRL_C_FIRED": str(fired),
-        "QNA_TEST_CTRL_C_SIGNAL": str(int(signum)),
+        **interrupting,
         "QNA_TEST_LOADED": loaded,
         "QNA_TEST_LOADED_OUT": str(loaded_out),
     }
@@ -730,16 +734,8 @@ def test_a_sigint_the_process_was_started_ignoring_stays_ignored(
 ) -> None:
     # The terminal's Ctrl-C is not for a background job: holding SIGINT while modules
     # load, and putting the handler back after, must not turn it on for one.
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(CTRL_C_AT_IMPORT)
-    fired = tmp_path / "fired"
-    hooked = {
-        **env,
-        "PYTHONPATH": str(tmp_path / "hook"),
-        "QNA_TEST_CTRL_C_AT": module,
-        "QNA_TEST_CTRL_C_FIRED": str(fired),
-        "QNA_TEST_CTRL_C_SIGNAL": str(int(signal.SIGINT)),
-    }
+    interrupting, fired = interrupt_at_import(tmp_path, module)
+    hooked = {**env, **interrupting}
     completed = subprocess.run(
         [sys.executable, "-c", STARTED_IGNORING_SIGINT, *qna_command(), *args],
         env=hooked,
