@@ -170,10 +170,13 @@ def _options(operations: dict[str, Any]) -> dict[str, Any]:
         methods.append("HEAD")
     allow = ", ".join([*methods, "OPTIONS"])
     [operation] = operations.values()
+    # A path's template parameters must be declared by each of its operations.
+    in_path = [p for p in operation.get("parameters", []) if p["in"] == "path"]
     return {
         "operationId": f"{operation['operationId']}Options",
         "summary": "The methods this path accepts.",
         "security": [],
+        **({"parameters": in_path} if in_path else {}),
         "responses": {
             "204": {
                 "description": f"No body; Allow lists the methods ({allow}).",
