@@ -1790,6 +1790,26 @@ def test_requests_refused_for_their_token_spend_their_address_budget(
     assert client.get("/questions", headers=BEARER_A).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        # A public route's wrong method is a 405 for anyone (Flask leaves the endpoint
+        # empty then, and the token check took it for a route that needs one: 401).
+        ("POST", "/healthz", 405),
+        ("DELETE", "/openapi.json", 405),
+        ("PUT", "/docs", 405),
+        # A route that needs a token still needs one to learn its methods.
+        ("DELETE", "/questions", 401),
+    ],
+)
+def test_a_public_routes_wrong_method_is_405_without_a_token(
+    secured: FlaskClient, method: str, path: str, status: int
+) -> None:
+    response = secured.open(path, method=method)
+
+    assert_error(response, status, {405: "method_not_allowed", 401: "unauthorized"}[status])
+
+
 def test_a_refusal_a_429_held_back_does_not_outlive_its_request(
     make_app: AppFactory, database_url: str
 ) -> None:

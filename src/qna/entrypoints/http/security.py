@@ -6,9 +6,10 @@ import hashlib
 import hmac
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from qna.entrypoints.http.errors import ApiError, retry_after_header
 
@@ -64,7 +65,7 @@ def _install_identify(app: Flask, tokens: list[str]) -> None:
         # A refusal the limiter's 429 kept from being raised must not outlive its
         # request (`g` is the app context's, which requests may share: the test client).
         g.pop("refusal", None)
-        if not encoded or request.endpoint in PUBLIC_ENDPOINTS or _is_options():
+        if not encoded or _routed_endpoint() in PUBLIC_ENDPOINTS or _is_options():
             return
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         candidate = presented.strip().encode()
@@ -83,6 +84,26 @@ def _install_identify(app: Flask, tokens: list[str]) -> None:
             )
             return
         g.principal = principal_of(candidate.decode(errors="replace"))
+
+
+def _routed_endpoint() -> str | None:
+    """The request's endpoint; for a method its route does not take (405, when Flask
+    leaves the endpoint empty), the endpoint of that route: `POST /healthz` is a 405
+    for anyone, as every public route's wrong method is, not a 401 without a token."""
+    if request.endpoint is not None:
+        return request.endpoint
+    error = request.routing_exception
+    if not isinstance(error, MethodNotAllowed):
+        return None
+    allowed = next(iter(error.valid_methods or ()), None)
+    if allowed is None:
+        return None
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    try:
+        rule, _ = adapter.match(method=str(allowed), return_rule=True)
+    except HTTPException:
+        return None
+    return str(rule.endpoint)
 
 
 def _challenge(*, token_sent: bool) -> str:
