@@ -1203,6 +1203,27 @@ def test_a_body_in_a_charset_other_than_utf8_is_415(
     assert fake_openai.calls == 0
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        # A charset werkzeug cannot read it leaves out, and the body was taken.
+        "application/json; charset=",
+        "application/json; charset=\u00e9",
+        # A +json suffix with no name before it.
+        "foo/+json",
+        "application/+json",
+    ],
+)
+def test_a_media_type_that_only_looks_like_json_is_415(
+    client: FlaskClient, fake_openai: FakeOpenAI, database_url: str, content_type: str
+) -> None:
+    body = json.dumps({"question": QUESTION}).encode()
+
+    assert_error(post_raw(client, body, content_type), 415, "unsupported_media_type")
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
+
+
 @pytest.mark.parametrize("charset", ["utf-8", "UTF-8", "utf8", '"utf-8"'])
 def test_a_body_declared_utf8_is_read(client: FlaskClient, charset: str) -> None:
     body = json.dumps({"question": "Où est Zürich ?"}, ensure_ascii=False).encode()

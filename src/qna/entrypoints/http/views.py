@@ -27,12 +27,14 @@ from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
 bp = Blueprint("qna", __name__)
 
 _SANE_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+# application/json, or a type with the +json suffix (RFC 6839) and a name before it.
+_TOKEN = r"[a-z0-9!#$&^_.-]+"
+_JSON_MEDIA_TYPE = re.compile(rf"application/json|{_TOKEN}/{_TOKEN}\+json")
+_DECLARES_CHARSET = re.compile(r";\s*charset\s*=", re.IGNORECASE)
 
 
 def _json_body() -> bytes:
-    if not request.mimetype or not (
-        request.mimetype == "application/json" or request.mimetype.endswith("+json")
-    ):
+    if not _JSON_MEDIA_TYPE.fullmatch(request.mimetype or ""):
         raise ApiError(
             415,
             "unsupported_media_type",
@@ -41,6 +43,10 @@ def _json_body() -> bytes:
     # JSON between systems is UTF-8 (RFC 8259, section 8.1), and it is what the body is
     # parsed as: a body declared as another charset would be read as something else.
     charset = request.mimetype_params.get("charset")
+    if charset is None and _DECLARES_CHARSET.search(request.headers.get("Content-Type", "")):
+        # Declared, but not as a value werkzeug could read (`charset=`, a non-ASCII
+        # name): it left it out, and the body was read as UTF-8 all the same.
+        charset = ""
     if charset is not None and charset.strip().lower() not in ("utf-8", "utf8"):
         raise ApiError(
             415,
