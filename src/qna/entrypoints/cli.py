@@ -34,6 +34,7 @@ from qna.domain.errors import (
     StorageUnavailable,
 )
 from qna.domain.model import QnA, Status, parse_question
+from qna.entrypoints.console import SignalsHeld
 from qna.entrypoints.presenters import qna_to_dict
 
 if TYPE_CHECKING:
@@ -340,24 +341,13 @@ def interrupts_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held: list[int] = []
-    previous = {}
-    for number, raising in (
-        (signal.SIGINT, signal.default_int_handler),
-        (signal.SIGTERM, _terminate),
-    ):
-        # Only a handler that raises is held: a caller's own, or a signal ignored (a
-        # background job's Ctrl-C), is left as it is.
-        if signal.getsignal(number) is raising:
-            previous[number] = raising
-            signal.signal(number, lambda signum, _frame: held.append(signum))
+    held = SignalsHeld({signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate})
     try:
-        yield
+        with held:
+            yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        if held:
-            raise Terminated if held[0] == signal.SIGTERM else KeyboardInterrupt
+        if held.arrived:
+            raise Terminated if held.arrived[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 @contextmanager

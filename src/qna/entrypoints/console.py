@@ -16,24 +16,40 @@ import sys
 EXIT_INTERRUPTED = 130
 
 
+class SignalsHeld:
+    """While inside, each signal whose handler is the one given (one that raises:
+    Python's KeyboardInterrupt, say) is recorded in `arrived` instead of raised; the
+    handlers are put back on the way out. A signal with any other handler (a caller's
+    own, or ignored, as a shell's background job ignores Ctrl-C) is left as it is.
+    A class, not a generator with contextlib: this module loads nothing more."""
+
+    def __init__(self, raising: dict[int, object]) -> None:
+        self._raising = raising
+        self._held: list[int] = []
+        self.arrived: list[int] = []
+
+    def __enter__(self) -> SignalsHeld:
+        for number, handler in self._raising.items():
+            if signal.getsignal(number) is handler:
+                signal.signal(number, lambda signum, _frame: self.arrived.append(signum))
+                self._held.append(number)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for number in self._held:
+            signal.signal(number, self._raising[number])  # type: ignore[arg-type]
+        self._held.clear()
+
+
 def main() -> None:
     # Ctrl-C while Python loads the command (click, pydantic: a fraction of a second,
     # more on a busy machine) is held until it is loaded, then told as once it runs:
     # one line and 130. Raised in the middle of the loading, the KeyboardInterrupt
     # printed the import's traceback, or, landing in Python code that pydantic-core
-    # runs while it builds a model, came out as a SchemaError. (A SIGINT the process
-    # was started ignoring, as a shell's background job is, stays ignored.)
-    held: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
-    holding = previous is signal.default_int_handler
-    if holding:
-        signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
-    try:
+    # runs while it builds a model, came out as a SchemaError.
+    with SignalsHeld({signal.SIGINT: signal.default_int_handler}) as held:
         from qna.entrypoints.cli import main as run
-    finally:
-        if holding:
-            signal.signal(signal.SIGINT, previous)
-    if held:
+    if held.arrived:
         if sys.stderr is not None:  # `2>&-`
             try:  # noqa: SIM105 -- contextlib.suppress would load contextlib up front
                 sys.stderr.write("qna: error: interrupted\n")
