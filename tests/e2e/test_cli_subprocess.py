@@ -71,6 +71,14 @@ def db_env(env: dict[str, str], database_url: str) -> dict[str, str]:
     return {**env, "DATABASE_URL": database_url}
 
 
+# Ctrl-C and SIGTERM, each with the exit code and the line qna tells it with.
+EACH_INTERRUPT = pytest.mark.parametrize(
+    ("signum", "exit_code", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+
+
 def ask_json(question: str, env: dict[str, str]) -> Any:
     completed = run("ask", "--json", question, env=env)
     assert completed.returncode == 0, completed.stderr
@@ -506,11 +514,7 @@ def test_output_in_an_encoding_without_the_characters_is_not_a_crash(
     assert "question: Can you read ? ?" in shown.stdout
 
 
-@pytest.mark.parametrize(
-    ("signum", "exit_code", "said"),
-    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
-    ids=["ctrl-c", "sigterm"],
-)
+@EACH_INTERRUPT
 def test_an_interrupt_while_the_llm_thinks_closes_the_record(
     fake_openai: FakeOpenAI,
     db_env: dict[str, str],
@@ -673,11 +677,7 @@ atexit.register(_tell_loaded)
         ("openai.types.chat", "qna.adapters.openai_llm"),
     ],
 )
-@pytest.mark.parametrize(
-    ("signum", "exit_code", "said"),
-    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
-    ids=["ctrl-c", "sigterm"],
-)
+@EACH_INTERRUPT
 def test_an_interrupt_while_ask_loads_its_modules_lets_them_load_then_exits(
     fake_openai: FakeOpenAI,
     env: dict[str, str],
