@@ -128,7 +128,10 @@ def seconds(value: float) -> timedelta:
 class Container(containers.DeclarativeContainer):
     config = providers.Configuration(strict=True)
 
-    logging = providers.Resource(configure_logging, level=config.log_level)
+    # flask-limiter's own lines too: its store unreachable, and answering again.
+    logging = providers.Resource(
+        configure_logging, level=config.log_level, loggers=("qna", "flask-limiter")
+    )
 
     engine = providers.Resource(
         engine_resource,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,18 +27,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure_logging(level: str) -> Iterator[None]:
-    """Send qna's logs to stderr as JSON lines; undone when the container shuts down."""
-    logger = logging.getLogger("qna")
+def configure_logging(level: str, loggers: Sequence[str] = ("qna",)) -> Iterator[None]:
+    """Send these loggers' records to stderr as JSON lines; undone when the container
+    shuts down."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    previous = (logger.level, logger.propagate)
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
+    previous = []
+    for name in loggers:
+        logger = logging.getLogger(name)
+        previous.append((logger, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
+        logger.propagate = False
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous[0])
-        logger.propagate = previous[1]
+        for logger, old_level, old_propagate in previous:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = old_propagate

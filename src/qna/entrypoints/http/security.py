@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
+from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
@@ -118,6 +121,24 @@ def _client_key() -> str:
     return principal if principal != "anonymous" else "a:" + (get_remote_address() or "?")
 
 
+# A Redis store that stops answering costs the request that finds it so this long, not
+# the client's own default: 5 s since redis-py 8, no limit at all before. A URL's
+# own `?socket_timeout=` and `?socket_connect_timeout=` win (redis-py reads them last).
+STORE_TIMEOUT_S = 1.0
+_REDIS_FAMILIES = frozenset({"redis", "rediss", "valkey", "valkeys"})
+
+
+def _store_options(storage_uri: str) -> dict[str, Any]:
+    family = urlsplit(storage_uri.strip()).scheme.lower().split("+")[0]
+    if family not in _REDIS_FAMILIES:
+        return {}
+    return {"socket_connect_timeout": STORE_TIMEOUT_S, "socket_timeout": STORE_TIMEOUT_S}
+
+
+def _not_a_breach(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("ratelimit ")
+
+
 def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | None:
     if not limit.strip():
         return None
@@ -143,6 +164,9 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
             response.headers["Retry-After"] = retry_after_header(int(reset) - time.time())
         return response
 
+    # Each 429 is already in qna's request log; flask-limiter's line about it is not
+    # needed twice. (The same filter object each time: it is added once.)
+    logging.getLogger("flask-limiter").addFilter(_not_a_breach)
     limiter = Limiter(
         _client_key,
         app=app,
@@ -154,7 +178,11 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
         application_limits_exempt_when=lambda: (
             request.endpoint in UNLIMITED_ENDPOINTS or _is_options()
         ),
-        # A rate-limit store that is down must not take the whole API with it.
+        storage_options=_store_options(storage_uri),
+        # A rate-limit store that is down must not take the whole API with it, nor
+        # switch the limit off: each process counts on its own meanwhile (logged), and
+        # goes back to the store once it answers again.
+        in_memory_fallback_enabled=True,
         swallow_errors=True,
         key_prefix="qna",
         # The limiter passes over a request with no endpoint (no route: a 404, or a
