@@ -44,6 +44,7 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     app = QnAFlask("qna")
     # Werkzeug answers a path with doubled slashes with a 308 and an HTML page; this
     # API's paths are exact (a trailing slash is a 404 too), and never answered in HTML.
+    # Leading slashes aside: werkzeug's request reads `//ask` as `/ask` before routing.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = container.config.max_body_bytes()
     app.config["QNA_BODY_TIMEOUT_S"] = container.config.body_timeout_s()
