@@ -147,9 +147,41 @@ def test_sigterm_lets_the_ask_in_flight_finish_and_exits_0(
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "answered"
     assert returncode == 0, server.output()
+    assert "graceful timeout" not in server.output()  # nothing was cut off
     [row] = table(database)
     assert UUID(str(row["id"])) == UUID(response.json()["id"])
     assert row["status"] == "answered"
+
+
+@WORKER_CLASSES
+def test_an_ask_outlasting_the_graceful_timeout_is_cut_off_and_the_log_says_so(
+    database: str, fake_openai: FakeOpenAI, tmp_path: Path, worker_class: str
+) -> None:
+    fake_openai.latency = 30.0
+    env = serve_env(database, fake_openai)
+    args = ("--workers", "1", "--worker-class", worker_class, "--graceful-timeout", "1")
+    with serving(env, tmp_path, *args) as server, ThreadPoolExecutor(max_workers=1) as pool:
+        in_flight = pool.submit(
+            requests.post, f"{server.url}/ask", json={"question": QUESTION}, timeout=30
+        )
+        deadline = time.monotonic() + 5
+        while fake_openai.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake_openai.calls == 1, "the ask never reached the LLM"
+        server.process.send_signal(signal.SIGTERM)
+        returncode = server.process.wait(timeout=15)
+        with pytest.raises(requests.ConnectionError):
+            in_flight.result(timeout=30)
+
+    assert returncode == 0, server.output()  # as README says: the drain's exit
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    [warning] = [line for line in lines if "graceful timeout" in line["msg"]]
+    assert warning["level"] == "warning"
+    assert warning["msg"] == (
+        "graceful timeout (1 s) up: killed 1 busy worker(s); asks in flight cut off"
+    )
+    [row] = table(database)
+    assert row["status"] == "pending"  # until it counts as abandoned
 
 
 # -- (c) a burst of concurrent asks under random LLM failures -------------------------------------

@@ -14,6 +14,7 @@ see the README, Performance).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import glob
 import json
@@ -33,6 +34,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
 
+from qna.adapters.structured_logging import configure_logging
 from qna.config import Settings
 from qna.container import check_llm_settings, create_container, shutdown, upgrade_database
 from qna.domain.errors import StorageUnavailable
@@ -135,6 +137,22 @@ class QnAArbiter(Arbiter):  # type: ignore[misc]
         if sig in (signal.SIGINT, signal.SIGQUIT) and os.getpid() == self.pid:
             self.fast_stop = self.fast_stop or sig
         super().signal(sig, frame)
+
+    def kill_workers(self, sig: int) -> None:
+        # gunicorn's stop ends so: SIGKILL for the workers still busy when the
+        # graceful timeout is up. Their asks are cut off (their records pending, until
+        # they count as abandoned), and nothing else would say so.
+        if sig == signal.SIGKILL and self.WORKERS and os.getpid() == self.pid:
+            # JSON like every line, through a handler set up for this line only: one
+            # left on the master would be inherited by each worker forked later, which
+            # would then write each of its lines twice.
+            with contextlib.contextmanager(configure_logging)(self.cfg.loglevel):
+                log.warning(
+                    "graceful timeout (%d s) up: killed %d busy worker(s); asks in flight cut off",
+                    self.cfg.graceful_timeout,
+                    len(self.WORKERS),
+                )
+        super().kill_workers(sig)
 
 
 class QnAServer(BaseApplication):  # type: ignore[misc]
