@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -31,6 +31,7 @@ from tests.support.fake_openai import FakeOpenAI
 from tests.support.pg_cluster import PgCluster, throwaway_cluster
 from tests.support.serving import (
     GRACEFUL_TIMEOUT_S,
+    Server,
     serve_env,
     serving,
     serving_many,
@@ -120,6 +121,18 @@ def test_two_servers_racing_on_one_key_ask_the_llm_once(
 WORKER_CLASSES = pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
 
 
+def ask_in_flight(pool: ThreadPoolExecutor, server: Server, fake: FakeOpenAI) -> Future[Any]:
+    """An ask sent from `pool`, once the LLM has it."""
+    in_flight = pool.submit(
+        requests.post, f"{server.url}/ask", json={"question": QUESTION}, timeout=30
+    )
+    deadline = time.monotonic() + 5
+    while fake.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.calls == 1, "the ask never reached the LLM"
+    return in_flight
+
+
 @WORKER_CLASSES
 def test_sigterm_lets_the_ask_in_flight_finish_and_exits_0(
     database: str, fake_openai: FakeOpenAI, tmp_path: Path, worker_class: str
@@ -132,13 +145,7 @@ def test_sigterm_lets_the_ask_in_flight_finish_and_exits_0(
     )
     with serving(env, tmp_path, *args) as server:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            in_flight = pool.submit(
-                requests.post, f"{server.url}/ask", json={"question": QUESTION}, timeout=30
-            )
-            deadline = time.monotonic() + 5
-            while fake_openai.calls == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert fake_openai.calls == 1, "the ask never reached the LLM"
+            in_flight = ask_in_flight(pool, server, fake_openai)
             time.sleep(0.3)
             server.process.send_signal(signal.SIGTERM)
             response = in_flight.result(timeout=30)
@@ -161,13 +168,7 @@ def test_an_ask_outlasting_the_graceful_timeout_is_cut_off_and_the_log_says_so(
     env = serve_env(database, fake_openai)
     args = ("--workers", "1", "--worker-class", worker_class, "--graceful-timeout", "1")
     with serving(env, tmp_path, *args) as server, ThreadPoolExecutor(max_workers=1) as pool:
-        in_flight = pool.submit(
-            requests.post, f"{server.url}/ask", json={"question": QUESTION}, timeout=30
-        )
-        deadline = time.monotonic() + 5
-        while fake_openai.calls == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert fake_openai.calls == 1, "the ask never reached the LLM"
+        in_flight = ask_in_flight(pool, server, fake_openai)
         server.process.send_signal(signal.SIGTERM)
         returncode = server.process.wait(timeout=15)
         with pytest.raises(requests.ConnectionError):
