@@ -408,6 +408,16 @@ def test_other_client_errors_are_refused_at_once(
     assert fake.calls == 1
 
 
+@pytest.mark.parametrize(("status", "error"), [(400, LLMRefused), (500, LLMUnavailable)])
+def test_an_error_body_nested_too_deep_to_parse_is_still_the_statuss_error(
+    fake: FakeOpenAI, make_llm: MakeLLM, status: int, error: type[LLMError]
+) -> None:
+    fake.script(Raw(status, _TOO_DEEP))
+
+    with pytest.raises(error, match=f"HTTP {status}"):
+        make_llm(max_attempts=1).complete("Q?")
+
+
 def test_a_long_provider_message_is_truncated(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
     fake.script(Status(400, body={"error": {"message": "x" * 5000, "type": "invalid"}}))
 
@@ -635,6 +645,7 @@ def test_retries_stop_when_the_next_wait_would_pass_the_deadline(
 # -- bodies that are not answers: never retried -------------------------------------------
 
 _NULL_CONTENT = chat_completion(text=None, model=MODEL)
+_TOO_DEEP = b"[" * 100_000 + b"]" * 100_000
 _EMPTY_CONTENT = chat_completion(text="  ", model=MODEL)
 
 
@@ -651,6 +662,9 @@ _EMPTY_CONTENT = chat_completion(text="  ", model=MODEL)
         raw_json({**_NULL_CONTENT, "choices": [1]}),
         raw_json(_NULL_CONTENT),
         raw_json(_EMPTY_CONTENT),
+        # Deeper than Python's JSON parser recurses: RecursionError, not ValueError.
+        Raw(200, _TOO_DEEP),
+        Raw(200, b'{"choices": ' + _TOO_DEEP + b"}"),
     ],
     ids=[
         "not-json",
@@ -663,6 +677,8 @@ _EMPTY_CONTENT = chat_completion(text="  ", model=MODEL)
         "choice-not-an-object",
         "null-content",
         "blank-content",
+        "nested-too-deep",
+        "choices-nested-too-deep",
     ],
 )
 def test_a_malformed_answer_is_a_bad_response(

@@ -214,7 +214,8 @@ class ChatCompletionsLLM(ABC):
         """A 2xx response's body: the chat completion in it, or why it is not one."""
         try:
             parsed = json.loads(body)
-        except ValueError as exc:  # not JSON, or not UTF-8
+        # Not JSON, not UTF-8, or nested deeper than the parser recurses ([[[[...]]]]).
+        except (ValueError, RecursionError) as exc:
             return self._not_a_completion(exc)
         return _reply_from_json(parsed) or self._not_a_completion()
 

@@ -160,7 +160,7 @@ def _decode_error(data: bytes) -> object:
     text = data.decode("utf-8", errors="replace").strip()
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         return text
 
 
