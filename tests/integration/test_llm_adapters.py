@@ -396,6 +396,25 @@ def test_a_bad_key_is_refused_at_once_without_showing_the_key(
     assert API_KEY not in repr(caught.value.args)
 
 
+def test_a_short_placeholder_key_is_starred_only_where_it_stands_alone(
+    fake: FakeOpenAI, make_llm: MakeLLM
+) -> None:
+    # Local servers need no key, and people give one such as "x": the words that
+    # merely contain it are kept whole, in what is stored as in what is told.
+    fake.script(
+        Reply(text="Paris, 8x over.", model="mixtral-8x7b-instruct"),
+        Status(400, body={"error": {"message": "Context length exceeded (key x): max 4096"}}),
+    )
+    llm = make_llm(api_key="x", max_attempts=1)
+
+    completion = llm.complete("Q?")
+    with pytest.raises(LLMRefused) as caught:
+        llm.complete("Q?")
+
+    assert (completion.text, completion.model) == ("Paris, 8x over.", "mixtral-8x7b-instruct")
+    assert "Context length exceeded (key ***): max 4096" in caught.value.message
+
+
 @pytest.mark.parametrize("status", [400, 403, 404, 422])
 def test_other_client_errors_are_refused_at_once(
     fake: FakeOpenAI, make_llm: MakeLLM, status: int

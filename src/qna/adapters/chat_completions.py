@@ -101,6 +101,12 @@ class ChatCompletionsLLM(ABC):
             raise ValueError("An API key is needed to use the OpenAI API.")
         self._model = model
         self._api_key = api_key or ""
+        # The key as a whole token only: a placeholder key such as "x" or "test" (a
+        # local server needs none) would otherwise be starred out of every word that
+        # holds it, and those words are stored ("mi***tral-8***7b").
+        self._key_in_text = (
+            re.compile(rf"(?<![\w-]){re.escape(self._api_key)}(?![\w-])") if api_key else None
+        )
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._deadline = deadline
@@ -279,8 +285,8 @@ class ChatCompletionsLLM(ABC):
         """The provider's words as qna stores and shows them: without our API key
         (OpenAI echoes part of a rejected one in its 401 message) and without what no
         database stores (`_UNSTORABLE`)."""
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
+        if self._key_in_text is not None:
+            text = self._key_in_text.sub("***", text)
         return _storable_text(text)
 
 
