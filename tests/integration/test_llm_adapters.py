@@ -10,6 +10,7 @@ checked exactly.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import socket
@@ -603,6 +604,73 @@ def test_a_server_that_takes_the_request_and_stays_silent_did_not_answer(
         llm.complete("Q?")
 
     assert caught.value.message == f"The LLM at {url} did not answer within 0.5 s."
+
+
+def _completion_response() -> bytes:
+    body = json.dumps(chat_completion(text="Paris.", model=MODEL)).encode()
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    return head.encode() + b"\r\n\r\n" + body
+
+
+@pytest.fixture
+def trickling_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A server that answers each request with a whole, valid chat completion, a few
+    bytes at a time: the headers at once then the body, or all of it (`param`)."""
+    what = request.param
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            response = _completion_response()
+            split = response.index(b"\r\n\r\n") + 4 if what == "body" else 0
+            with contextlib.suppress(OSError):
+                conn.sendall(response[:split])
+                for start in range(split, len(response), 8):
+                    if stop.wait(0.05):
+                        return
+                    conn.sendall(response[start : start + 8])
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.1)
+
+        def accept() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    threading.Thread(target=serve, args=(server.accept()[0],)).start()
+
+        acceptor = threading.Thread(target=accept)
+        acceptor.start()
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+        stop.set()
+        acceptor.join()
+
+
+@pytest.mark.parametrize("trickling_url", ["body", "response"], indirect=True)
+def test_an_answer_that_trickles_in_for_longer_than_the_timeout_times_out(
+    make_llm: MakeLLM, trickling_url: str
+) -> None:
+    # Every wait for bytes is short (0.05 s); the answer as a whole takes seconds. A
+    # limit on each wait alone let it through whenever it came, however late.
+    llm = make_llm(base_url=trickling_url, request_timeout=0.5, max_attempts=1)
+
+    with pytest.raises(LLMTimeout) as caught:
+        llm.complete("Q?")
+
+    assert caught.value.message == f"The LLM at {trickling_url} did not answer within 0.5 s."
+
+
+def test_an_exchange_that_ended_in_time_leaves_its_connection_to_the_next(
+    fake: FakeOpenAI, make_llm: MakeLLM
+) -> None:
+    llm = make_llm(request_timeout=0.2)
+    llm.complete("Q?")
+    time.sleep(0.5)  # past the first exchange's deadline: its scope is long closed
+
+    llm.complete("Q?")
+
+    first, second = fake.peers
+    assert second == first  # the same kept-alive connection, not shut down and redone
 
 
 def test_credentials_in_the_base_url_stay_out_of_messages(

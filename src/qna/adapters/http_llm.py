@@ -31,6 +31,7 @@ from qna.adapters.chat_completions import (
     error_message,
 )
 from qna.adapters.llm_pool import pool_options, under_gevent, with_cheap_reuse_check
+from qna.adapters.response_deadline import deadline
 
 if TYPE_CHECKING:
     from qna.adapters.green_http import GreenHttp
@@ -105,28 +106,33 @@ class HttpLLM(ChatCompletionsLLM):
         started = time.monotonic()
         if self._green is not None:
             return self._green_attempt(body, timeout, connect_timeout, started)
-        try:
-            response = self._pool.urlopen(
-                "POST",
-                self._url,
-                body=body,
-                headers=self._headers,
-                timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
-                # Our loop retries; a redirect of a POST is answered as the refusal it is.
-                retries=False,
-                redirect=False,
-            )
-        # NewConnectionError (refused, unknown host) subclasses the timeout errors.
-        except NewConnectionError as exc:
-            return self._unreachable(exc)
-        except Urllib3TimeoutError as exc:
-            return self._timed_out(timeout, connect_timeout, started, exc)
-        except (HTTPError, OSError) as exc:
-            return self._unreachable(exc)
-        except ValueError as exc:
-            # http.client refuses a header it cannot send (a key with a newline, say):
-            # nothing was sent, as when the server cannot be reached.
-            return self._unreachable(exc)
+        # `timeout` for the whole exchange, not only for each wait for bytes.
+        with deadline(timeout) as exchange:
+            try:
+                response = self._pool.urlopen(
+                    "POST",
+                    self._url,
+                    body=body,
+                    headers=self._headers,
+                    timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
+                    # Our loop retries; a redirect of a POST is answered as the refusal
+                    # it is.
+                    retries=False,
+                    redirect=False,
+                )
+            # NewConnectionError (refused, unknown host) subclasses the timeout errors.
+            except NewConnectionError as exc:
+                return self._unreachable(exc)
+            except Urllib3TimeoutError as exc:
+                return self._timed_out(timeout, connect_timeout, started, exc)
+            except (HTTPError, OSError) as exc:
+                if exchange.expired:  # its socket shut down under it
+                    return self._timed_out(timeout, connect_timeout, started, exc)
+                return self._unreachable(exc)
+            except ValueError as exc:
+                # http.client refuses a header it cannot send (a key with a newline,
+                # say): nothing was sent, as when the server cannot be reached.
+                return self._unreachable(exc)
         return self._judged(response.status, response.headers, response.data)
 
     def _green_attempt(

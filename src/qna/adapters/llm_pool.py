@@ -1,4 +1,5 @@
-"""How both LLM adapters pool their connections: urllib3 pools of one size and options."""
+"""How both LLM adapters pool their connections: urllib3 pools of one size and options,
+whose exchanges are each bounded as a whole (`response_deadline`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
+from qna.adapters.response_deadline import claim
 from qna.adapters.sockets import readable
 
 
@@ -47,6 +49,11 @@ class _CheapReuseCheck:
     @property
     def is_connected(self) -> bool:
         return self.sock is not None and not readable(self.sock.fileno())
+
+    # Every exchange sent through these pools is bounded as a whole (response_deadline).
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        claim(self)
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
 class _HTTPConnection(_CheapReuseCheck, HTTPConnection):

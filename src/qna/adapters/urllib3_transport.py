@@ -16,6 +16,8 @@ turns into APITimeoutError (timeouts) and APIConnectionError (everything else).
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx2
 import urllib3
 from urllib3.exceptions import (
@@ -27,6 +29,7 @@ from urllib3.exceptions import (
 )
 
 from qna.adapters.llm_pool import POOL_SIZE, pool_options, with_cheap_reuse_check
+from qna.adapters.response_deadline import Scope, deadline
 
 
 class Urllib3Transport(httpx2.BaseTransport):
@@ -42,6 +45,13 @@ class Urllib3Transport(httpx2.BaseTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         timeouts = request.extensions.get("timeout", {})
         body = request.read()
+        # The read timeout bounds the whole exchange too, not only each wait for bytes.
+        with deadline(timeouts.get("read")) as exchange:
+            return self._exchange(request, body, timeouts, exchange)
+
+    def _exchange(
+        self, request: httpx2.Request, body: bytes, timeouts: dict[str, Any], exchange: Scope
+    ) -> httpx2.Response:
         try:
             response = self._pool.urlopen(
                 request.method,
@@ -64,13 +74,10 @@ class Urllib3Transport(httpx2.BaseTransport):
             raise httpx2.ConnectTimeout(str(exc), request=request) from exc
         except ReadTimeoutError as exc:
             raise httpx2.ReadTimeout(str(exc), request=request) from exc
-        except ProtocolError as exc:
-            # A send that timed out arrives as "Connection aborted." with the timeout.
-            if any(isinstance(arg, TimeoutError) for arg in exc.args):
-                raise httpx2.WriteTimeout(str(exc), request=request) from exc
-            raise httpx2.RemoteProtocolError(str(exc), request=request) from exc
         except (HTTPError, OSError) as exc:
-            raise httpx2.ConnectError(str(exc), request=request) from exc
+            if exchange.expired:  # its socket shut down under it
+                raise httpx2.ReadTimeout(str(exc), request=request) from exc
+            raise self._failed(exc, request) from exc
         except ValueError as exc:
             # http.client refuses a header it cannot send (say, a key with a newline).
             raise httpx2.LocalProtocolError(str(exc), request=request) from exc
@@ -85,6 +92,16 @@ class Urllib3Transport(httpx2.BaseTransport):
             stream=httpx2.ByteStream(response.data),
             request=request,
         )
+
+    @staticmethod
+    def _failed(exc: HTTPError | OSError, request: httpx2.Request) -> httpx2.TransportError:
+        """httpx's exception for a failed exchange, as its own transport raises them."""
+        if isinstance(exc, ProtocolError):
+            # A send that timed out arrives as "Connection aborted." with the timeout.
+            if any(isinstance(arg, TimeoutError) for arg in exc.args):
+                return httpx2.WriteTimeout(str(exc), request=request)
+            return httpx2.RemoteProtocolError(str(exc), request=request)
+        return httpx2.ConnectError(str(exc), request=request)
 
     def close(self) -> None:
         self._pool.clear()
