@@ -18,11 +18,13 @@ from flask import Flask
 from sqlalchemy import Engine, create_engine, insert, select, text, update
 
 from qna.adapters.sqlalchemy import migrate
+from qna.adapters.sqlalchemy.database import sqlite_url
 from qna.adapters.sqlalchemy.repository import (
     add_or_answer_from_cache_statement,
     list_statement,
 )
 from qna.adapters.sqlalchemy.tables import qn_a, row_values
+from qna.application.ports import PageKey
 from qna.domain.errors import LLMTimeout
 from qna.domain.model import QnA
 from qna.domain.model import Status as RecordStatus
@@ -135,15 +137,17 @@ def test_a_failed_answer_is_never_served_from_the_cache(
     assert answered["source_id"] is None
 
 
-def _history_with_statistics(engine: Engine, count: int, *, failed_every: int = 0) -> datetime:
-    """Migrate, store `count` answered records (every `failed_every`-th failed) and
-    ANALYZE them, so the planner plans as it would for a real history. Returns their
-    creation time."""
+def _history_with_statistics(
+    engine: Engine, count: int, *, failed_every: int = 0, apart: timedelta = timedelta(0)
+) -> datetime:
+    """Migrate, store `count` answered records (every `failed_every`-th failed), each
+    `apart` before the one after it, and ANALYZE them, so the planner plans as it would
+    for a real history. Returns the newest one's creation time."""
     migrate.upgrade(engine)
     now = datetime.now(UTC)
     rows = []
     for i in range(count):
-        qna = QnA.ask(f"Question number {i}?", model="gpt-test", now=now)
+        qna = QnA.ask(f"Question number {i}?", model="gpt-test", now=now - i * apart)
         if failed_every and i % failed_every == 0:
             qna.record_failure(LLMTimeout("slow"), latency_ms=1, now=now)
         else:
@@ -160,6 +164,45 @@ def _history_with_statistics(engine: Engine, count: int, *, failed_every: int = 
         connection.execute(insert(qn_a), rows)
         connection.execute(text("ANALYZE qn_a"))
     return now
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_page_deep_in_the_history_starts_at_its_cursor_in_the_index(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A later page is a range of the (created_at, id) index that starts at the cursor,
+    not a read of every newer record filtered out one by one."""
+    url = (
+        sqlite_url(tmp_path / "qna.db")
+        if backend == "sqlite"
+        else request.getfixturevalue("empty_postgres_url")
+    )
+    engine = create_engine(url)
+    try:
+        now = _history_with_statistics(engine, 20000, apart=timedelta(milliseconds=1))
+        cursor = PageKey(created_at=now - timedelta(seconds=10), id=UUID(int=0))
+        statement = list_statement(limit=21, before=cursor)
+        with engine.connect() as connection:
+            if backend == "sqlite":
+                # The plan does not depend on the values: any of the right kinds.
+                sql = "EXPLAIN QUERY PLAN " + str(statement.compile(dialect=connection.dialect))
+                values = ("2026-01-01 00:00:00.000000", "0" * 32, 21, 0)
+                plan = "\n".join(str(row[-1]) for row in connection.exec_driver_sql(sql, values))
+            else:
+                compiled = statement.compile(
+                    dialect=connection.dialect, compile_kwargs={"literal_binds": True}
+                )
+                sql = "EXPLAIN " + str(compiled)
+                plan = "\n".join(row[0] for row in connection.exec_driver_sql(sql))
+    finally:
+        engine.dispose()
+
+    assert "ix_qn_a_created_at_id" in plan, plan
+    if backend == "sqlite":
+        assert "SEARCH qn_a USING INDEX ix_qn_a_created_at_id ((created_at,id)<(?,?))" in plan
+    else:
+        assert "Index Cond: (ROW(created_at, id) < ROW(" in plan, plan
+        assert "Filter" not in plan, plan
 
 
 @pytest.mark.postgres
