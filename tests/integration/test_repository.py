@@ -245,6 +245,36 @@ def test_list_by_status_counts_a_pending_record_older_than_the_cutoff_as_failed(
     assert [q.question for q in as_stored] == ["fresh", "at the cutoff", "stale"]
 
 
+def test_pages_of_failures_interleave_the_stored_and_the_abandoned_in_time_order(
+    uow: SqlAlchemyUnitOfWork,
+) -> None:
+    # The two kinds are read apart (each from its index) and merged: every page is the
+    # newest of both, and a walk of the pages meets each record once.
+    records = []
+    for minute in range(6):
+        qna = QnA.ask(f"asked {minute} min after", model="m", now=T0 + timedelta(minutes=minute))
+        if minute % 2:
+            qna.record_failure(LLMTimeout("slow"), latency_ms=1, now=T0)
+        records.append(qna)
+    store(uow, *records)
+    cutoff = T0 + timedelta(hours=1)  # every pending one is abandoned
+
+    walked: list[list[str]] = []
+    before = None
+    while True:
+        with uow:
+            page = uow.qnas.list(
+                limit=2, status=Status.FAILED, abandoned_before=cutoff, before=before
+            )
+        if not page:
+            break
+        walked.append([q.question for q in page])
+        before = PageKey(created_at=page[-1].created_at, id=page[-1].id)
+
+    newest_first = [q.question for q in reversed(records)]
+    assert walked == [newest_first[0:2], newest_first[2:4], newest_first[4:6]]
+
+
 def test_list_pending_finds_old_pending_only(uow: SqlAlchemyUnitOfWork) -> None:
     stale = QnA.ask("stale", model="m", now=T0 - timedelta(hours=1))
     fresh = QnA.ask("fresh", model="m", now=T0)

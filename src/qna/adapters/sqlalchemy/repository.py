@@ -22,10 +22,10 @@ from sqlalchemy import (
     case,
     insert,
     literal,
-    or_,
     select,
     true,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -254,9 +254,26 @@ def list_statement(
     abandoned_before: datetime | None = None,
 ) -> Select[Any]:
     """The query of `SqlAlchemyQnARepository.list` (to EXPLAIN it)."""
-    query = select(qn_a).order_by(qn_a.c.created_at.desc(), qn_a.c.id.desc()).limit(limit)
-    if status is not None:
-        query = query.where(_read_as(status, abandoned_before))
+    if status is Status.FAILED and abandoned_before is not None:
+        # Stored failures and abandoned pending records, each read from its own partial
+        # index (tables.py), a page of each, then merged: asked for as one condition
+        # (failed OR pending and old), neither index serves it, and PostgreSQL read the
+        # whole history back, filtering.
+        old = qn_a.c.created_at < abandoned_before
+        parts = [
+            _page(_status_is(Status.FAILED), before, limit).subquery(),
+            _page(and_(_status_is(Status.PENDING), old), before, limit).subquery(),
+        ]
+        merged = union_all(*(select(part) for part in parts)).subquery()
+        return _newest_first(select(merged), merged.c).limit(limit)
+    where = _read_as(status, abandoned_before) if status is not None else None
+    return _page(where, before, limit)
+
+
+def _page(where: ColumnElement[bool] | None, before: PageKey | None, limit: int) -> Select[Any]:
+    query = _newest_first(select(qn_a), qn_a.c).limit(limit)
+    if where is not None:
+        query = query.where(where)
     if before is not None:
         # A row comparison, which both databases read as a bound on the (created_at,
         # id) index: a page deep in the history starts where it starts. Spelled out
@@ -270,19 +287,25 @@ def list_statement(
     return query
 
 
+def _status_is(status: Status) -> ColumnElement[bool]:
+    # Written into the SQL, not bound: SQLite uses a partial index (status =
+    # 'failed') only for a query whose condition matches its own, literally.
+    return qn_a.c.status == literal(status.value, literal_execute=True)
+
+
+def _newest_first(query: Select[Any], columns: Any) -> Select[Any]:
+    return query.order_by(columns.created_at.desc(), columns.id.desc())
+
+
 def _read_as(status: Status, abandoned_before: datetime | None) -> ColumnElement[bool]:
-    """Records a reader is told are in `status`: one pending since before
-    `abandoned_before` is failed. On PostgreSQL each case is served by an index
-    (tables.py): the failed and the pending by their partial ones, the answered —
-    nearly all — by the history's own. SQLite's planner reads the history's index
-    back instead, until it has a page (EXPLAIN QUERY PLAN)."""
-    stored = qn_a.c.status == status.value
-    if abandoned_before is None or status is Status.ANSWERED:
+    """Records a reader is told are in `status` (failed aside, which `list_statement`
+    reads in two parts): one pending since before `abandoned_before` is failed. On
+    PostgreSQL the pending are served by their partial index (tables.py), the
+    answered — nearly all — by the history's own."""
+    stored = _status_is(status)
+    if abandoned_before is None or status is not Status.PENDING:
         return stored
-    pending = qn_a.c.status == Status.PENDING.value
-    if status is Status.PENDING:
-        return and_(pending, qn_a.c.created_at >= abandoned_before)
-    return or_(stored, and_(pending, qn_a.c.created_at < abandoned_before))
+    return and_(stored, qn_a.c.created_at >= abandoned_before)
 
 
 @contextlib.contextmanager
