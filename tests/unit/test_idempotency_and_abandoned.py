@@ -143,13 +143,18 @@ def test_a_failed_ask_frees_its_key_for_a_real_retry(
 
 
 def test_a_key_still_in_flight_waits_then_gives_409(
-    uow: FakeUnitOfWorkFactory, clock: FakeClock
+    uow: FakeUnitOfWorkFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     in_flight = QnA.ask("Slow?", model="fake-model", now=clock())
     in_flight.idempotency_key = "k"
     # Same fingerprint as the request below: a twin of the first request.
     in_flight.request_fingerprint = _fingerprint_of("Slow?")
     uow.seed(in_flight)
+    inserts = []
+    add = FakeRepository.add
+    monkeypatch.setattr(
+        FakeRepository, "add", lambda repo, qna: (inserts.append(qna.id), add(repo, qna))[1]
+    )
     timer = FakeTimer()
     sleeper = Sleeper(timer)
     ask = AskQuestion(
@@ -167,6 +172,9 @@ def test_a_key_still_in_flight_waits_then_gives_409(
     # It polled for the whole wait (float steps may need one more), then gave up.
     assert round(1 / AskQuestion.POLL_S) <= sleeper.calls <= round(1 / AskQuestion.POLL_S) + 1
     assert len(uow.committed_records()) == 1
+    # By reading: one insert found the key held, and none was tried again (on
+    # PostgreSQL each would leave a dead row and spend a transaction id).
+    assert len(inserts) == 1
 
 
 def test_a_retry_that_waited_for_a_failing_ask_is_stamped_when_it_asks(

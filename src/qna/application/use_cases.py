@@ -182,8 +182,6 @@ class AskQuestion:
         return qna
 
     def _ask_once(self, qna: QnA, *, fresh: bool) -> Asked:
-        key = qna.idempotency_key
-        assert key is not None
         give_up_at = self._timer() + self._in_flight_wait
         while True:
             # Asked now, not when the wait began: a record stamped then would count
@@ -195,28 +193,43 @@ class AskQuestion:
                 return Asked(self._ask(qna, fresh=fresh))
             except DuplicateIdempotencyKey:
                 pass
+            answered = self._wait_for_the_holder(qna, give_up_at)
+            if answered is not None:
+                return Asked(answered, replayed=True)
+
+    def _wait_for_the_holder(self, qna: QnA, give_up_at: float) -> QnA | None:
+        """Watch the record that holds `qna`'s key until it is answered (returned, to
+        replay) or lets the key go (None: the next insert may take it); or give up.
+
+        Reads only: an insert that loses to the key costs a dead row and a transaction
+        id, and a retry waiting for a slow ask tried one every poll.
+        """
+        key = qna.idempotency_key
+        assert key is not None
+        while True:
             with self._uow() as uow:
                 holder = uow.qnas.get_by_idempotency_key(key)
                 if holder is not None and self._frees_its_key(holder, qna):
                     if holder.is_abandoned(now=qna.created_at, after=self._abandon_after):
                         # Its asker died: close it, so the history says so — unless
-                        # its answer landed after all (then the next try replays it).
+                        # its answer landed after all (then the next read replays it).
                         holder.abandon(now=qna.created_at)
                         if not uow.qnas.close_pending(holder):
                             continue
                     uow.qnas.release_idempotency_key(holder.id)
                     uow.commit()
-                    continue
+                    return None
             if holder is None:
-                continue  # released between our insert and our read: try to take it
+                return None  # released since our insert: try to take it
             if holder.status is Status.ANSWERED:
-                return Asked(holder, replayed=True)
+                return holder
             if self._timer() >= give_up_at:
                 raise IdempotencyKeyInFlight(
                     "A request with this Idempotency-Key is still being answered; retry later.",
                     retry_after=self._when_to_retry(holder),
                 )
             self._sleep(self.POLL_S)
+            qna.created_at = self._clock()  # expiry and abandonment are judged as of now
 
     def _when_to_retry(self, holder: QnA) -> float:
         """Seconds until the holder's ask is over but for one retry's own wait.
