@@ -17,7 +17,7 @@ from typing import Self
 from uuid import UUID
 
 from qna.application.ports import Completion, DuplicateIdempotencyKey, PageKey, QnARepository
-from qna.domain.model import OUTCOME_FIELDS, QnA, Status, normalise_for_cache
+from qna.domain.model import OUTCOME_FIELDS, Abandonment, QnA, Status, normalise_for_cache
 
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -111,13 +111,9 @@ class FakeLLM:
         )
 
 
-def _status_read(qna: QnA, abandoned_before: datetime | None) -> Status:
-    """The status a reader is told: pending since before `abandoned_before` is failed."""
-    if (
-        qna.status is Status.PENDING
-        and abandoned_before is not None
-        and qna.created_at < abandoned_before
-    ):
+def _status_read(qna: QnA, abandoned: Abandonment | None) -> Status:
+    """The status a reader is told: a pending record that is `abandoned` is failed."""
+    if abandoned is not None and qna.is_abandoned(now=abandoned.now, after=abandoned.after):
         return Status.FAILED
     return qna.status
 
@@ -200,11 +196,11 @@ class FakeRepository:
         limit: int,
         before: PageKey | None = None,
         status: Status | None = None,
-        abandoned_before: datetime | None = None,
+        abandoned: Abandonment | None = None,
     ) -> Sequence[QnA]:
         rows: Iterable[QnA] = self._visible().values()
         if status is not None:
-            rows = [qna for qna in rows if _status_read(qna, abandoned_before) is status]
+            rows = [qna for qna in rows if _status_read(qna, abandoned) is status]
         if before is not None:
             bound = (before.created_at, before.id)
             rows = [qna for qna in rows if _key(qna) < bound]
@@ -228,11 +224,11 @@ class FakeRepository:
         self.add(added)
         return added
 
-    def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]:
+    def list_pending(self, *, abandoned: Abandonment, limit: int) -> Sequence[QnA]:
         pending = [
             qna
             for qna in self._visible().values()
-            if qna.status is Status.PENDING and qna.created_at < created_before
+            if qna.is_abandoned(now=abandoned.now, after=abandoned.after)
         ]
         return copy.deepcopy(sorted(pending, key=_key)[:limit])
 

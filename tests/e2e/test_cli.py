@@ -1251,6 +1251,7 @@ def test_a_read_only_database_still_shows_a_record_its_asker_abandoned(
                     answer=None,
                     answered_at=None,
                     created_at=datetime(2020, 1, 1, tzinfo=UTC),
+                    abandon_at=datetime(2020, 1, 1, 0, 3, tzinfo=UTC),
                 )
             )
     finally:

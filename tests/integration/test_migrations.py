@@ -65,6 +65,35 @@ def test_downgrade_to_base_and_back(empty_url: str) -> None:
 
 
 @pytest.mark.slow
+def test_records_stored_before_abandon_at_keep_through_0003_and_back(empty_url: str) -> None:
+    from alembic import command
+
+    engine = create_engine(empty_url)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(migrate.alembic_config(connection), "0002")
+        with engine.begin() as connection:  # as a qna of 0002 stored it
+            connection.execute(
+                text(
+                    "INSERT INTO qn_a (id, question, question_key, model, status, created_at)"
+                    " VALUES ('00000000000000000000000000000001', 'q?', 'k', 'm', 'pending',"
+                    " '2026-01-01 00:00:00')"
+                )
+            )
+        migrate.upgrade(engine)
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT question, abandon_at FROM qn_a")).all()
+        assert [tuple(row) for row in rows] == [("q?", None)]
+
+        with engine.begin() as connection:
+            command.downgrade(migrate.alembic_config(connection), "0002")
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT question FROM qn_a")).scalars().all() == ["q?"]
+        assert "abandon_at" not in {c["name"] for c in inspect(engine).get_columns("qn_a")}
+    finally:
+        engine.dispose()
+
+
 def test_installed_wheel_migrates_an_empty_database(
     tmp_path: Path, empty_postgres_url: str
 ) -> None:

@@ -723,9 +723,12 @@ def test_a_retry_with_the_key_of_an_abandoned_ask_asks_again(
             connection.execute(
                 text(
                     "UPDATE qn_a SET status = 'pending', answer = NULL, answered_at = NULL,"
-                    " response_model = NULL, created_at = :then"
+                    " response_model = NULL, created_at = :then, abandon_at = :deadline"
                 ),
-                {"then": datetime.now(UTC) - timedelta(hours=1)},
+                {
+                    "then": datetime.now(UTC) - timedelta(hours=1),
+                    "deadline": datetime.now(UTC) - timedelta(minutes=57),
+                },
             )
     finally:
         engine.dispose()

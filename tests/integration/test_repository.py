@@ -23,7 +23,7 @@ from qna.adapters.sqlalchemy.repository import (
 )
 from qna.application.ports import PageKey
 from qna.domain.errors import LLMTimeout
-from qna.domain.model import QnA, Status
+from qna.domain.model import Abandonment, QnA, Status
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -226,11 +226,11 @@ def test_list_by_status_counts_a_pending_record_older_than_the_cutoff_as_failed(
     fresh = QnA.ask("fresh", model="m", now=T0)
     at_the_cutoff = QnA.ask("at the cutoff", model="m", now=T0 - timedelta(minutes=5))
     store(uow, failed, answered, stale, fresh, at_the_cutoff)
-    cutoff = T0 - timedelta(minutes=5)
+    abandoned = Abandonment(T0, timedelta(minutes=5))  # created before T0 - 5 min
 
     def listed(status: Status | None, **kwargs: Any) -> list[str]:
         with uow:
-            records = uow.qnas.list(limit=10, status=status, abandoned_before=cutoff, **kwargs)
+            records = uow.qnas.list(limit=10, status=status, abandoned=abandoned, **kwargs)
         return [q.question for q in records]
 
     assert listed(Status.FAILED) == ["stale", "failed"]
@@ -245,6 +245,29 @@ def test_list_by_status_counts_a_pending_record_older_than_the_cutoff_as_failed(
     assert [q.question for q in as_stored] == ["fresh", "at the cutoff", "stale"]
 
 
+def test_a_pending_record_that_says_when_it_is_abandoned_is_judged_by_that(
+    uow: SqlAlchemyUnitOfWork,
+) -> None:
+    # Asked by processes allowed more, and less, time than this reader's 5 minutes.
+    patient = QnA.ask("patient", model="m", now=T0 - timedelta(hours=1))
+    patient.abandon_at = T0 + timedelta(minutes=1)
+    hasty = QnA.ask("hasty", model="m", now=T0 - timedelta(minutes=2))
+    hasty.abandon_at = T0 - timedelta(minutes=1)
+    store(uow, patient, hasty)
+    abandoned = Abandonment(T0, timedelta(minutes=5))
+
+    def listed(status: Status) -> list[str]:
+        with uow:
+            records = uow.qnas.list(limit=10, status=status, abandoned=abandoned)
+        return [q.question for q in records]
+
+    assert listed(Status.PENDING) == ["patient"]
+    assert listed(Status.FAILED) == ["hasty"]
+    with uow:
+        assert [q.id for q in uow.qnas.list_pending(abandoned=abandoned, limit=10)] == [hasty.id]
+        assert uow.qnas.get(patient.id) == patient  # abandon_at stored and read back
+
+
 def test_pages_of_failures_interleave_the_stored_and_the_abandoned_in_time_order(
     uow: SqlAlchemyUnitOfWork,
 ) -> None:
@@ -257,15 +280,13 @@ def test_pages_of_failures_interleave_the_stored_and_the_abandoned_in_time_order
             qna.record_failure(LLMTimeout("slow"), latency_ms=1, now=T0)
         records.append(qna)
     store(uow, *records)
-    cutoff = T0 + timedelta(hours=1)  # every pending one is abandoned
+    abandoned = Abandonment(T0 + timedelta(hours=1), timedelta(0))  # every pending one
 
     walked: list[list[str]] = []
     before = None
     while True:
         with uow:
-            page = uow.qnas.list(
-                limit=2, status=Status.FAILED, abandoned_before=cutoff, before=before
-            )
+            page = uow.qnas.list(limit=2, status=Status.FAILED, abandoned=abandoned, before=before)
         if not page:
             break
         walked.append([q.question for q in page])
@@ -285,7 +306,7 @@ def test_list_pending_finds_old_pending_only(uow: SqlAlchemyUnitOfWork) -> None:
     store(uow, stale, fresh, done)
 
     with uow:
-        pending = uow.qnas.list_pending(created_before=T0 - timedelta(minutes=5), limit=10)
+        pending = uow.qnas.list_pending(abandoned=Abandonment(T0, timedelta(minutes=5)), limit=10)
 
     assert [q.id for q in pending] == [stale.id]
 

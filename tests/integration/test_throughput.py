@@ -26,7 +26,7 @@ from qna.adapters.sqlalchemy.repository import (
 from qna.adapters.sqlalchemy.tables import qn_a, row_values
 from qna.application.ports import PageKey
 from qna.domain.errors import LLMTimeout
-from qna.domain.model import QnA
+from qna.domain.model import Abandonment, QnA
 from qna.domain.model import Status as RecordStatus
 from tests.integration.conftest import AppFactory
 from tests.support.databases import scratch_database
@@ -219,7 +219,7 @@ def test_a_page_of_failures_reads_their_index_not_the_history(empty_postgres_url
         plans = {}
         for status in (RecordStatus.FAILED, RecordStatus.PENDING):
             statement = list_statement(
-                limit=21, status=status, abandoned_before=now - timedelta(minutes=5)
+                limit=21, status=status, abandoned=Abandonment(now, timedelta(minutes=5))
             )
             with engine.connect() as connection:
                 compiled = statement.compile(

@@ -8,6 +8,7 @@ import pytest
 
 from qna.application.ports import PageKey
 from qna.domain import LLMTimeout, QnA, Status
+from qna.domain.model import Abandonment
 from tests.fakes import START, FakeLLM, FakeRepository, FakeUnitOfWorkFactory
 
 
@@ -112,8 +113,10 @@ def test_add_or_answer_from_cache_and_list_pending() -> None:
     assert repo.add_or_answer_from_cache(late, since=too_late, now=START) == late
     assert repo.get(late.id) == late
     before = START + timedelta(seconds=2)
-    assert [q.id for q in repo.list_pending(created_before=before, limit=5)] == [pending.id]
-    assert repo.list_pending(created_before=pending.created_at, limit=5) == []
+    no_time = timedelta(0)  # abandoned once created before `now`
+    abandoned = Abandonment(before, no_time)
+    assert [q.id for q in repo.list_pending(abandoned=abandoned, limit=5)] == [pending.id]
+    assert repo.list_pending(abandoned=Abandonment(pending.created_at, no_time), limit=5) == []
 
 
 def test_fake_llm_follows_its_script_then_refuses_to_improvise() -> None:

@@ -291,6 +291,37 @@ def test_abandoned_pending_records_are_reported_failed_when_read(
     assert stored[stale.id] is Status.FAILED
 
 
+def test_an_ask_stores_when_it_counts_as_abandoned_by_its_own_deadline(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    ask = AskQuestion(uow, FakeLLM(), clock=clock, abandon_after=timedelta(minutes=11))
+
+    asked = ask("How long may this take?")
+
+    [stored] = uow.committed_records()
+    assert stored.abandon_at == asked.created_at + timedelta(minutes=11)
+
+
+def test_readers_judge_a_pending_record_by_its_askers_deadline_not_their_own(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # Asked by a server allowed 10 minutes an ask, read by a process allowed 5 (a
+    # `qna history` without the server's settings): still being answered at 7.
+    asked = QnA.ask("Slow?", model="m", now=clock(), abandon_after=timedelta(minutes=10))
+    legacy = QnA.ask("Stored before abandon_at was kept", model="m", now=clock())
+    uow.seed(asked, legacy)
+    clock.advance(timedelta(minutes=7))
+    readers = {"abandon_after": timedelta(minutes=5), "clock": clock}
+
+    assert ReapAbandoned(uow, **readers)() == 1  # the legacy one, by the reader's own 5
+    assert GetQnA(uow, **readers)(asked.id).status is Status.PENDING
+    assert [q.id for q in ListQnA(uow, **readers)(status="pending").items] == [asked.id]
+    assert [q.id for q in ListQnA(uow, **readers)(status="failed").items] == [legacy.id]
+    clock.advance(timedelta(minutes=4))
+    assert GetQnA(uow, **readers)(asked.id).error_kind == "abandoned"
+    assert {q.status for q in uow.committed_records()} == {Status.FAILED}
+
+
 def test_a_database_that_takes_no_writes_still_reports_abandoned_records_when_read(
     uow: FakeUnitOfWorkFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Protocol, Self
 from uuid import UUID
 
-from qna.domain.model import QnA, Status
+from qna.domain.model import Abandonment, QnA, Status
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,11 @@ class QnARepository(Protocol):
         limit: int,
         before: PageKey | None = None,
         status: Status | None = None,
-        abandoned_before: datetime | None = None,
+        abandoned: Abandonment | None = None,
     ) -> Sequence[QnA]:
         """Newest first, by (created_at, id). With `status`, only the records in it,
-        where one still pending but created before `abandoned_before` counts as failed
-        (its asker died: `QnA.is_abandoned`), as readers are told."""
+        where one still pending but `abandoned` counts as failed (its asker died:
+        `QnA.is_abandoned`), as readers are told."""
         ...
 
     def add_or_answer_from_cache(self, qna: QnA, *, since: datetime, now: datetime) -> QnA:
@@ -98,7 +98,9 @@ class QnARepository(Protocol):
         """
         ...
 
-    def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]: ...
+    def list_pending(self, *, abandoned: Abandonment, limit: int) -> Sequence[QnA]:
+        """Up to `limit` pending records that are `abandoned`, oldest first."""
+        ...
 
     def get_by_idempotency_key(self, key: str) -> QnA | None: ...
 

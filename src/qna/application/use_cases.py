@@ -33,6 +33,7 @@ from qna.domain.errors import (
 from qna.domain.model import (
     DEFAULT_MAX_QUESTION_LENGTH,
     OUTCOME_FIELDS,
+    Abandonment,
     QnA,
     Status,
     parse_question,
@@ -133,7 +134,9 @@ class AskQuestion:
         # Not its truth: "no" and "false" are true to Python, and would skip the cache.
         if not isinstance(fresh, bool):
             raise InvalidArgument(f"fresh must be True or False, not {type(fresh).__name__}.")
-        qna = QnA.ask(text, model=self._llm.model, now=self._clock())
+        qna = QnA.ask(
+            text, model=self._llm.model, now=self._clock(), abandon_after=self._abandon_after
+        )
         if idempotency_key is None:
             return Asked(self._ask(qna, fresh=fresh))
         qna.idempotency_key = idempotency_key
@@ -187,7 +190,7 @@ class AskQuestion:
             # Asked now, not when the wait began: a record stamped then would count
             # as abandoned (and another retry would ask the LLM again) while its own
             # LLM call was still within its deadline.
-            qna.created_at = self._clock()
+            qna.restamp(self._clock(), abandon_after=self._abandon_after)
             try:
                 # A lost key leaves `qna` as it was: pending, and never stored.
                 return Asked(self._ask(qna, fresh=fresh))
@@ -229,7 +232,8 @@ class AskQuestion:
                     retry_after=self._when_to_retry(holder),
                 )
             self._sleep(self.POLL_S)
-            qna.created_at = self._clock()  # expiry and abandonment are judged as of now
+            # Expiry and abandonment are judged as of now.
+            qna.restamp(self._clock(), abandon_after=self._abandon_after)
 
     def _when_to_retry(self, holder: QnA) -> float:
         """Seconds until the holder's ask is over but for one retry's own wait.
@@ -430,7 +434,7 @@ class ListQnA(_ReadsHistory):
                     limit=limit + 1,
                     before=before,
                     status=wanted,
-                    abandoned_before=now - self._abandon_after,
+                    abandoned=Abandonment(now, self._abandon_after),
                 )
             )
         self._report_abandoned(rows, now=now)
@@ -450,7 +454,7 @@ class ReapAbandoned(_ReadsHistory):
             now = self._clock()
             with self._uow() as uow:
                 stale = uow.qnas.list_pending(
-                    created_before=now - self._abandon_after, limit=self.BATCH
+                    abandoned=Abandonment(now, self._abandon_after), limit=self.BATCH
                 )
                 closed += _close_abandoned(uow, stale, now=now, after=self._abandon_after)
             if len(stale) < self.BATCH:

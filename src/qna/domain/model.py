@@ -92,10 +92,24 @@ class QnA:
     idempotency_key: str | None = None
     #: Tells whether a retry with the same key is the same request.
     request_fingerprint: str | None = None
+    #: When, still pending, it counts as abandoned: past its asker's own deadline, as
+    #: that asker was configured (another process may allow asks less time). Unset in
+    #: records stored before qna kept it: those are judged by the reader's deadline.
+    abandon_at: datetime | None = None
 
     @classmethod
-    def ask(cls, question: str, *, model: str, now: datetime) -> QnA:
-        return cls(question=question, model=model, created_at=now)
+    def ask(
+        cls, question: str, *, model: str, now: datetime, abandon_after: timedelta | None = None
+    ) -> QnA:
+        qna = cls(question=question, model=model, created_at=now)
+        if abandon_after is not None:
+            qna.restamp(now, abandon_after=abandon_after)
+        return qna
+
+    def restamp(self, now: datetime, *, abandon_after: timedelta) -> None:
+        """Asked at `now` (not yet stored): a retry that waited is asked when it asks."""
+        self.created_at = now
+        self.abandon_at = now + abandon_after
 
     def record_answer(
         self,
@@ -138,8 +152,12 @@ class QnA:
         self.answered_at = now
 
     def is_abandoned(self, *, now: datetime, after: timedelta) -> bool:
-        """Still pending long after any ask could have finished: its asker died."""
-        return self.status is Status.PENDING and self.created_at < now - after
+        """Still pending long after its ask could have finished: its asker died.
+        `after`: how long asks may take, for a record that does not say (`abandon_at`)."""
+        if self.status is not Status.PENDING:
+            return False
+        abandon_at = self.abandon_at if self.abandon_at is not None else self.created_at + after
+        return abandon_at < now
 
     def abandon(self, *, now: datetime) -> None:
         """Close a record whose asker died before the LLM answered."""
@@ -152,6 +170,20 @@ class QnA:
     def _require_pending(self) -> None:
         if self.status is not Status.PENDING:
             raise ValueError(f"QnA {self.id} is already {self.status.value}")
+
+
+@dataclass(frozen=True)
+class Abandonment:
+    """How a reader tells which pending records were abandoned, as of `now`: those past
+    their own `abandon_at`, and those without one created more than `after` ago."""
+
+    now: datetime
+    after: timedelta
+
+    @property
+    def created_before(self) -> datetime:
+        """The cut-off for records that carry no `abandon_at`."""
+        return self.now - self.after
 
 
 #: What becomes of an ask: the only fields of a stored QnA that `save` writes back.

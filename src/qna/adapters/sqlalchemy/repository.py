@@ -22,6 +22,7 @@ from sqlalchemy import (
     case,
     insert,
     literal,
+    or_,
     select,
     true,
     tuple_,
@@ -43,7 +44,7 @@ from qna.adapters.sqlalchemy.tables import (
     to_domain,
 )
 from qna.application.ports import DuplicateIdempotencyKey, PageKey
-from qna.domain.model import OUTCOME_FIELDS, QnA, Status
+from qna.domain.model import OUTCOME_FIELDS, Abandonment, QnA, Status
 
 # Built once: SQLAlchemy then reuses their compiled form for every ask.
 _INSERT = insert(qn_a)
@@ -213,11 +214,9 @@ class SqlAlchemyQnARepository:
         limit: int,
         before: PageKey | None = None,
         status: Status | None = None,
-        abandoned_before: datetime | None = None,
+        abandoned: Abandonment | None = None,
     ) -> Sequence[QnA]:
-        query = list_statement(
-            limit=limit, before=before, status=status, abandoned_before=abandoned_before
-        )
+        query = list_statement(limit=limit, before=before, status=status, abandoned=abandoned)
         return [to_domain(row) for row in self._connect().execute(query).mappings()]
 
     def add_or_answer_from_cache(self, qna: QnA, *, since: datetime, now: datetime) -> QnA:
@@ -226,10 +225,10 @@ class SqlAlchemyQnARepository:
             row = self._connect().execute(_ADD_OR_ANSWER_FROM_CACHE, params).mappings().one()
         return to_domain(row)
 
-    def list_pending(self, *, created_before: datetime, limit: int) -> Sequence[QnA]:
+    def list_pending(self, *, abandoned: Abandonment, limit: int) -> Sequence[QnA]:
         query = (
             select(qn_a)
-            .where(qn_a.c.status == Status.PENDING.value, qn_a.c.created_at < created_before)
+            .where(_status_is(Status.PENDING), _is_abandoned(abandoned))
             .order_by(qn_a.c.created_at)
             .limit(limit)
         )
@@ -251,22 +250,23 @@ def list_statement(
     limit: int,
     before: PageKey | None = None,
     status: Status | None = None,
-    abandoned_before: datetime | None = None,
+    abandoned: Abandonment | None = None,
 ) -> Select[Any]:
     """The query of `SqlAlchemyQnARepository.list` (to EXPLAIN it)."""
-    if status is Status.FAILED and abandoned_before is not None:
+    if status is Status.FAILED and abandoned is not None:
         # Stored failures and abandoned pending records, each read from its own partial
         # index (tables.py), a page of each, then merged: asked for as one condition
-        # (failed OR pending and old), neither index serves it, and PostgreSQL read the
-        # whole history back, filtering.
-        old = qn_a.c.created_at < abandoned_before
+        # (failed OR pending and abandoned), neither index serves it, and PostgreSQL
+        # read the whole history back, filtering.
         parts = [
             _page(_status_is(Status.FAILED), before, limit).subquery(),
-            _page(and_(_status_is(Status.PENDING), old), before, limit).subquery(),
+            _page(
+                and_(_status_is(Status.PENDING), _is_abandoned(abandoned)), before, limit
+            ).subquery(),
         ]
         merged = union_all(*(select(part) for part in parts)).subquery()
         return _newest_first(select(merged), merged.c).limit(limit)
-    where = _read_as(status, abandoned_before) if status is not None else None
+    where = _read_as(status, abandoned) if status is not None else None
     return _page(where, before, limit)
 
 
@@ -297,15 +297,30 @@ def _newest_first(query: Select[Any], columns: Any) -> Select[Any]:
     return query.order_by(columns.created_at.desc(), columns.id.desc())
 
 
-def _read_as(status: Status, abandoned_before: datetime | None) -> ColumnElement[bool]:
+def _read_as(status: Status, abandoned: Abandonment | None) -> ColumnElement[bool]:
     """Records a reader is told are in `status` (failed aside, which `list_statement`
-    reads in two parts): one pending since before `abandoned_before` is failed. On
-    PostgreSQL the pending are served by their partial index (tables.py), the
-    answered — nearly all — by the history's own."""
+    reads in two parts): a pending one that is `abandoned` is failed. On PostgreSQL
+    the pending are served by their partial index (tables.py), the answered — nearly
+    all — by the history's own."""
     stored = _status_is(status)
-    if abandoned_before is None or status is not Status.PENDING:
+    if abandoned is None or status is not Status.PENDING:
         return stored
-    return and_(stored, qn_a.c.created_at >= abandoned_before)
+    own = qn_a.c.abandon_at
+    # Not NOT(_is_abandoned): with abandon_at NULL, that is NULL, never true.
+    in_time = or_(
+        own >= abandoned.now, and_(own.is_(None), qn_a.c.created_at >= abandoned.created_before)
+    )
+    return and_(stored, in_time)
+
+
+def _is_abandoned(abandoned: Abandonment) -> ColumnElement[bool]:
+    """For a pending record: past its own abandon_at, or, without one (stored before
+    0003), older than the reader's own cut-off (QnA.is_abandoned)."""
+    own = qn_a.c.abandon_at
+    return or_(
+        own < abandoned.now,
+        and_(own.is_(None), qn_a.c.created_at < abandoned.created_before),
+    )
 
 
 @contextlib.contextmanager

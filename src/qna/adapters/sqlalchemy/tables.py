@@ -99,6 +99,8 @@ qn_a = Table(
     # requests with one key asks the LLM (NULLs do not collide).
     Column("idempotency_key", String(255), unique=True),
     Column("request_fingerprint", String(64)),
+    # When, still pending, the record counts as abandoned (QnA.abandon_at; 0003).
+    Column("abandon_at", UTCDateTime),
     CheckConstraint("status IN ('pending', 'answered', 'failed')", name="status"),
     # Keyset pagination of the history, newest first.
     Index("ix_qn_a_created_at_id", "created_at", "id"),
@@ -150,6 +152,7 @@ def row_values(qna: QnA) -> dict[str, Any]:
         "source_id": qna.source_id,
         "idempotency_key": qna.idempotency_key,
         "request_fingerprint": qna.request_fingerprint,
+        "abandon_at": qna.abandon_at,
     }
 
 
@@ -171,4 +174,5 @@ def to_domain(row: RowMapping) -> QnA:
         source_id=row["source_id"],
         idempotency_key=row["idempotency_key"],
         request_fingerprint=row["request_fingerprint"],
+        abandon_at=row["abandon_at"],
     )
