@@ -65,6 +65,13 @@ def test_surrounding_whitespace_is_stripped() -> None:
     assert parse_question("  \n\tWhat is a monad?\u3000\n ") == "What is a monad?"
 
 
+def test_a_byte_order_mark_around_the_question_is_stripped() -> None:
+    # A file saved by a Windows editor and piped in: `qna ask - < question.txt`.
+    assert parse_question("\ufeffWhat is BOM?\r\n") == "What is BOM?"
+    assert parse_question("\ufeff \ufeffWhy?\ufeff") == "Why?"
+    assert parse_question("Keep\ufeffinside") == "Keep\ufeffinside"
+
+
 @pytest.mark.parametrize("text", ["", " ", "   ", "\n\t\r\n", " \x0b\x0c "])
 def test_empty_or_blank_question_is_refused(text: str) -> None:
     with pytest.raises(InvalidQuestion, match="empty"):
@@ -178,6 +185,8 @@ def test_accepted_text_is_the_input_with_lf_line_ends_stripped_and_otherwise_unc
 ) -> None:
     text = left + core + right
     stripped = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    while stripped[:1] == "\ufeff" or stripped[-1:] == "\ufeff":
+        stripped = stripped.strip("\ufeff").strip()
     should_accept = (
         0 < len(stripped) <= max_length
         and all(_is_acceptable_char(c) for c in stripped)

@@ -31,8 +31,10 @@ def parse_question(text: str, *, max_length: int = DEFAULT_MAX_QUESTION_LENGTH) 
     """Return the question as it is stored, or raise InvalidQuestion saying what is wrong."""
     if not isinstance(text, str):
         raise InvalidQuestion("The question must be a string.")
-    # Browsers send textarea line breaks as CRLF; store one convention.
-    question = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    # Browsers send textarea line breaks as CRLF; store one convention. A byte-order
+    # mark (a file saved by a Windows editor, piped in) is no part of the question:
+    # kept, the same question typed in would not match it, in the cache or a search.
+    question = _strip(text.replace("\r\n", "\n").replace("\r", "\n"))
     if not any(_is_visible(char) for char in question):
         raise InvalidQuestion("The question is empty.")
     if len(question) > max_length:
@@ -51,6 +53,14 @@ def parse_question(text: str, *, max_length: int = DEFAULT_MAX_QUESTION_LENGTH) 
         if category == "Cs":
             raise InvalidQuestion(f"The question contains a lone surrogate at position {position}.")
     return question
+
+
+def _strip(text: str) -> str:
+    """Without surrounding whitespace and byte-order marks."""
+    stripped = text.strip()
+    while stripped[:1] == "\ufeff" or stripped[-1:] == "\ufeff":
+        stripped = stripped.strip("\ufeff").strip()
+    return stripped
 
 
 def _is_visible(char: str) -> bool:
