@@ -190,6 +190,26 @@ def test_a_schema_from_a_newer_qna_is_storage_unavailable_naming_it(empty_url: s
         engine.dispose()
 
 
+def test_qnas_table_without_its_schema_version_is_refused_naming_what_is_missing(
+    empty_url: str,
+) -> None:
+    # As `pg_dump -t qn_a` restores it: the table, and no alembic_version.
+    engine = create_engine(empty_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE alembic_version"))
+
+        with pytest.raises(StorageUnavailable) as caught:
+            migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+
+    assert not caught.value.retryable
+    assert "no record of its schema version" in caught.value.message
+    assert "CREATE TABLE" not in caught.value.message
+
+
 def test_the_head_revision_qna_knows_is_the_newest_script() -> None:
     assert migrate.head_revision() == migrate.HEAD_REVISION
 

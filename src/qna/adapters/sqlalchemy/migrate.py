@@ -6,7 +6,7 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
 from qna.adapters.sqlalchemy.database import unavailable_as_storage_error
@@ -91,8 +91,25 @@ def _upgrade(engine: Engine, revision: str) -> None:
             # alembic_version (exit 6). A second process waits for the lock (the busy
             # timeout), then finds the schema at head.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-        _refuse_an_unknown_schema(_revision(connection))
+        current = _revision(connection)
+        _refuse_an_unknown_schema(current)
+        if current is None:
+            _refuse_an_unversioned_table(connection)
         command.upgrade(alembic_config(connection), revision)
+
+
+def _refuse_an_unversioned_table(connection: Connection) -> None:
+    # qna's table without Alembic's record of its revision: restored on its own
+    # (`pg_dump -t qn_a`), or alembic_version dropped. Creating the tables failed on
+    # "already exists": PostgreSQL's was an internal error carrying the whole CREATE
+    # TABLE, SQLite's a database "unavailable" for a retry that could never succeed.
+    if inspect(connection).has_table("qn_a"):
+        raise StorageUnavailable(
+            "The database has qna's table (qn_a) but no record of its schema version "
+            "(the alembic_version table is missing): restore that table with it, or point "
+            "DATABASE_URL at another database.",
+            retryable=False,
+        )
 
 
 def _refuse_an_unknown_schema(current: str | None) -> None:
