@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import platformdirs
+from dotenv.parser import parse_stream
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -104,6 +105,22 @@ def _origin(text: str) -> str:
 _ORIGIN_EXAMPLE = "https://app.example.com"
 
 
+def _refuse_lines_dotenv_passes_over(env_file: object) -> None:
+    """A .env line python-dotenv cannot read is passed over with a warning of its own
+    (not qna's one line), and the settings on it silently take their defaults: an
+    unclosed quote swallowed DATABASE_URL, and the records went to the default file.
+    Checked on a regular file only: a named pipe (a secrets tool's) is read once."""
+    if not isinstance(env_file, str | os.PathLike) or not Path(env_file).is_file():
+        return
+    with open(env_file, encoding="utf-8") as stream:
+        for binding in parse_stream(stream):
+            if binding.error:
+                raise ConfigurationError(
+                    f"The .env file cannot be read: line {binding.original.line} is not "
+                    "NAME=value (is a quote left open?)."
+                )
+
+
 def _env(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
 
@@ -130,6 +147,7 @@ class Settings(BaseSettings):
             # Settings built directly (`qna.Settings(...)`) refuse a value as every
             # entrypoint does: with the error a caller of qna catches, naming the variable.
             try:
+                _refuse_lines_dotenv_passes_over(values.get("_env_file", ".env"))
                 super().__init__(**values)
             except ValidationError as exc:
                 raise ConfigurationError(describe_invalid_settings(exc)) from exc

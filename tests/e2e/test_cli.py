@@ -206,6 +206,33 @@ def test_a_dot_env_that_cannot_be_read_exits_3(fake: FakeOpenAI, tmp_path: Path)
     assert fake.calls == 0
 
 
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        # The quote left open swallows the lines after it: DATABASE_URL went unset, and
+        # the records to the default database, with only python-dotenv's own warning.
+        ('DATABASE_URL="postgresql://db/qna\nQNA_MODEL=after\n', 1),
+        ("QNA_MODEL=fine\nthis is not a setting\n", 2),
+        ("# a comment\n=no-name\n", 2),
+    ],
+    ids=["open-quote", "words", "no-name"],
+)
+def test_a_dot_env_line_that_is_no_setting_exits_3_naming_it(
+    fake: FakeOpenAI, tmp_path: Path, content: str, line: int
+) -> None:
+    (tmp_path / ".env").write_text(content, encoding="utf-8")
+
+    result = qna("ask", QUESTION)
+
+    assert result.exit_code == 3, result.stderr
+    assert error_line(result.stderr) == (
+        f"qna: error: The .env file cannot be read: line {line} is not NAME=value "
+        "(is a quote left open?)."
+    )
+    assert "python-dotenv" not in result.stderr
+    assert fake.calls == 0
+
+
 def test_a_directory_named_dot_env_is_no_settings_file(fake: FakeOpenAI, tmp_path: Path) -> None:
     # `python -m venv .env` makes one: a virtualenv, passed over, not refused.
     (tmp_path / ".env").mkdir()
