@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import delete, text
@@ -28,6 +29,7 @@ from qna.adapters.sqlalchemy.database import create_engine
 from qna.adapters.sqlalchemy.migrate import head_revision
 from qna.adapters.sqlalchemy.tables import qn_a
 from qna.config import DEFAULT_MODEL
+from qna.entrypoints import cli as cli_module
 from qna.entrypoints.cli import cli
 from tests.e2e.helpers import error_line, stored_rows
 from tests.support.databases import (
@@ -1587,3 +1589,25 @@ def test_serve_without_an_llm_setting_refuses_to_start(monkeypatch: pytest.Monke
     assert "Traceback" not in result.output
     # Refusing to start changed nothing in the caller's process.
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "exit_code", "said"),
+    [(KeyboardInterrupt, 130, "interrupted"), (cli_module.Terminated, 143, "terminated")],
+)
+def test_an_interrupt_that_click_meets_itself_is_told_as_any_other(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    interrupt: type[KeyboardInterrupt],
+    exit_code: int,
+    said: str,
+) -> None:
+    # Outside a command's own handling (as it ends, or while click reads the
+    # arguments) click turns the interrupt into its Abort: it said "Aborted!", exit 1.
+    def met_by_click(*_args: object, **_kwargs: object) -> None:
+        raise click.Abort() from interrupt()
+
+    monkeypatch.setattr(cli, "main", met_by_click)
+
+    assert cli_module._run_cli() == exit_code
+    assert capsys.readouterr().err == f"qna: error: {said}\n"

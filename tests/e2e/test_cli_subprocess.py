@@ -650,6 +650,40 @@ def test_ctrl_c_while_python_starts_qna_is_one_line_and_exit_130(
     assert error_line(completed.stderr) == "qna: error: interrupted"
 
 
+# Registered before qna's own exit callbacks, so it runs after them all: the signal
+# arrives in the last moments of the interpreter's shutdown.
+SIGNAL_AT_EXIT = """
+import atexit
+import os
+import time
+
+
+def _signal_self():
+    os.kill(os.getpid(), int(os.environ["QNA_TEST_EXIT_SIGNAL"]))
+    time.sleep(0.2)  # delivered, and handled, before the interpreter is gone
+
+
+atexit.register(_signal_self)
+"""
+
+
+@EACH_INTERRUPT
+def test_a_signal_once_the_command_is_over_changes_nothing(
+    env: dict[str, str], tmp_path: Path, signum: int, exit_code: int, said: str
+) -> None:
+    # The answer is out and the exit status decided; Ctrl-C or SIGTERM during the
+    # interpreter's shutdown printed "Exception ignored in atexit callback" and a
+    # traceback (or click's "Aborted!", exit 1, a moment earlier).
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SIGNAL_AT_EXIT)
+    hooked = {**env, "PYTHONPATH": str(tmp_path / "hook"), "QNA_TEST_EXIT_SIGNAL": str(signum)}
+
+    completed = run("ask", QUESTION, env=hooked)
+
+    assert (completed.returncode, completed.stderr) == (0, ""), completed.stderr
+    assert completed.stdout == f"{DEFAULT_ANSWER}\n"
+
+
 # And, at exit, whether a module finished loading (a module whose import was broken
 # off is not in sys.modules).
 LOADED_AT_EXIT = """

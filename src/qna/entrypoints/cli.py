@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import itertools
 import json
@@ -769,4 +770,34 @@ def main() -> None:
     # Here, not in the command group: the tests run the commands inside pytest, whose
     # own SIGTERM must stay as it is. `qna serve`'s gunicorn sets its own handlers.
     signal.signal(signal.SIGTERM, _terminate)
-    cli(prog_name="qna")
+    try:
+        sys.exit(_run_cli())
+    finally:
+        # The exit status is decided; all that is left is the interpreter's shutdown
+        # (finalizers, atexit). A Ctrl-C or SIGTERM then printed a traceback from
+        # there ("Exception ignored in ..."), the second of two signals most often.
+        for number in _INTERRUPTS:
+            signal.signal(number, signal.SIG_IGN)
+
+
+def _run_cli() -> int:
+    """The command's exit status. click's standalone mode is not used: a Ctrl-C or a
+    SIGTERM outside a command's own error handling (as the command ends, or while
+    click reads the arguments) came out as its "Aborted!", exit 1."""
+    try:
+        returned = cli.main(prog_name="qna", standalone_mode=False)
+    except click.Abort as abort:
+        terminated = isinstance(abort.__cause__, Terminated)
+        tell(error_line("terminated" if terminated else "interrupted"))
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except click.ClickException as exc:  # a usage error: its own message and code
+        exc.show()
+        return exc.exit_code
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        # click's own output (`qna --help | head -1`) to a reader that went away.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    # `ctx.exit(code)` returns its code; a command that ends normally returns None.
+    return returned if isinstance(returned, int) else 0
