@@ -1,8 +1,10 @@
 """Alembic environment: runs on the connection the application hands over.
 
 `qna db upgrade` and application start-up call Alembic in code with
-`config.attributes["connection"]` set. Running the `alembic` command directly
-(for `alembic revision --autogenerate` during development) uses DATABASE_URL.
+`config.attributes["connection"]` set. There is no alembic.ini: to write a new
+migration, call Alembic from Python with qna's own configuration and DATABASE_URL,
+e.g. `from alembic import command; from qna.adapters.sqlalchemy.migrate import
+alembic_config; command.revision(alembic_config(), "what it does", autogenerate=True)`.
 No `fileConfig()` here: it would replace the application's logging set-up.
 """
 
