@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -119,6 +120,21 @@ def _refuse_lines_dotenv_passes_over(env_file: object) -> None:
                     f"The .env file cannot be read: line {binding.original.line} is not "
                     "NAME=value (is a quote left open?)."
                 )
+
+
+_URL_SETTINGS = frozenset({"database_url", "openai_base_url", "rate_limit_storage"})
+
+
+def _without_secrets(url: str) -> str:
+    """`url` with its password, and its query (where gateways take keys), starred."""
+    parts = urlsplit(url)
+    if parts.password is None and not parts.query:
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    return parts._replace(netloc=netloc, query="***" if parts.query else "").geturl()
 
 
 def _env(name: str) -> AliasChoices:
@@ -356,6 +372,14 @@ class Settings(BaseSettings):
             url = url.set(database=os.path.expanduser(url.database))
             return url.render_as_string(hide_password=False)
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() end up in logs and tracebacks: the URLs' passwords (and an
+        # LLM gateway's key in a query) are shown as the keys and tokens are, starred.
+        for name, value in super().__repr_args__():
+            if name in _URL_SETTINGS and isinstance(value, str):
+                value = _without_secrets(value)
+            yield name, value
 
     @field_validator(
         "database_url", "openai_base_url", "openai_api_key", "api_tokens", mode="before"

@@ -377,6 +377,26 @@ def test_settings_built_directly_refuse_a_wrong_value_with_a_configuration_error
         qna.Settings()
 
 
+def test_settings_show_no_password_or_key_in_their_repr_or_str(tmp_path: Path) -> None:
+    # repr() and str() land in logs and tracebacks; the API key and tokens were starred,
+    # DATABASE_URL's password and a gateway's key in OPENAI_BASE_URL's query were not.
+    settings = qna.Settings(
+        _env_file=None,
+        database_url="postgresql://qna:Sup3rSecret@db:5432/qna",
+        openai_base_url="https://user:hunter2@gw.example.com/v1?api-key=K3y",
+        rate_limit_storage="memory://",
+        openai_api_key="sk-0123456789",
+        api_tokens="t0ken",
+    )
+
+    for shown in (repr(settings), str(settings)):
+        for secret in ("Sup3rSecret", "hunter2", "K3y", "sk-0123456789", "t0ken"):
+            assert secret not in shown
+        assert "postgresql://qna:***@db:5432/qna" in shown
+        assert "https://user:***@gw.example.com/v1?***" in shown
+    assert settings.database_url == "postgresql://qna:Sup3rSecret@db:5432/qna"  # kept
+
+
 def test_every_error_qna_exports_is_a_qna_error() -> None:
     # One `except qna.QnAError` catches whatever qna refuses, a bad setting included.
     exported = [getattr(qna, name) for name in qna.__all__]
