@@ -532,6 +532,25 @@ def test_an_attempt_never_outlives_the_deadline(fake: FakeOpenAI, make_llm: Make
     assert "0.3 s deadline" in caught.value.message
 
 
+def test_a_last_attempt_the_deadline_cut_short_says_the_deadline_ran_out(
+    fake: FakeOpenAI, make_llm: MakeLLM
+) -> None:
+    # Two full attempts of 0.5 s, then the 0.3 s the 1.3 s deadline had left: the
+    # message named only that last 0.3 s, which was neither limit that was set.
+    fake.script(Delay(30.0), Delay(30.0), Delay(30.0))
+    llm = make_llm(
+        request_timeout=0.5, deadline=1.3, max_attempts=3, backoff_base=0, clock=time.monotonic
+    )
+
+    with pytest.raises(LLMTimeout) as caught:
+        llm.complete("Q?")
+
+    assert fake.calls == 3
+    assert caught.value.message.endswith(
+        "after 3 attempts, with no time left within the 1.3 s deadline."
+    )
+
+
 def test_a_dropped_connection_is_retried(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
     fake.script(Drop())
 

@@ -150,6 +150,11 @@ class ChatCompletionsLLM(ABC):
                 return self._to_completion(outcome)
             failure = outcome
             if not failure.retryable or attempts == self._max_attempts:
+                # An attempt cut short by the deadline that timed out ran out of the
+                # deadline, whichever count of attempts it was: the message says so,
+                # not only the part of a timeout that was left for it.
+                clipped = attempt_timeout < self._request_timeout
+                out_of_time = clipped and issubclass(failure.error, LLMTimeout)
                 break
             wait = failure.retry_after
             if wait is None:
