@@ -755,6 +755,20 @@ _TOO_DEEP = b"[" * 100_000 + b"]" * 100_000
 _EMPTY_CONTENT = chat_completion(text="  ", model=MODEL)
 
 
+def test_a_refusal_is_a_bad_response_in_the_models_own_words(
+    fake: FakeOpenAI, make_llm: MakeLLM
+) -> None:
+    refusal = {"content": None, "refusal": "I can't help with that."}
+    fake.script(raw_json({**_NULL_CONTENT, "choices": [{"message": refusal}]}))
+
+    with pytest.raises(LLMBadResponse) as caught:
+        make_llm().complete("Q?")
+
+    assert caught.value.message == (
+        f"The LLM at {fake.base_url} declined to answer: I can't help with that."
+    )
+
+
 @pytest.mark.parametrize(
     "step",
     [

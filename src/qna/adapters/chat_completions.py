@@ -250,7 +250,7 @@ class ChatCompletionsLLM(ABC):
     def _to_completion(self, reply: Reply) -> Completion:
         # Whatever JSON arrived is checked part by part before it is trusted.
         def bad(what: str) -> LLMBadResponse:
-            return LLMBadResponse(self._storable(f"The LLM at {self._where} {what}."))
+            return LLMBadResponse(self._storable(_sentence(f"The LLM at {self._where} {what}")))
 
         if not reply.has_choices:
             raise bad("answered with no choices")
@@ -282,9 +282,7 @@ class ChatCompletionsLLM(ABC):
             message += f", with no time left within the {self._deadline:g} s deadline"
         if failure.detail:
             message += f": {failure.detail}"
-        if not message.endswith((".", "!", "?", "…")):
-            message += "."
-        return failure.error(self._storable(message), retry_after=failure.retry_after)
+        return failure.error(self._storable(_sentence(message)), retry_after=failure.retry_after)
 
     def _storable(self, text: str) -> str:
         """The provider's words as qna stores and shows them: without our API key
@@ -378,6 +376,12 @@ def without_credentials(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port is not None else host
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _sentence(text: str) -> str:
+    """`text` ending as a sentence: with a full stop, unless the provider's own words
+    at its end already close it ("I can't help with that." gave "that..")."""
+    return text if text.endswith((".", "!", "?", "…")) else text + "."
 
 
 def _truncate(text: str) -> str:
