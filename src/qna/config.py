@@ -157,9 +157,13 @@ class Settings(BaseSettings):
             # ignored, a misspelt `database_url` would send the records to the default
             # database. (`extra="ignore"` is for .env files: they hold other programs'
             # variables too.) pydantic-settings' own arguments start with "_".
-            for name in values:
-                if not name.startswith("_"):
-                    setting_field(name, caller="Settings()")
+            given = [setting_field(n, caller="Settings()") for n in values if n[:1] != "_"]
+            # One of two names for a setting (model=, QNA_MODEL=) was silently dropped.
+            twice = sorted({field for field in given if given.count(field) > 1})
+            if twice:
+                raise TypeError(
+                    f"Settings() got the setting {twice[0]!r} twice, by two of its names"
+                )
             # Settings built directly (`qna.Settings(...)`) refuse a value as every
             # entrypoint does: with the error a caller of qna catches, naming the variable.
             try:

@@ -474,6 +474,11 @@ def test_a_setting_given_by_both_names_is_a_type_error(tmp_path: Path) -> None:
         )
 
 
+def test_settings_given_a_setting_by_both_names_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="'model' twice"):
+        qna.Settings(_env_file=None, model="a", QNA_MODEL="b")
+
+
 def test_a_url_in_place_of_settings_is_a_clear_type_error(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"qna\.Settings.*database_url="):
         qna.connect(f"sqlite:///{tmp_path / 'x.db'}")  # type: ignore[arg-type]
