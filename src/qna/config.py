@@ -18,7 +18,14 @@ from urllib.parse import urlsplit
 
 import platformdirs
 from dotenv.parser import parse_stream
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Defined with the other errors (an adapter raises it too); qna.config's as well.
@@ -251,6 +258,16 @@ class Settings(BaseSettings):
     rate_limit_storage: str = Field("memory://", validation_alias=_env("QNA_RATE_LIMIT_STORAGE"))
     cors_origins: str = Field("", validation_alias=_env("QNA_CORS_ORIGINS"))
     log_level: str = Field("INFO", validation_alias=_env("QNA_LOG_LEVEL"))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_number_is_no_bool(cls, value: object, info: ValidationInfo) -> object:
+        # True is 1 to Python, and pydantic took it: llm_max_attempts=True was one
+        # attempt, and cache_ttl_s=True a cache of a second.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+            raise ValueError("expected a number, not True or False")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

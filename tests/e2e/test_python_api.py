@@ -397,6 +397,16 @@ def test_settings_show_no_password_or_key_in_their_repr_or_str(tmp_path: Path) -
     assert settings.database_url == "postgresql://qna:Sup3rSecret@db:5432/qna"  # kept
 
 
+@pytest.mark.parametrize(
+    ("setting", "variable"),
+    [("llm_max_attempts", "QNA_LLM_MAX_ATTEMPTS"), ("cache_ttl_s", "QNA_CACHE_TTL")],
+)
+def test_true_or_false_for_a_number_is_a_configuration_error(setting: str, variable: str) -> None:
+    # True is 1 to Python: llm_max_attempts=True was taken as one attempt.
+    with pytest.raises(qna.ConfigurationError, match=rf"^{variable} is invalid: .*not True"):
+        qna.Settings(_env_file=None, **{setting: True})
+
+
 def test_every_error_qna_exports_is_a_qna_error() -> None:
     # One `except qna.QnAError` catches whatever qna refuses, a bad setting included.
     exported = [getattr(qna, name) for name in qna.__all__]
