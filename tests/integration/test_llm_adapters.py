@@ -625,24 +625,27 @@ def test_a_server_that_takes_the_request_and_stays_silent_did_not_answer(
     assert caught.value.message == f"The LLM at {url} did not answer within 0.5 s."
 
 
-def _completion_response() -> bytes:
+def _completion_response(*, until_closed: bool = False) -> bytes:
     body = json.dumps(chat_completion(text="Paris.", model=MODEL)).encode()
-    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    # Without a length, the body runs until the server closes the connection.
+    head += "Connection: close" if until_closed else f"Content-Length: {len(body)}"
     return head.encode() + b"\r\n\r\n" + body
 
 
 @pytest.fixture
 def trickling_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A server that answers each request with a whole, valid chat completion, a few
-    bytes at a time: the headers at once then the body, or all of it (`param`)."""
+    bytes at a time (`param`): the headers at once then the body, all of it, or the
+    headers then a body that ends with the connection."""
     what = request.param
     stop = threading.Event()
 
     def serve(conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
-            response = _completion_response()
-            split = response.index(b"\r\n\r\n") + 4 if what == "body" else 0
+            response = _completion_response(until_closed=what == "until-closed")
+            split = response.index(b"\r\n\r\n") + 4 if what != "response" else 0
             with contextlib.suppress(OSError):
                 conn.sendall(response[:split])
                 for start in range(split, len(response), 8):
@@ -665,7 +668,9 @@ def trickling_url(request: pytest.FixtureRequest) -> Iterator[str]:
         acceptor.join()
 
 
-@pytest.mark.parametrize("trickling_url", ["body", "response"], indirect=True)
+# "until-closed": http.client lets go of the connection's socket for such a body, and
+# the deadline, which looked the socket up on the connection, found none to shut.
+@pytest.mark.parametrize("trickling_url", ["body", "response", "until-closed"], indirect=True)
 def test_an_answer_that_trickles_in_for_longer_than_the_timeout_times_out(
     make_llm: MakeLLM, trickling_url: str
 ) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from qna.adapters.response_deadline import claim, deadline
+from qna.adapters import response_deadline
+from qna.adapters.response_deadline import claim, deadline, release
 
 
 class Connection:
@@ -53,14 +55,16 @@ def test_a_scope_closed_in_time_leaves_its_socket_alone(
     assert not scope.expired
 
 
-def test_a_connection_claimed_by_a_later_exchange_is_not_cut_by_an_earlier_one(
+def test_a_connection_back_in_the_pool_is_not_cut_by_the_exchange_it_carried(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     ours, theirs = pair
     connection = Connection(ours)
     with deadline(0.1) as earlier:
         claim(connection)
-        # The earlier exchange's connection went back to the pool, and this one took it.
+        # Its answer read, the connection went back to the pool (the scope is still
+        # open), and another exchange took it.
+        release(connection)
         with deadline(None):
             claim(connection)
             ours.settimeout(0.4)
@@ -69,6 +73,29 @@ def test_a_connection_claimed_by_a_later_exchange_is_not_cut_by_an_earlier_one(
     assert earlier.expired
     theirs.sendall(b"z")
     assert ours.recv(1) == b"z"
+
+
+def test_an_exchange_that_claims_its_scope_after_the_deadline_is_cut_at_once(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # Its time ran out while it connected (a slow DNS lookup, a TLS handshake).
+    ours, _ = pair
+    with deadline(0.05) as scope:
+        time.sleep(0.3)
+        claim(Connection(ours))
+        assert ours.recv(1) == b""
+    assert scope.expired
+
+
+def test_finished_exchanges_do_not_pile_up_until_their_deadlines() -> None:
+    # One timeout for all: each new deadline is the latest, and the watchdog sleeps
+    # until the earliest. Finished scopes were kept until then (a day's worth, with
+    # QNA_LLM_TIMEOUT_S at its maximum).
+    with deadline(3600):  # one still in flight all along
+        for _ in range(10_000):
+            with deadline(3600):
+                pass
+        assert len(response_deadline._watchdog._heap) < 200
 
 
 def _expires_in_a_child() -> bool:

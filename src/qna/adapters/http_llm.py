@@ -133,6 +133,9 @@ class HttpLLM(ChatCompletionsLLM):
                 # http.client refuses a header it cannot send (a key with a newline,
                 # say): nothing was sent, as when the server cannot be reached.
                 return self._unreachable(exc)
+        if exchange.expired:  # a body that ends with the connection ends when cut off
+            cut_off = TimeoutError("the answer took longer than the timeout")
+            return self._timed_out(timeout, connect_timeout, started, cut_off)
         return self._judged(response.status, response.headers, response.data)
 
     def _green_attempt(

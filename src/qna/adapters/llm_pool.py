@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
-from qna.adapters.response_deadline import claim
+from qna.adapters.response_deadline import claim, release
 from qna.adapters.sockets import readable
 
 
@@ -50,10 +50,11 @@ class _CheapReuseCheck:
     def is_connected(self) -> bool:
         return self.sock is not None and not readable(self.sock.fileno())
 
-    # Every exchange sent through these pools is bounded as a whole (response_deadline).
-    def request(self, *args: Any, **kwargs: Any) -> None:
+    # Every exchange through these pools is bounded as a whole (response_deadline):
+    # the connection claims the exchange's scope once the request is sent...
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         claim(self)
-        super().request(*args, **kwargs)  # type: ignore[misc]
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 
 
 class _HTTPConnection(_CheapReuseCheck, HTTPConnection):
@@ -64,11 +65,19 @@ class _HTTPSConnection(_CheapReuseCheck, HTTPSConnection):
     pass
 
 
-class _HTTPConnectionPool(HTTPConnectionPool):
+class _ReleasesTheScope:
+    # ...and gives it up as it goes back to the pool, where another may take it.
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            release(conn)
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _HTTPConnectionPool(_ReleasesTheScope, HTTPConnectionPool):
     ConnectionCls = _HTTPConnection
 
 
-class _HTTPSConnectionPool(HTTPSConnectionPool):
+class _HTTPSConnectionPool(_ReleasesTheScope, HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 

@@ -7,11 +7,11 @@ endless body grew in memory all that time. (The green client, `green_http`, boun
 whole exchange itself.)
 
 `deadline(seconds)` opens a scope around one exchange. The pooled connection that
-carries it claims the scope as it sends (`claim`, from llm_pool's connection classes);
-if the scope is still open at its deadline, one watchdog thread per process shuts that
-connection's socket down, so the read in progress fails at once, and `scope.expired`
-tells the caller why. A connection that has since gone back to the pool and carries
-another exchange is left alone.
+carries it claims the scope as it waits for the answer (`claim`, from llm_pool's
+connection classes), and gives it up as it goes back to the pool (`release`). One
+watchdog thread per process shuts down the socket of a scope still claimed at its
+deadline, so the read in progress fails at once, and `scope.expired` tells the caller
+why; a scope claimed after its deadline has passed is shut down as it is claimed.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ from typing import Any
 
 
 class Scope:
-    __slots__ = ("at", "connection", "done", "expired")
+    __slots__ = ("at", "done", "expired", "sock")
 
     def __init__(self, at: float) -> None:
         self.at = at
-        #: The urllib3 connection carrying the exchange, once it has claimed the scope.
-        self.connection: Any = None
+        #: The socket the answer comes over, while a connection has the scope claimed.
+        #: Kept here, not read from the connection when the deadline comes: http.client
+        #: lets go of it for a response that ends with the connection (`Connection:
+        #: close`, no length), and the body is still being read from it.
+        self.sock: socket.socket | None = None
         self.done = False
         #: Whether the deadline came first (then the socket was shut down).
         self.expired = False
@@ -43,12 +46,25 @@ _local = threading.local()
 
 
 def claim(connection: Any) -> None:
-    """Called by a connection as it sends a request: the open scope, if any, is its."""
+    """Called by a connection as it waits for an answer: the open scope, if any, is its."""
     scope: Scope | None = getattr(_local, "scope", None)
     with _watchdog.lock:
         connection.qna_scope = scope
+        if scope is None or scope.done:
+            return
+        scope.sock = connection.sock
+        if scope.expired:  # its time ran out while it connected and sent
+            _shut_down(scope)
+
+
+def release(connection: Any) -> None:
+    """Called as a connection goes back to the pool: its exchange is over, and the
+    scope must not touch the connection once another exchange may take it."""
+    with _watchdog.lock:
+        scope: Scope | None = getattr(connection, "qna_scope", None)
+        connection.qna_scope = None
         if scope is not None:
-            scope.connection = connection
+            scope.sock = None
 
 
 @contextlib.contextmanager
@@ -63,8 +79,7 @@ def deadline(seconds: float | None) -> Iterator[Scope]:
         yield scope
     finally:
         _local.scope = previous
-        with _watchdog.lock:
-            scope.done = True
+        _watchdog.finish(scope)
 
 
 class _Watchdog:
@@ -78,6 +93,7 @@ class _Watchdog:
         self.lock = threading.Lock()
         self._wake = threading.Condition(self.lock)
         self._heap: list[tuple[float, int, Scope]] = []
+        self._finished_in_heap = 0
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -92,25 +108,40 @@ class _Watchdog:
             elif self._heap[0][2] is scope:
                 self._wake.notify()  # sooner than what the thread is waiting for
 
+    def finish(self, scope: Scope) -> None:
+        with self.lock:
+            scope.done = True
+            scope.sock = None
+            if scope.at == float("inf") or scope.expired:
+                return  # never armed, or already taken off the heap by its deadline
+            # Finished scopes stay in the heap until their deadline comes: with one
+            # timeout for all, that is every exchange of the last timeout's length.
+            # Past half the heap they are swept out, so it holds twice the exchanges
+            # in flight at most, not every one of the last QNA_LLM_TIMEOUT_S seconds.
+            self._finished_in_heap += 1
+            if self._finished_in_heap > max(64, len(self._heap) // 2):
+                self._heap = [entry for entry in self._heap if not entry[2].done]
+                heapq.heapify(self._heap)
+                self._finished_in_heap = 0
+
     def _run(self) -> None:
         with self.lock:
             while True:
                 now = time.monotonic()
                 while self._heap and (self._heap[0][2].done or self._heap[0][0] <= now):
                     _, _, scope = heapq.heappop(self._heap)
-                    if not scope.done:
+                    if scope.done:
+                        self._finished_in_heap = max(0, self._finished_in_heap - 1)
+                    else:
                         scope.expired = True
                         _shut_down(scope)
                 self._wake.wait(self._heap[0][0] - now if self._heap else None)
 
 
 def _shut_down(scope: Scope) -> None:
-    connection = scope.connection
-    if connection is None or getattr(connection, "qna_scope", None) is not scope:
-        return  # not sent yet (connecting has its own timeout), or carrying another
-    sock = getattr(connection, "sock", None)
+    sock = scope.sock
     if sock is None:
-        return
+        return  # not waiting for an answer yet (connecting has its own timeout)
     # On a duplicate of the descriptor: the TCP connection is shut down under the
     # reader, and a TLS socket's own state is not touched from this thread.
     with contextlib.suppress(OSError), socket.socket(fileno=os.dup(sock.fileno())) as raw:

@@ -81,6 +81,8 @@ class Urllib3Transport(httpx2.BaseTransport):
         except ValueError as exc:
             # http.client refuses a header it cannot send (say, a key with a newline).
             raise httpx2.LocalProtocolError(str(exc), request=request) from exc
+        if exchange.expired:  # a body that ends with the connection ends when cut off
+            raise httpx2.ReadTimeout("the answer took longer than the timeout", request=request)
         return httpx2.Response(
             response.status,
             # As bytes: http.client decoded them as latin-1, and any byte may come.
