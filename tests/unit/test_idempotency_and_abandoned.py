@@ -263,6 +263,37 @@ def test_a_409_says_when_the_asks_deadline_leaves_only_a_retrys_own_wait(
     assert raised.value.retry_after == retry_after
 
 
+def test_a_409_counts_on_the_holders_own_deadline(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # Asked by a server allowed 600 s an ask; retried at one allowed 120 s, 100 s in:
+    # the holder may go on for 500 s more, not 20.
+    margin = timedelta(seconds=60)
+    in_flight = QnA.ask(
+        "Slow?", model="fake-model", now=clock(), abandon_after=timedelta(seconds=600) + margin
+    )
+    in_flight.idempotency_key = "k"
+    in_flight.request_fingerprint = _fingerprint_of("Slow?")
+    uow.seed(in_flight)
+    clock.advance(timedelta(seconds=100))
+    timer = FakeTimer()
+    ask = AskQuestion(
+        uow,
+        FakeLLM(),
+        clock=clock,
+        timer=timer,
+        sleep=Sleeper(timer),
+        in_flight_wait=timedelta(seconds=10),
+        llm_deadline=timedelta(seconds=120),
+        abandon_after=timedelta(seconds=120) + margin,
+    )
+
+    with pytest.raises(IdempotencyKeyInFlight) as raised:
+        ask("Slow?", idempotency_key="k")
+
+    assert raised.value.retry_after == 500 - 10
+
+
 def _fingerprint_of(question: str) -> str | None:
     uow = FakeUnitOfWorkFactory()
     probe = AskQuestion(uow, FakeLLM())

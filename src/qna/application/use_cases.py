@@ -242,9 +242,14 @@ class AskQuestion:
         retry takes the key), and a retry waits `in_flight_wait` for it on its own: one
         that comes then is the last one needed. One that comes sooner may find it done,
         or be told 409 again. 0 once the deadline is that close or past (a holder whose
-        process died is freed when it counts as abandoned).
+        process died is freed when it counts as abandoned). The holder's deadline is its
+        asker's, as `abandon_at` tells it (less the margin this process adds to its
+        own); a record stored before 0003 has this process's.
         """
-        over_at = holder.created_at + self._llm_deadline
+        if holder.abandon_at is not None:
+            over_at = holder.abandon_at - (self._abandon_after - self._llm_deadline)
+        else:
+            over_at = holder.created_at + self._llm_deadline
         left = (over_at - self._clock()).total_seconds()
         return max(0.0, left - self._in_flight_wait)
 
