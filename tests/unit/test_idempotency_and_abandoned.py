@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -241,21 +242,9 @@ def test_a_409_says_when_the_asks_deadline_leaves_only_a_retrys_own_wait(
     in_flight_wait_s: int,
     retry_after: float,
 ) -> None:
-    in_flight = QnA.ask("Slow?", model="fake-model", now=clock())
-    in_flight.idempotency_key = "k"
-    in_flight.request_fingerprint = _fingerprint_of("Slow?")
-    uow.seed(in_flight)
+    _seed_holder(uow, now=clock(), question="Slow?")
     clock.advance(timedelta(seconds=asking_for_s))  # the first request is still asking
-    timer = FakeTimer()
-    ask = AskQuestion(
-        uow,
-        FakeLLM(),
-        clock=clock,
-        timer=timer,
-        sleep=Sleeper(timer),
-        in_flight_wait=timedelta(seconds=in_flight_wait_s),
-        llm_deadline=timedelta(seconds=120),
-    )
+    ask = _retrying(uow, clock, in_flight_wait=timedelta(seconds=in_flight_wait_s))
 
     with pytest.raises(IdempotencyKeyInFlight) as raised:
         ask("Slow?", idempotency_key="k")
@@ -269,22 +258,13 @@ def test_a_409_counts_on_the_holders_own_deadline(
     # Asked by a server allowed 600 s an ask; retried at one allowed 120 s, 100 s in:
     # the holder may go on for 500 s more, not 20.
     margin = timedelta(seconds=60)
-    in_flight = QnA.ask(
-        "Slow?", model="fake-model", now=clock(), abandon_after=timedelta(seconds=600) + margin
-    )
-    in_flight.idempotency_key = "k"
-    in_flight.request_fingerprint = _fingerprint_of("Slow?")
-    uow.seed(in_flight)
+    abandon_after = timedelta(seconds=600) + margin
+    _seed_holder(uow, now=clock(), question="Slow?", abandon_after=abandon_after)
     clock.advance(timedelta(seconds=100))
-    timer = FakeTimer()
-    ask = AskQuestion(
+    ask = _retrying(
         uow,
-        FakeLLM(),
-        clock=clock,
-        timer=timer,
-        sleep=Sleeper(timer),
+        clock,
         in_flight_wait=timedelta(seconds=10),
-        llm_deadline=timedelta(seconds=120),
         abandon_after=timedelta(seconds=120) + margin,
     )
 
@@ -292,6 +272,23 @@ def test_a_409_counts_on_the_holders_own_deadline(
         ask("Slow?", idempotency_key="k")
 
     assert raised.value.retry_after == 500 - 10
+
+
+def _retrying(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock, *, in_flight_wait: timedelta, **options: Any
+) -> AskQuestion:
+    """The ask of a retry, in a process that allows asks 120 s, on a fake timer."""
+    timer = FakeTimer()
+    return AskQuestion(
+        uow,
+        FakeLLM(),
+        clock=clock,
+        timer=timer,
+        sleep=Sleeper(timer),
+        in_flight_wait=in_flight_wait,
+        llm_deadline=timedelta(seconds=120),
+        **options,
+    )
 
 
 def _fingerprint_of(question: str) -> str | None:
@@ -452,8 +449,16 @@ def test_closing_abandoned_records_keeps_an_answer_that_landed_since_they_were_r
     assert stored == {lost.id: Status.FAILED, late.id: Status.ANSWERED}
 
 
-def _seed_holder(uow: FakeUnitOfWorkFactory, *, now: datetime, question: str) -> QnA:
-    holder = QnA.ask(question, model="fake-model", now=now)
+def _seed_holder(
+    uow: FakeUnitOfWorkFactory,
+    *,
+    now: datetime,
+    question: str,
+    abandon_after: timedelta | None = None,
+) -> QnA:
+    """A record holding key "k", asked at `now` with `question`, by an asker that
+    stamped its deadline (`abandon_after`) or one from before 0003 (None)."""
+    holder = QnA.ask(question, model="fake-model", now=now, abandon_after=abandon_after)
     holder.idempotency_key, holder.request_fingerprint = "k", _fingerprint_of(question)
     uow.seed(holder)
     return holder
