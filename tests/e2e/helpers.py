@@ -40,7 +40,7 @@ def stored_rows(url: str) -> list[dict[str, Any]]:
             result = connection.execute(
                 text(
                     "SELECT id, question, status, model, error_kind, prompt_tokens,"
-                    " completion_tokens, latency_ms FROM qn_a"
+                    " completion_tokens, finish_reason, latency_ms FROM qn_a"
                 )
             )
             rows = [dict(row._mapping) for row in result]

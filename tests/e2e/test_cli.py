@@ -307,6 +307,59 @@ def test_the_cache_answers_a_repeated_question_unless_fresh(
     assert fresh["source_id"] is None
 
 
+@pytest.mark.parametrize(
+    ("reason", "note"),
+    [
+        ("length", "the answer is cut off: the model reached its token limit"),
+        ("content_filter", "the answer is cut off by the provider's content filter"),
+    ],
+)
+def test_an_answer_cut_off_is_printed_with_a_note_and_marked_in_the_history(
+    fake: FakeOpenAI, database_url: str, reason: str, note: str
+) -> None:
+    fake.script(Reply(text="The first three primes are 2, 3 and", finish_reason=reason))
+
+    result = qna("ask", "Name the first three primes.")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "The first three primes are 2, 3 and\n"  # the answer alone
+    assert result.stderr == f"qna: note: {note} (finish_reason {reason}).\n"
+    [row] = stored_rows(database_url)
+    assert (row["status"], row["finish_reason"]) == ("answered", reason)
+    history = qna("history").stdout
+    assert f"[cut off: {reason}] The first three primes are 2, 3 and" in history
+    shown = qna("show", str(row["id"])).stdout
+    assert f"finish:   {reason}\n" in shown
+    assert f"answer:   [cut off: {reason}] The first" in shown
+    assert qna("show", "--json", str(row["id"])).stdout.count(f'"finish_reason": "{reason}"') == 1
+
+
+def test_a_whole_answer_gets_no_note_and_no_mark(fake: FakeOpenAI) -> None:
+    asked = qna("ask", QUESTION)
+    record = qna_json("history")["items"][0]
+
+    assert asked.stderr == ""
+    assert record["finish_reason"] == "stop"
+    assert "cut off" not in qna("history").stdout
+    assert "finish:   stop\n" in qna("show", record["id"]).stdout
+
+
+def test_the_cache_never_serves_an_answer_cut_off(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QNA_CACHE_TTL", "3600")
+    fake.script(Reply(text="Paris is the", finish_reason="length"))
+    cut_off = qna_json("ask", QUESTION)
+
+    whole = qna_json("ask", QUESTION)  # asked again, not served the cut-off one
+    cached = qna_json("ask", QUESTION)
+
+    assert fake.calls == 2
+    assert (cut_off["answer"], cut_off["finish_reason"]) == ("Paris is the", "length")
+    assert (whole["source_id"], whole["finish_reason"]) == (None, "stop")
+    assert (cached["source_id"], cached["finish_reason"]) == (whole["id"], "stop")
+
+
 # -- what reaches the terminal -----------------------------------------------------------------
 
 # What an LLM (or a server posing as one) may send: a window title, colours, a C1 CSI

@@ -157,6 +157,7 @@ def test_answers_with_text_model_and_tokens(fake: FakeOpenAI, make_llm: MakeLLM)
         model="gpt-4o-mini-2024-07-18",
         prompt_tokens=12,
         completion_tokens=7,
+        finish_reason="stop",
     )
     assert fake.calls == 1
     assert fake.requests == [
@@ -173,11 +174,66 @@ def test_falls_back_to_its_own_model_and_no_tokens_when_the_server_omits_them(
 ) -> None:
     body = chat_completion(text="Forty-two.", model="")
     del body["usage"]
+    del body["choices"][0]["finish_reason"]
     fake.script(raw_json(body))
 
     completion = make_llm().complete("Meaning?")
 
     assert completion == Completion(text="Forty-two.", model=MODEL)
+
+
+@pytest.mark.parametrize("reason", ["length", "content_filter", "tool_calls"])
+def test_says_why_the_llm_stopped(fake: FakeOpenAI, make_llm: MakeLLM, reason: str) -> None:
+    fake.script(Reply(text="The first three primes are 2, 3 and", finish_reason=reason))
+
+    completion = make_llm().complete("Primes?")
+
+    assert completion.text == "The first three primes are 2, 3 and"
+    assert completion.finish_reason == reason
+
+
+@pytest.mark.parametrize(
+    ("reason", "kept"),
+    [
+        (None, None),
+        ("", None),
+        (7, None),
+        (["length"], None),
+        ("x" * 100, "x" * 64),  # as the column holds it
+        ("stop\u0000", "stop\ufffd"),
+    ],
+    ids=["null", "empty", "number", "list", "too-long", "nul"],
+)
+def test_a_finish_reason_is_kept_only_as_storable_text(
+    fake: FakeOpenAI, make_llm: MakeLLM, reason: object, kept: str | None
+) -> None:
+    body = chat_completion(text="Yes.", model=MODEL)
+    body["choices"][0]["finish_reason"] = reason
+    fake.script(raw_json(body))
+
+    assert make_llm().complete("Q?").finish_reason == kept
+
+
+@pytest.mark.parametrize(
+    ("reason", "why"),
+    [
+        ("length", "its token limit ran out before it wrote any"),
+        ("content_filter", "its content filter withheld it"),
+    ],
+)
+def test_an_empty_answer_says_why_when_the_llm_did(
+    fake: FakeOpenAI, make_llm: MakeLLM, reason: str, why: str
+) -> None:
+    # A reasoning model can spend its whole token limit thinking, and answer nothing.
+    fake.script(raw_json(chat_completion(text="", model=MODEL, finish_reason=reason)))
+
+    with pytest.raises(LLMBadResponse) as caught:
+        make_llm().complete("Q?")
+
+    assert caught.value.message == (
+        f"The LLM at {fake.base_url} answered with an empty message "
+        f"(finish_reason {reason}: {why})."
+    )
 
 
 def test_reads_a_gzip_compressed_answer(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
@@ -221,7 +277,9 @@ def test_the_answer_is_parsed_alike_by_every_adapter(fake: FakeOpenAI, fake_time
         finally:
             llm.close()
 
-    assert answers == [Completion(text="Oui.", model="m-1", prompt_tokens=3)] * len(ADAPTERS)
+    assert answers == [
+        Completion(text="Oui.", model="m-1", prompt_tokens=3, finish_reason="stop")
+    ] * len(ADAPTERS)
 
 
 def test_refuses_to_start_without_a_key_for_the_openai_api(

@@ -65,14 +65,17 @@ def test_downgrade_to_base_and_back(empty_url: str) -> None:
 
 
 @pytest.mark.slow
-def test_records_stored_before_abandon_at_keep_through_0003_and_back(empty_url: str) -> None:
+@pytest.mark.parametrize(("before", "column"), [("0002", "abandon_at"), ("0003", "finish_reason")])
+def test_records_stored_before_a_new_column_keep_through_it_and_back(
+    empty_url: str, before: str, column: str
+) -> None:
     from alembic import command
 
     engine = create_engine(empty_url)
     try:
         with engine.begin() as connection:
-            command.upgrade(migrate.alembic_config(connection), "0002")
-        with engine.begin() as connection:  # as a qna of 0002 stored it
+            command.upgrade(migrate.alembic_config(connection), before)
+        with engine.begin() as connection:  # as a qna of `before` stored it
             connection.execute(
                 text(
                     "INSERT INTO qn_a (id, question, question_key, model, status, created_at)"
@@ -82,14 +85,14 @@ def test_records_stored_before_abandon_at_keep_through_0003_and_back(empty_url: 
             )
         migrate.upgrade(engine)
         with engine.connect() as connection:
-            rows = connection.execute(text("SELECT question, abandon_at FROM qn_a")).all()
+            rows = connection.execute(text(f"SELECT question, {column} FROM qn_a")).all()
         assert [tuple(row) for row in rows] == [("q?", None)]
 
         with engine.begin() as connection:
-            command.downgrade(migrate.alembic_config(connection), "0002")
+            command.downgrade(migrate.alembic_config(connection), before)
         with engine.connect() as connection:
             assert connection.execute(text("SELECT question FROM qn_a")).scalars().all() == ["q?"]
-        assert "abandon_at" not in {c["name"] for c in inspect(engine).get_columns("qn_a")}
+        assert column not in {c["name"] for c in inspect(engine).get_columns("qn_a")}
     finally:
         engine.dispose()
 

@@ -49,6 +49,7 @@ def test_round_trip_keeps_every_field(uow: SqlAlchemyUnitOfWork) -> None:
         completion_tokens=3,
         latency_ms=250,
         now=T0 + timedelta(seconds=1),
+        finish_reason="length",
     )
     store(uow, qna)
 
@@ -158,8 +159,27 @@ def test_add_or_answer_from_cache_answers_from_the_newest_llm_answer(
     )
     recent = QnA.ask("what  is 2+2?", model="m", now=T0)
     recent.record_answer(
-        answer="4", model="m-2026", prompt_tokens=1, completion_tokens=1, latency_ms=1, now=T0
+        answer="4",
+        model="m-2026",
+        prompt_tokens=1,
+        completion_tokens=1,
+        latency_ms=1,
+        now=T0,
+        finish_reason="stop",
     )
+    cut_off = []  # newer, but not whole: never served again
+    for reason in ("length", "content_filter"):
+        record = QnA.ask("What is 2+2?", model="m", now=T0 + timedelta(seconds=1))
+        record.record_answer(
+            answer="The answer is",
+            model="m",
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_ms=1,
+            now=T0,
+            finish_reason=reason,
+        )
+        cut_off.append(record)
     copy_of_recent = QnA.ask("What is 2+2?", model="m", now=T0 + timedelta(seconds=1))
     copy_of_recent.record_cached(old, now=T0)  # newer, but not answered by the LLM
     other_model = QnA.ask("What is 2+2?", model="other", now=T0 + timedelta(seconds=1))
@@ -168,7 +188,7 @@ def test_add_or_answer_from_cache_answers_from_the_newest_llm_answer(
     )
     failed = QnA.ask("What is 2+2?", model="m", now=T0 + timedelta(seconds=2))
     failed.record_failure(LLMTimeout("slow"), latency_ms=1, now=T0)
-    store(uow, old, recent, copy_of_recent, other_model, failed)
+    store(uow, old, recent, *cut_off, copy_of_recent, other_model, failed)
 
     asked = QnA.ask("WHAT IS 2+2?", model="m", now=T0 + timedelta(seconds=3))
     with SqlAlchemyUnitOfWork(engine, autocommit=True) as writing:
@@ -180,6 +200,7 @@ def test_add_or_answer_from_cache_answers_from_the_newest_llm_answer(
 
     expected = replace(asked)
     expected.record_cached(recent, now=T0 + timedelta(seconds=4))
+    assert expected.finish_reason == "stop"
     assert added == expected
     assert stored == expected
     assert asked.status is Status.PENDING  # the caller's record is left as it was

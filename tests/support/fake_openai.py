@@ -47,6 +47,8 @@ class Reply:
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: "length": the answer cut off at the model's token limit, say.
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def chat_completion(
     prompt_tokens: int = 1,
     completion_tokens: int = 1,
     id: str = "chatcmpl-fake",
+    finish_reason: str = "stop",
 ) -> dict[str, Any]:
     """A chat.completion object as OpenAI sends it; tests use it to build odd variants
     (``text=None`` for a null content) to send with `Raw`."""
@@ -105,7 +108,7 @@ def chat_completion(
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": None},
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": finish_reason,
             }
         ],
         "usage": {
@@ -428,6 +431,7 @@ class FakeOpenAI:
                     reply.completion_tokens if reply.completion_tokens is not None else _words(text)
                 ),
                 id=f"chatcmpl-fake-{next(self._ids)}",
+                finish_reason=reply.finish_reason or "stop",
             )
         )
 

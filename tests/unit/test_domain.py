@@ -281,6 +281,7 @@ def _answer(qna: QnA) -> None:
         completion_tokens=2,
         latency_ms=850,
         now=LATER,
+        finish_reason="stop",
     )
 
 
@@ -330,6 +331,8 @@ def test_record_answer() -> None:
     assert qna.response_model == "gpt-test-2025-01-01"
     assert qna.model == "gpt-test"  # the model asked for stays, for the cache
     assert (qna.prompt_tokens, qna.completion_tokens, qna.latency_ms) == (12, 2, 850)
+    assert qna.finish_reason == "stop"
+    assert not qna.is_cut_off
     assert qna.answered_at == LATER
     assert qna.error_kind is None
     assert qna.error_message is None
@@ -366,8 +369,44 @@ def test_record_cached_copies_the_answer_and_points_at_its_source() -> None:
     assert (qna.created_at, qna.answered_at) == (asked_at, asked_at)
     assert qna.source_id == source.id
     assert (qna.prompt_tokens, qna.completion_tokens, qna.latency_ms) == (0, 0, 0)
+    assert qna.finish_reason == source.finish_reason == "stop"
     assert qna.question == "what is 6 X 7?"
     assert source.status is Status.ANSWERED  # the source is only read
+
+
+@pytest.mark.parametrize(
+    ("reason", "cut_off"),
+    [
+        ("length", True),
+        ("content_filter", True),
+        ("stop", False),
+        ("tool_calls", False),
+        (None, False),
+    ],
+)
+def test_an_answer_is_cut_off_when_the_llm_stopped_short(reason: str | None, cut_off: bool) -> None:
+    qna = _pending()
+    assert not qna.is_cut_off
+
+    qna.record_answer(
+        answer="The first three primes are 2, 3 and",
+        model="gpt-test",
+        prompt_tokens=5,
+        completion_tokens=8,
+        latency_ms=10,
+        now=LATER,
+        finish_reason=reason,
+    )
+
+    assert qna.is_cut_off is cut_off
+
+
+def test_a_failure_is_never_cut_off() -> None:
+    qna = _pending()
+    qna.finish_reason = "length"  # as no transition sets it: only the status decides
+    _fail(qna)
+
+    assert not qna.is_cut_off
 
 
 def test_abandon_marks_the_record_failed() -> None:

@@ -188,16 +188,20 @@ def test_an_answer_the_database_refuses_twice_carries_no_llm_error(world: World)
 
 
 def test_completion_from_a_script_is_returned_verbatim(world: World) -> None:
-    scripted = Completion(text="scripted", model="other", prompt_tokens=None)
+    scripted = Completion(
+        text="scripted", model="other", prompt_tokens=None, finish_reason="length"
+    )
 
     qna = world.ask(FakeLLM(script=[scripted]))("Script?")
 
-    assert (qna.answer, qna.response_model, qna.prompt_tokens, qna.completion_tokens) == (
-        "scripted",
-        "other",
-        None,
-        None,
-    )
+    assert (
+        qna.answer,
+        qna.response_model,
+        qna.prompt_tokens,
+        qna.completion_tokens,
+        qna.finish_reason,
+    ) == ("scripted", "other", None, None, "length")
+    assert world.stored(qna.id) == qna
 
 
 # --- AskQuestion: the LLM fails ------------------------------------------------------

@@ -31,7 +31,7 @@ from qna.domain.errors import (
     LLMTimeout,
     LLMUnavailable,
 )
-from qna.domain.model import MAX_MODEL_LENGTH, MAX_TOKEN_COUNT
+from qna.domain.model import MAX_FINISH_REASON_LENGTH, MAX_MODEL_LENGTH, MAX_TOKEN_COUNT
 
 # Provider messages can carry whole request echoes; an error message needs the gist.
 _DETAIL_LIMIT = 300
@@ -62,6 +62,7 @@ class Reply:
     model: object = None
     prompt_tokens: object = None
     completion_tokens: object = None
+    finish_reason: object = None
 
 
 class ChatCompletionsLLM(ABC):
@@ -255,11 +256,19 @@ class ChatCompletionsLLM(ABC):
         if not reply.has_choices:
             raise bad("answered with no choices")
         content = reply.content
+        finish_reason = (
+            self._storable(reply.finish_reason)[:MAX_FINISH_REASON_LENGTH]
+            if isinstance(reply.finish_reason, str) and reply.finish_reason
+            else None
+        )
         if not isinstance(content, str) or not content.strip():
             refusal = reply.refusal
             if isinstance(refusal, str) and refusal:
                 raise bad(f"declined to answer: {_truncate(refusal)}")
-            raise bad("answered with an empty message")
+            # Why there is nothing, when it said: a reasoning model can spend its whole
+            # token limit before it writes a word ("length").
+            why = _EMPTY_BECAUSE.get(finish_reason or "", "")
+            raise bad(f"answered with an empty message{why}")
         model = reply.model
         # Made storable, not refused: the answer has been paid for. A provider's
         # model name or token counts past what the columns hold are noise.
@@ -272,6 +281,7 @@ class ChatCompletionsLLM(ABC):
             ),
             prompt_tokens=_count(reply.prompt_tokens),
             completion_tokens=_count(reply.completion_tokens),
+            finish_reason=finish_reason,
         )
 
     def _error(self, failure: Failure, attempts: int, out_of_time: bool) -> LLMError:
@@ -291,6 +301,13 @@ class ChatCompletionsLLM(ABC):
         if self._key_in_text is not None:
             text = self._key_in_text.sub("***", text)
         return _storable_text(text)
+
+
+# An empty answer's finish reason, said in words.
+_EMPTY_BECAUSE = {
+    "length": " (finish_reason length: its token limit ran out before it wrote any)",
+    "content_filter": " (finish_reason content_filter: its content filter withheld it)",
+}
 
 
 # NUL, which PostgreSQL's text cannot hold (SQLite's can: both keep the same text so),
@@ -353,6 +370,7 @@ def _reply_from_json(body: object) -> Reply | None:
         model=body.get("model"),
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),
+        finish_reason=first.get("finish_reason") if isinstance(first, dict) else None,
     )
 
 

@@ -20,6 +20,8 @@ class Completion:
     model: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: Why the LLM stopped ("stop", "length", ...), when it said.
+    finish_reason: str | None = None
 
 
 class LLM(Protocol):

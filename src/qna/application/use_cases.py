@@ -178,6 +178,7 @@ class AskQuestion:
             model=completion.model,
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
+            finish_reason=completion.finish_reason,
             latency_ms=self._elapsed_ms(started),
             now=self._clock(),
         )

@@ -15,6 +15,12 @@ DEFAULT_MAX_QUESTION_LENGTH = 4000
 MAX_MODEL_LENGTH = 200
 # Token counts as stored: a 32-bit signed integer column.
 MAX_TOKEN_COUNT = 2**31 - 1
+# Why the LLM stopped, as stored: a provider's word ("stop", "length", ...).
+MAX_FINISH_REASON_LENGTH = 64
+#: Finish reasons that say the answer is not whole: the model ran into its token limit
+#: ("length") or the provider's filter cut it ("content_filter"). OpenAI's words, which
+#: OpenAI-compatible servers (Ollama, vLLM) use too.
+CUT_OFF_REASONS = frozenset({"length", "content_filter"})
 
 # Newline and tab are how people format questions; every other control character
 # (NUL above all) is a sign of a broken or hostile client.
@@ -94,6 +100,9 @@ class QnA:
     error_message: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: Why the LLM stopped, as it said ("stop": the answer is whole; see
+    #: `CUT_OFF_REASONS`); None when it did not say, or the record is not answered.
+    finish_reason: str | None = None
     latency_ms: int | None = None
     answered_at: datetime | None = None
     #: Set when the answer was served from an earlier record instead of the LLM.
@@ -130,6 +139,7 @@ class QnA:
         completion_tokens: int | None,
         latency_ms: int,
         now: datetime,
+        finish_reason: str | None = None,
     ) -> None:
         self._require_pending()
         self.status = Status.ANSWERED
@@ -137,6 +147,7 @@ class QnA:
         self.response_model = model
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.finish_reason = finish_reason
         self.latency_ms = latency_ms
         self.answered_at = now
 
@@ -149,6 +160,7 @@ class QnA:
         self.response_model = source.response_model
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.finish_reason = source.finish_reason
         self.latency_ms = 0
         self.answered_at = now
         self.source_id = source.id
@@ -160,6 +172,11 @@ class QnA:
         self.error_message = error.message
         self.latency_ms = latency_ms
         self.answered_at = now
+
+    @property
+    def is_cut_off(self) -> bool:
+        """Answered, but not with a whole answer: the LLM stopped short (`CUT_OFF_REASONS`)."""
+        return self.status is Status.ANSWERED and self.finish_reason in CUT_OFF_REASONS
 
     def is_abandoned(self, *, now: datetime, after: timedelta) -> bool:
         """Still pending long after its ask could have finished: its asker died.
@@ -205,6 +222,7 @@ OUTCOME_FIELDS = (
     "error_message",
     "prompt_tokens",
     "completion_tokens",
+    "finish_reason",
     "latency_ms",
     "answered_at",
 )

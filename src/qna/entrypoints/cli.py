@@ -429,6 +429,17 @@ def print_asked(qna: QnA, *, as_json: bool) -> None:
         emit_json(qna_to_dict(qna))
     elif qna.status is Status.ANSWERED:
         say(qna.answer or "")
+        if qna.is_cut_off:
+            # On stderr: stdout is the answer, as the LLM gave it, for a script to read.
+            tell(f"qna: note: {_CUT_OFF[qna.finish_reason or '']}")
+
+
+# Why an answer is not whole (QnA.is_cut_off), for a person.
+_CUT_OFF = {
+    "length": "the answer is cut off: the model reached its token limit (finish_reason length).",
+    "content_filter": "the answer is cut off by the provider's content filter "
+    "(finish_reason content_filter).",
+}
 
 
 def emit_stored_failure(container: Container, error: LLMError) -> None:
@@ -446,7 +457,8 @@ def emit_stored_failure(container: Container, error: LLMError) -> None:
 
 def describe(qna: QnA) -> str:
     if qna.status is Status.ANSWERED:
-        return qna.answer or ""
+        cut_off = f"[cut off: {qna.finish_reason}] " if qna.is_cut_off else ""
+        return f"{cut_off}{qna.answer or ''}"
     if qna.status is Status.FAILED:
         return f"[failed: {qna.error_kind}] {qna.error_message}"
     return "[pending]"
@@ -607,6 +619,8 @@ def show(app: AppContext, qna_id: str, as_json: bool) -> None:
     counts = [(qna.prompt_tokens, "prompt"), (qna.completion_tokens, "completion")]
     if reported := [f"{count} {kind}" for count, kind in counts if count is not None]:
         say(f"tokens:   {', '.join(reported)}")
+    if qna.finish_reason is not None:
+        say(f"finish:   {qna.finish_reason}")
     if qna.source_id is not None:
         say(f"source:   the cache (the answer of {qna.source_id})")
     say(f"question: {qna.question}")

@@ -59,6 +59,13 @@ class QnAOut(BaseModel):
     error: StoredError | None = Field(description="Why it failed; null unless status is failed.")
     prompt_tokens: int | None
     completion_tokens: int | None
+    finish_reason: str | None = Field(
+        description="Why the LLM stopped, as it said: stop (the answer is whole), length "
+        "(cut off at the model's token limit), content_filter (cut by the provider's "
+        "filter), or another provider's word. Null when it did not say, unless status is "
+        "answered, and in records stored before qna kept it. A cut-off answer is never "
+        "served from the cache."
+    )
     latency_ms: int | None = Field(description="Time spent waiting for the LLM, retries included.")
     created_at: datetime
     answered_at: datetime | None
@@ -82,6 +89,7 @@ class QnAOut(BaseModel):
             ),
             prompt_tokens=qna.prompt_tokens,
             completion_tokens=qna.completion_tokens,
+            finish_reason=qna.finish_reason,
             latency_ms=qna.latency_ms,
             created_at=qna.created_at,
             answered_at=qna.answered_at,

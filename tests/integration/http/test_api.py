@@ -46,7 +46,7 @@ from tests.support.databases import (
     with_missing_database,
     with_wrong_password,
 )
-from tests.support.fake_openai import DEFAULT_ANSWER, Delay, Drop, FakeOpenAI, Raw, Status
+from tests.support.fake_openai import DEFAULT_ANSWER, Delay, Drop, FakeOpenAI, Raw, Reply, Status
 
 QUESTION = "What is the capital of France?"
 UNREACHABLE_DATABASE = "postgresql://u:p@127.0.0.1:1/x"
@@ -153,6 +153,7 @@ def test_ask_answers_stores_and_links_the_record(
     assert body["source_id"] is None
     assert body["prompt_tokens"] == len(QUESTION.split())
     assert body["completion_tokens"] == len(DEFAULT_ANSWER.split())
+    assert body["finish_reason"] == "stop"
     assert isinstance(body["latency_ms"], int)
     assert body["latency_ms"] >= 0
     asked = datetime.fromisoformat(body["created_at"])
@@ -597,6 +598,24 @@ def test_metrics_count_asks(client: FlaskClient) -> None:
     assert "qna_llm_latency_seconds_bucket" in metrics
     assert 'qna_llm_tokens_total{kind="prompt"}' in metrics
     assert QUESTION not in metrics
+
+
+def test_metrics_count_answers_cut_off_by_reason(
+    client: FlaskClient, fake_openai: FakeOpenAI
+) -> None:
+    def cut_off(reason: str) -> float:
+        metrics = client.get("/metrics").get_data(as_text=True)
+        line = re.search(
+            rf'^qna_answers_cut_off_total\{{reason="{reason}"\}} (\S+)$', metrics, re.M
+        )
+        return float(line.group(1)) if line else 0.0
+
+    before = cut_off("length"), cut_off("content_filter")
+    fake_openai.script(Reply(text="Paris is", finish_reason="length"))
+    assert created(ask(client, QUESTION))["finish_reason"] == "length"
+    created(ask(client, QUESTION))  # whole
+
+    assert (cut_off("length"), cut_off("content_filter")) == (before[0] + 1, before[1])
 
 
 def test_openapi_is_a_valid_openapi_3_1_document(client: FlaskClient) -> None:

@@ -44,7 +44,7 @@ from qna.adapters.sqlalchemy.tables import (
     to_domain,
 )
 from qna.application.ports import DuplicateIdempotencyKey, PageKey
-from qna.domain.model import OUTCOME_FIELDS, Abandonment, QnA, Status
+from qna.domain.model import CUT_OFF_REASONS, OUTCOME_FIELDS, Abandonment, QnA, Status
 
 # Built once: SQLAlchemy then reuses their compiled form for every ask.
 _INSERT = insert(qn_a)
@@ -69,16 +69,23 @@ _BY_KEY = select(qn_a).where(qn_a.c.idempotency_key == bindparam("key"))
 _RELEASE_KEY = update(qn_a).where(qn_a.c.id == bindparam("row_id")).values(idempotency_key=None)
 
 
-# The answer cache's source: the newest answer from the LLM to the same normalised
-# question and model; served by ix_qn_a_question_key_model_created_at.
+# The answer cache's source: the newest whole answer from the LLM to the same
+# normalised question and model; served by ix_qn_a_question_key_model_created_at. An
+# answer cut off (finish_reason "length", "content_filter") is never served again: it
+# is read past, and the next older answer serves if it is whole.
 _SOURCE = (
-    select(qn_a.c.id, qn_a.c.answer, qn_a.c.response_model)
+    select(qn_a.c.id, qn_a.c.answer, qn_a.c.response_model, qn_a.c.finish_reason)
     .where(
         qn_a.c.question_key == bindparam("question_key"),
         qn_a.c.model == bindparam("model"),
         qn_a.c.created_at >= bindparam("since"),
         qn_a.c.status == Status.ANSWERED.value,
         qn_a.c.source_id.is_(None),
+        # Plain comparisons, not NOT IN: an IN list is rendered anew for each execution.
+        or_(
+            qn_a.c.finish_reason.is_(None),
+            and_(*(qn_a.c.finish_reason != reason for reason in sorted(CUT_OFF_REASONS))),
+        ),
     )
     .order_by(qn_a.c.created_at.desc())
     .limit(1)
@@ -94,6 +101,7 @@ _ANSWERED_FROM_CACHE: dict[str, ColumnElement[Any]] = {
     "response_model": _SOURCE.c.response_model,
     "prompt_tokens": literal(0),
     "completion_tokens": literal(0),
+    "finish_reason": _SOURCE.c.finish_reason,
     "latency_ms": literal(0),
     "answered_at": bindparam("now", type_=qn_a.c.answered_at.type),
     "source_id": _SOURCE.c.id,

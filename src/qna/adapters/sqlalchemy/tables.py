@@ -29,7 +29,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
-from qna.domain.model import MAX_MODEL_LENGTH, QnA, Status, normalise_for_cache
+from qna.domain.model import (
+    MAX_FINISH_REASON_LENGTH,
+    MAX_MODEL_LENGTH,
+    QnA,
+    Status,
+    normalise_for_cache,
+)
 
 # Alembic's documented naming convention, so every constraint has a predictable name
 # that later migrations can drop or alter on PostgreSQL and SQLite alike.
@@ -91,6 +97,7 @@ qn_a = Table(
     Column("error_message", Text),
     Column("prompt_tokens", Integer),
     Column("completion_tokens", Integer),
+    Column("finish_reason", String(MAX_FINISH_REASON_LENGTH)),  # 0004
     Column("latency_ms", Integer),
     Column("created_at", UTCDateTime, nullable=False),
     Column("answered_at", UTCDateTime),
@@ -146,6 +153,7 @@ def row_values(qna: QnA) -> dict[str, Any]:
         "error_message": qna.error_message,
         "prompt_tokens": qna.prompt_tokens,
         "completion_tokens": qna.completion_tokens,
+        "finish_reason": qna.finish_reason,
         "latency_ms": qna.latency_ms,
         "created_at": qna.created_at,
         "answered_at": qna.answered_at,
@@ -168,6 +176,7 @@ def to_domain(row: RowMapping) -> QnA:
         error_message=row["error_message"],
         prompt_tokens=row["prompt_tokens"],
         completion_tokens=row["completion_tokens"],
+        finish_reason=row["finish_reason"],
         latency_ms=row["latency_ms"],
         created_at=row["created_at"],
         answered_at=row["answered_at"],

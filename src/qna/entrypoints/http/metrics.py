@@ -26,6 +26,11 @@ LLM_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
 )
 TOKENS = Counter("qna_llm_tokens", "Tokens used by answered asks.", ["kind"])
+CUT_OFF = Counter(
+    "qna_answers_cut_off",
+    "Answers the LLM cut off short, by finish_reason (length, content_filter).",
+    ["reason"],
+)
 DATABASE_ERRORS = Counter("qna_database_errors", "Requests that failed on the database.")
 # Looked up once: .labels() on every ask costs more than the increment.
 _PROMPT_TOKENS = TOKENS.labels(kind="prompt")
@@ -43,6 +48,8 @@ def record_ask(qna: QnA) -> None:
         _PROMPT_TOKENS.inc(qna.prompt_tokens)
     if qna.completion_tokens:
         _COMPLETION_TOKENS.inc(qna.completion_tokens)
+    if qna.is_cut_off and qna.source_id is None:
+        CUT_OFF.labels(reason=qna.finish_reason).inc()
 
 
 def record_failure(code: str) -> None:
