@@ -621,10 +621,81 @@ def test_connections_dropped_every_time_make_the_llm_unavailable(
 ) -> None:
     fake.script(Drop(), Drop())
 
-    with pytest.raises(LLMUnavailable, match="could not be reached after 2 attempts"):
+    with pytest.raises(LLMUnavailable) as caught:
         make_llm(max_attempts=2).complete("Q?")
 
+    assert caught.value.message == (
+        f"The LLM at {fake.base_url} closed the connection before it finished answering"
+        " after 2 attempts."
+    )
     assert fake.calls == 2
+
+
+def test_a_body_not_in_its_content_encoding_says_so(fake: FakeOpenAI, make_llm: MakeLLM) -> None:
+    fake.script(Raw(200, b"not gzip at all", headers={"Content-Encoding": "gzip"}))
+
+    with pytest.raises(LLMUnavailable) as caught:
+        make_llm(max_attempts=1).complete("Q?")
+
+    assert caught.value.message == (
+        f"The LLM at {fake.base_url} sent a body that is not in the Content-Encoding it names."
+    )
+
+
+@pytest.fixture
+def broken_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A server that reads each request and sends back these bytes (`param`), then
+    closes the connection."""
+    reply: bytes = request.param
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(reply)
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.1)
+
+        def accept() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    serve(server.accept()[0])
+
+        acceptor = threading.Thread(target=accept)
+        acceptor.start()
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+        stop.set()
+        acceptor.join()
+
+
+_HALF_AN_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+    b'{"choices": [{"message": {"content": "Par'
+)
+
+
+@pytest.mark.parametrize(
+    ("broken_url", "what"),
+    [
+        (_HALF_AN_ANSWER, "closed the connection before it finished answering"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n",
+            "closed the connection before it finished answering",
+        ),
+        (b"", "closed the connection before it finished answering"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "answered with something that is not an HTTP response"),
+    ],
+    ids=["mid-body", "mid-head", "no-answer", "not-http"],
+    indirect=["broken_url"],
+)
+def test_a_connection_that_breaks_after_it_was_made_is_not_called_unreachable(
+    make_llm: MakeLLM, broken_url: str, what: str
+) -> None:
+    with pytest.raises(LLMUnavailable) as caught:
+        make_llm(base_url=broken_url, max_attempts=1).complete("Q?")
+
+    assert caught.value.message == f"The LLM at {broken_url} {what}."
 
 
 @pytest.fixture

@@ -189,8 +189,10 @@ class ChatCompletionsLLM(ABC):
             what = f"did not answer within {timeout:.3g} s"
         return Failure(LLMTimeout, what, retryable=True, cause=cause)
 
-    def _unreachable(self, cause: BaseException) -> Failure:
-        return Failure(LLMUnavailable, "could not be reached", retryable=True, cause=cause)
+    def _exchange_failed(self, cause: BaseException, what: str) -> Failure:
+        """An exchange that failed short of a status; `what` says how
+        (`broken_exchanges.what_failed`). Worth another try, whichever way it was."""
+        return Failure(LLMUnavailable, what, retryable=True, cause=cause)
 
     def _status_failure(
         self,

@@ -17,6 +17,7 @@ system's trust store and the host name checked, one kept for reuse per ask in fl
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -24,8 +25,20 @@ from typing import Any, NamedTuple
 import gevent
 import gevent.ssl
 from geventhttpclient.connectionpool import ConnectionPool
-from geventhttpclient.response import HTTPParseError, HTTPResponse, HTTPSocketPoolResponse
+from geventhttpclient.response import (
+    HTTPConnectionClosed,
+    HTTPParseError,
+    HTTPResponse,
+    HTTPSocketPoolResponse,
+)
 
+from qna.adapters.broken_exchanges import (
+    ConnectFailed,
+    ExchangeFailed,
+    NotHttp,
+    Undecodable,
+    UnsendableRequest,
+)
 from qna.adapters.llm_pool import SOCKET_OPTIONS
 from qna.adapters.sockets import readable
 
@@ -39,13 +52,7 @@ _BODILESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 MAX_IN_FLIGHT = 100_000
 
 
-class ExchangeFailed(OSError):
-    """The request could not be sent or its response not read: a connection refused,
-    dropped, or answered with something that is not HTTP."""
-
-
-class UnsendableRequest(ValueError):
-    """A header that would break the request apart (CR or LF in it); nothing was sent."""
+_CLOSED_EARLY = re.compile(r"^Incomplete response|^connection closed", re.IGNORECASE)
 
 
 class _OutOfTime(BaseException):
@@ -149,7 +156,8 @@ class GreenHttp:
         timeout: float | None,
     ) -> Response:
         """One request, its answer read whole within `timeout` seconds (else
-        TimeoutError; None: no limit); ExchangeFailed for any other failure. `headers`
+        TimeoutError; None: no limit); ExchangeFailed (ConnectFailed, NotHttp) for any
+        other failure. `headers`
         are sent as given, with Host and Content-Length added when not among them."""
         lines = [f"{method} {target} HTTP/1.1"]
         names = set()
@@ -172,8 +180,13 @@ class GreenHttp:
         except _OutOfTime:
             raise TimeoutError(f"no answer within {timeout:.3g} s") from None
         except HTTPParseError as exc:
-            raise ExchangeFailed(f"not an HTTP response: {exc}") from exc
-        except TimeoutError:  # connecting took longer than the connect timeout
+            # geventhttpclient tells a connection closed mid-answer as a parse error
+            # too: HTTPConnectionClosed before any byte, its parser's "Incomplete
+            # response." or its own "connection closed ..." after some.
+            if isinstance(exc, HTTPConnectionClosed) or _CLOSED_EARLY.search(str(exc)):
+                raise ExchangeFailed(f"the connection closed mid-answer: {exc}") from exc
+            raise NotHttp(f"not an HTTP response: {exc}") from exc
+        except (TimeoutError, ExchangeFailed):  # TimeoutError: connecting took too long
             raise
         except Exception as exc:
             # Any other failure (refused, reset, TLS, a name that does not resolve, a
@@ -181,7 +194,12 @@ class GreenHttp:
             raise ExchangeFailed(str(exc) or type(exc).__name__) from exc
 
     def _exchange(self, method: str, request: bytes) -> Response:
-        sock = self._pool.get_socket()
+        try:
+            sock = self._pool.get_socket()
+        except TimeoutError:
+            raise
+        except Exception as exc:  # refused, no such host, TLS: nothing was sent
+            raise ConnectFailed(str(exc) or type(exc).__name__) from exc
         try:
             sock.sendall(request)  # head and body in one write: one packet
         except BaseException:
@@ -208,4 +226,4 @@ def decoded(response: Response) -> bytes:
     try:
         return zlib.decompress(response.body, wbits)
     except zlib.error as exc:
-        raise ExchangeFailed(f"a body that is not {coding} as it says") from exc
+        raise Undecodable(f"a body that is not {coding} as it says") from exc

@@ -12,7 +12,8 @@ import threading
 
 import httpx2
 
-from qna.adapters.green_http import MAX_IN_FLIGHT, ExchangeFailed, GreenHttp, UnsendableRequest
+from qna.adapters.broken_exchanges import ConnectFailed, ExchangeFailed, UnsendableRequest
+from qna.adapters.green_http import MAX_IN_FLIGHT, GreenHttp
 
 
 class GreenTransport(httpx2.BaseTransport):
@@ -41,6 +42,8 @@ class GreenTransport(httpx2.BaseTransport):
             raise httpx2.ReadTimeout(str(exc), request=request) from exc
         except UnsendableRequest as exc:
             raise httpx2.LocalProtocolError(str(exc), request=request) from exc
+        except ConnectFailed as exc:
+            raise httpx2.ConnectError(str(exc), request=request) from exc
         except ExchangeFailed as exc:
             raise httpx2.NetworkError(str(exc), request=request) from exc
         return httpx2.Response(

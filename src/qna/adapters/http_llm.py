@@ -24,6 +24,12 @@ import urllib3
 from urllib3.exceptions import HTTPError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
+from qna.adapters.broken_exchanges import (
+    UNREACHABLE,
+    ExchangeFailed,
+    UnsendableRequest,
+    what_failed,
+)
 from qna.adapters.chat_completions import (
     ChatCompletionsLLM,
     Failure,
@@ -122,17 +128,17 @@ class HttpLLM(ChatCompletionsLLM):
                 )
             # NewConnectionError (refused, unknown host) subclasses the timeout errors.
             except NewConnectionError as exc:
-                return self._unreachable(exc)
+                return self._exchange_failed(exc, UNREACHABLE)
             except Urllib3TimeoutError as exc:
                 return self._timed_out(timeout, connect_timeout, started, exc)
             except (HTTPError, OSError) as exc:
                 if exchange.expired:  # its socket shut down under it
                     return self._timed_out(timeout, connect_timeout, started, exc)
-                return self._unreachable(exc)
+                return self._exchange_failed(exc, what_failed(exc))
             except ValueError as exc:
                 # http.client refuses a header it cannot send (a key with a newline,
                 # say): nothing was sent, as when the server cannot be reached.
-                return self._unreachable(exc)
+                return self._exchange_failed(exc, UNREACHABLE)
         if exchange.expired:  # a body that ends with the connection ends when cut off
             cut_off = TimeoutError("the answer took longer than the timeout")
             return self._timed_out(timeout, connect_timeout, started, cut_off)
@@ -141,7 +147,7 @@ class HttpLLM(ChatCompletionsLLM):
     def _green_attempt(
         self, body: bytes, timeout: float, connect_timeout: float, started: float
     ) -> Reply | Failure:
-        from qna.adapters.green_http import ExchangeFailed, UnsendableRequest, decoded
+        from qna.adapters.green_http import decoded
 
         assert self._green is not None
         try:
@@ -151,8 +157,10 @@ class HttpLLM(ChatCompletionsLLM):
             data = decoded(response)
         except TimeoutError as exc:
             return self._timed_out(timeout, connect_timeout, started, exc)
-        except (ExchangeFailed, UnsendableRequest) as exc:
-            return self._unreachable(exc)
+        except UnsendableRequest as exc:
+            return self._exchange_failed(exc, UNREACHABLE)
+        except ExchangeFailed as exc:
+            return self._exchange_failed(exc, what_failed(exc))
         headers = {name.lower(): value for name, value in response.headers}
         return self._judged(response.status, headers, data)
 

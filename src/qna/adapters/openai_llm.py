@@ -15,6 +15,7 @@ from typing import Any
 import httpx2
 import openai
 
+from qna.adapters.broken_exchanges import BROKEN_OFF, UNDECODABLE, UNREACHABLE, what_failed
 from qna.adapters.chat_completions import ChatCompletionsLLM, Failure, Reply, error_message
 from qna.adapters.llm_pool import POOL_SIZE, under_gevent
 from qna.adapters.urllib3_transport import Urllib3Transport
@@ -78,12 +79,24 @@ class OpenAILLM(ChatCompletionsLLM):
         except openai.APITimeoutError as exc:
             return self._timed_out(timeout, connect_timeout, started, exc)
         except openai.APIConnectionError as exc:
-            return self._unreachable(exc)
+            return self._exchange_failed(exc, _what_failed(exc))
         except openai.APIStatusError as exc:
             # The SDK hands over the "error" member of OpenAI-style bodies, or the text.
             message = error_message(exc.body)
             return self._status_failure(exc.status_code, exc.response.headers, message, exc)
         return self._read_reply(response.content)
+
+
+def _what_failed(exc: openai.APIConnectionError) -> str:
+    # httpx's own transport (used behind a proxy) says it with httpx's exceptions;
+    # ours pass on what they were given, which `what_failed` reads.
+    cause = exc.__cause__
+    if isinstance(cause, httpx2.DecodingError):
+        return UNDECODABLE
+    if isinstance(cause, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError):
+        known = what_failed(cause)
+        return known if known != UNREACHABLE else BROKEN_OFF
+    return what_failed(exc)
 
 
 def _http_client(green: bool) -> httpx2.Client:
