@@ -11,6 +11,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,10 @@ from sqlalchemy import inspect, text
 
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
+from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
 from qna.adapters.sqlalchemy.tables import metadata
 from qna.domain.errors import StorageUnavailable
+from qna.domain.model import QnA
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -211,6 +214,44 @@ def test_qnas_table_without_its_schema_version_is_refused_naming_what_is_missing
     assert not caught.value.retryable
     assert "no record of its schema version" in caught.value.message
     assert "CREATE TABLE" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("change", "gone"),
+    [
+        ("DROP TABLE qn_a", "qn_a"),
+        ("ALTER TABLE qn_a DROP COLUMN finish_reason", "finish_reason"),
+    ],
+    ids=["table", "column"],
+)
+def test_qnas_schema_gone_under_an_up_to_date_version_is_refused_saying_so(
+    empty_url: str, change: str, gone: str
+) -> None:
+    # A partial restore, or a change made by hand: alembic_version says "up to date".
+    engine = create_engine(empty_url)
+    try:
+        migrate.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(text(change))
+        asked = QnA.ask("Still there?", model="m", now=datetime.now(UTC))
+
+        writing = SqlAlchemyUnitOfWork(engine, autocommit=True)
+        with pytest.raises(StorageUnavailable) as adding, writing as uow:
+            uow.qnas.add(asked)
+        with pytest.raises(StorageUnavailable) as listing, SqlAlchemyUnitOfWork(engine) as uow:
+            uow.qnas.list(limit=5)
+    finally:
+        engine.dispose()
+
+    for caught in (adding, listing):
+        assert not caught.value.retryable
+        assert caught.value.message.startswith(
+            "The database's schema is not the one its alembic_version table records ("
+        )
+        assert gone in caught.value.message
+        assert caught.value.message.endswith(
+            "restore qna's table qn_a as it was, or point DATABASE_URL at an empty database."
+        )
 
 
 def test_the_head_revision_qna_knows_is_the_newest_script() -> None:

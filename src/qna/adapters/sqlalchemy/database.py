@@ -41,13 +41,31 @@ _BROKEN_SQLITE_FILE = frozenset({11, 26})
 _READ_ONLY_SQLSTATE = "25006"
 
 
+# qna's table, or a column of it, is not there though alembic_version says the schema
+# is up to date: a restore of part of the database, a change made by hand. PostgreSQL's
+# undefined_table and undefined_column; SQLite's words for the same.
+_SCHEMA_GONE_SQLSTATES = frozenset({"42P01", "42703"})
+_SQLITE_SCHEMA_GONE = re.compile(r"^no such (table|column): |has no column named ")
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database cannot do the work (down, unreachable, a broken
-    file, read-only), as opposed to a fault in what qna asked of it."""
+    file, read-only, qna's schema gone from under it), as opposed to a fault in what
+    qna asked of it."""
     return (
         isinstance(exc, UNAVAILABLE_ERRORS)
         or _is_broken_sqlite_file(exc)
         or getattr(getattr(exc, "orig", None), "pgcode", None) == _READ_ONLY_SQLSTATE
+        or _is_schema_gone(exc)
+    )
+
+
+def _is_schema_gone(exc: BaseException) -> bool:
+    original = getattr(exc, "orig", None)
+    if getattr(original, "pgcode", None) in _SCHEMA_GONE_SQLSTATES:
+        return True
+    return isinstance(original, sqlite3.OperationalError) and bool(
+        _SQLITE_SCHEMA_GONE.search(str(original))
     )
 
 
@@ -140,6 +158,15 @@ def storage_unavailable(exc: BaseException) -> StorageUnavailable:
             check = "its user name and password"
         return DatabaseLoginRefused(
             f"The database refused the login of DATABASE_URL (check {check}): {refusal.strip()}"
+        )
+    if _is_schema_gone(exc):
+        # No wait mends it, and `qna db upgrade` does not either: the schema's recorded
+        # version is already the newest.
+        return StorageUnavailable(
+            "The database's schema is not the one its alembic_version table records "
+            f"({reason}): restore qna's table qn_a as it was, or point DATABASE_URL at "
+            "an empty database.",
+            retryable=False,
         )
     # A broken file stays broken however long the caller waits.
     return StorageUnavailable(
