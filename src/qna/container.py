@@ -23,10 +23,10 @@ from qna.application.use_cases import (
     GetQnA,
     ListQnA,
     ReapAbandoned,
+    parse_ask,
 )
 from qna.config import ConfigurationError, Settings
 from qna.domain.errors import StorageUnavailable
-from qna.domain.model import parse_question
 
 
 def engine_resource(
@@ -194,15 +194,17 @@ def create_container(settings: Settings | None = None) -> Container:
     return container
 
 
-def ask_question_for(container: Container, question: str, **overrides: Any) -> AskQuestion:
+def ask_question_for(
+    container: Container, question: str, *, fresh: object = False, **overrides: Any
+) -> AskQuestion:
     """The container's AskQuestion (`overrides` as for its provider). If a setting it
-    needs is missing (no API key), an invalid `question` is still refused first, as
-    InvalidQuestion: no setting mends it. Only then: a built use case checks the
-    question itself, and an ask does not pay for it twice."""
+    needs is missing (no API key), an invalid `question` (or `fresh`) is still refused
+    first: no setting mends it. Only then: a built use case checks the ask itself, and
+    an ask does not pay for it twice."""
     try:
         ask_question: AskQuestion = container.ask_question(**overrides)
     except ConfigurationError:
-        parse_question(question, max_length=container.config.max_question_length())
+        parse_ask(question, fresh=fresh, max_length=container.config.max_question_length())
         raise
     return ask_question
 

@@ -300,12 +300,17 @@ def test_no_api_key_and_no_base_url_is_a_configuration_error(database_url: str) 
     assert stored_rows(database_url) == []
 
 
-def test_an_invalid_question_raises_invalid_question_without_an_api_key_too(
-    database_url: str,
+@pytest.mark.parametrize(
+    ("question", "fresh", "error"),
+    [("   ", False, qna.InvalidQuestion), (QUESTION, "no", qna.InvalidArgument)],
+    ids=["question", "fresh"],
+)
+def test_an_invalid_ask_is_refused_as_such_without_an_api_key_too(
+    database_url: str, question: str, fresh: object, error: type[Exception]
 ) -> None:
     # Before: ConfigurationError, as if setting the key would have made "" a question.
-    with qna.connect(database_url=database_url) as client, pytest.raises(qna.InvalidQuestion):
-        client.ask("   ")
+    with qna.connect(database_url=database_url) as client, pytest.raises(error):
+        client.ask(question, fresh=fresh)
 
     assert stored_rows(database_url) == []
 

@@ -77,6 +77,16 @@ class Asked:
     replayed: bool = False
 
 
+def parse_ask(question: str, *, fresh: object, max_length: int) -> str:
+    """The question as it is stored, once the ask is known to be well formed: raises
+    InvalidQuestion, or InvalidArgument for a `fresh` that is not a bool."""
+    text = parse_question(question, max_length=max_length)
+    # Not its truth: "no" and "false" are true to Python, and would skip the cache.
+    if not isinstance(fresh, bool):
+        raise InvalidArgument(f"fresh must be True or False, not {type(fresh).__name__}.")
+    return text
+
+
 class AskQuestion:
     """Record the question, ask the LLM, record the outcome.
 
@@ -130,10 +140,7 @@ class AskQuestion:
         self, question: str, *, fresh: bool = False, idempotency_key: str | None = None
     ) -> Asked:
         """Like calling it, and also says whether the answer is a replay."""
-        text = parse_question(question, max_length=self._max_question_length)
-        # Not its truth: "no" and "false" are true to Python, and would skip the cache.
-        if not isinstance(fresh, bool):
-            raise InvalidArgument(f"fresh must be True or False, not {type(fresh).__name__}.")
+        text = parse_ask(question, fresh=fresh, max_length=self._max_question_length)
         qna = QnA.ask(
             text, model=self._llm.model, now=self._clock(), abandon_after=self._abandon_after
         )

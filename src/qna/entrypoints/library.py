@@ -56,7 +56,7 @@ class Client:
         `qna.OutcomeNotStored` carries the answer the database would not take.
         """
         # No API key: an invalid question is still said first, as `qna ask` says it.
-        return ask_question_for(self._open(), question)(question, fresh=fresh)
+        return ask_question_for(self._open(), question, fresh=fresh)(question, fresh=fresh)
 
     def get(self, qna_id: UUID | str) -> QnA:
         """One stored record, by its full id; raises `qna.NotFound`."""
