@@ -153,7 +153,9 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
-        populate_by_name=True,
+        # Not populate_by_name: pydantic-settings would then read each field's own name
+        # from the environment and .env too (MODEL=, LOG_LEVEL=: other programs' common
+        # variables). A setting given by its field name is renamed in __init__ instead.
         case_sensitive=False,
     )
 
@@ -175,7 +177,7 @@ class Settings(BaseSettings):
             # entrypoint does: with the error a caller of qna catches, naming the variable.
             try:
                 _refuse_lines_dotenv_passes_over(values.get("_env_file", ".env"))
-                super().__init__(**values)
+                super().__init__(**_by_variable(values))
             except ValidationError as exc:
                 raise ConfigurationError(describe_invalid_settings(exc)) from exc
             except UnicodeDecodeError as exc:
@@ -490,6 +492,19 @@ def _setting_fields() -> dict[str, str]:
     return fields
 
 
+def _by_variable(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` under their variables' names (`qna_model`, not `model`), which are what
+    Settings reads; pydantic-settings' own arguments (`_env_file`) as they are."""
+    renamed: dict[str, Any] = {}
+    for name, value in values.items():
+        if name[:1] == "_":
+            renamed[name] = value
+            continue
+        info = Settings.model_fields[setting_field(name, caller="Settings()")]
+        renamed[str(info.validation_alias.choices[-1])] = value  # type: ignore[union-attr]
+    return renamed
+
+
 def setting_field(name: str, *, caller: str) -> str:
     """The field of the setting `name` names, in any case (as Settings takes them); a
     TypeError (as `caller`'s, with the name it may have meant) when it names none."""
@@ -509,7 +524,7 @@ def load_settings(base: Settings | None = None, **overrides: object) -> Settings
         return Settings(**overrides)  # type: ignore[arg-type]
     # model_validate does not go through Settings.__init__, which words the error.
     try:
-        return Settings.model_validate({**base.model_dump(), **overrides})
+        return Settings.model_validate(_by_variable({**base.model_dump(), **overrides}))
     except ValidationError as exc:
         raise ConfigurationError(describe_invalid_settings(exc)) from exc
 

@@ -183,6 +183,21 @@ def test_connect_reads_the_environment(
     assert row["id"] == record.id
 
 
+def test_only_the_documented_variables_are_read_not_the_settings_own_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MODEL, LOG_LEVEL: other programs' variables, in the environment or a shared .env.
+    for name in ("MODEL", "LOG_LEVEL", "API_TOKENS", "RATE_LIMIT", "CACHE_TTL"):
+        monkeypatch.setenv(name, "not qna's")
+    (tmp_path / ".env").write_text("CORS_ORIGINS=*\nDB_POOL_SIZE=0\nQNA_MODEL=from-dotenv\n")
+    monkeypatch.chdir(tmp_path)
+
+    settings = qna.Settings()
+
+    assert settings == qna.Settings(model="from-dotenv", _env_file=None)
+    assert (settings.log_level, settings.api_tokens, settings.cors_origins) == ("INFO", None, "")
+
+
 def test_keyword_overrides_win_over_the_environment(
     fake_openai: FakeOpenAI, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
