@@ -80,8 +80,9 @@ def _install_schema_guard(app: Flask, container: Container) -> None:
     """Migrate before the first unit of work a request opens, if start-up could not.
 
     `qna serve` migrates before the workers start; when the database was down then,
-    the server still starts, and the first request after the database comes back
-    brings the schema up (serialised across processes by the migration lock).
+    the server still starts, and the first request (or /readyz probe) after the
+    database comes back brings the schema up (serialised across processes by the
+    migration lock).
 
     At the first unit of work, not before the view: by then the request has passed
     every check that needs no database (its body, question, Idempotency-Key, limit,
@@ -106,7 +107,14 @@ def _install_schema_guard(app: Flask, container: Container) -> None:
         unit: UnitOfWork = open_unit_of_work(autocommit=autocommit)
         return unit
 
+    def schema_up_to_date() -> None:
+        if not ready.is_set():
+            ensure_schema()
+
     app.extensions["qna.unit_of_work"] = unit_of_work
+    # For /readyz: a server no request reaches (an orchestrator sends none until it is
+    # ready) would otherwise wait for the schema forever.
+    app.extensions["qna.schema_up_to_date"] = schema_up_to_date
 
 
 def _install_request_log(app: Flask) -> None:

@@ -315,6 +315,8 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response:
     try:
+        # Migrates, once, if start-up could not (the database was down then).
+        current_app.extensions["qna.schema_up_to_date"]()
         ready = _container().schema_ready()
     except ConfigurationError as exc:
         # The database refused DATABASE_URL's login: a setting to fix, as on every route.
