@@ -51,10 +51,12 @@ def engine_resource(
         ) from exc
     except OSError as exc:
         # The SQLite file's directory could not be made: a file in the way, a
-        # read-only disk. As unavailable as a file that cannot be opened.
+        # read-only disk, no permission. As unavailable as a file that cannot be
+        # opened, and no wait mends it: `qna serve` refuses to start (exit 6).
         reason = (exc.strerror or str(exc)).lower()
         raise StorageUnavailable(
-            f"The database is unavailable: cannot create the directory {exc.filename}: {reason}"
+            f"The database is unavailable: cannot create the directory {exc.filename}: {reason}",
+            retryable=False,
         ) from exc
     yield engine
     engine.dispose()

@@ -462,13 +462,17 @@ def serve_refusing_to_start(tmp_path: Path, database_url: str) -> tuple[int, str
     return process.returncode, output.decode(errors="replace")
 
 
-@pytest.mark.parametrize("kind", [*BROKEN_SQLITE_FILES, "newer-qna"])
+@pytest.mark.parametrize("kind", [*BROKEN_SQLITE_FILES, "newer-qna", "directory"])
 def test_serve_refuses_a_database_that_waiting_cannot_mend(tmp_path: Path, kind: str) -> None:
     # A database that is down is waited for (503 until it is back); a file that is not
-    # a database, or a schema from a newer qna, would answer 503 for ever.
+    # a database, or a schema from a newer qna, would answer 503 for ever. A directory
+    # that cannot be made (a file in its way) let it start, and every worker die.
     if kind == "newer-qna":
         url = sqlite_url(tmp_path / "qna.db")
         migrate_as_a_newer_qna(url)
+    elif kind == "directory":
+        (tmp_path / "a-file").write_text("")
+        url = sqlite_url(tmp_path / "a-file" / "qna.db")
     else:
         url = broken_sqlite_file(tmp_path / "qna.db", kind)
     returncode, text_output = serve_refusing_to_start(tmp_path, url)
