@@ -1762,6 +1762,21 @@ def test_the_description_of_the_api_spends_no_rate_budget(
         assert_error(ask(client, QUESTION, headers=headers), 429, "rate_limited")
 
 
+def test_a_wrong_method_on_an_uncounted_route_spends_no_rate_budget(
+    make_app: AppFactory, database_url: str
+) -> None:
+    client = make_app(database_url, rate_limit="2/minute").test_client()
+    for _ in range(3):
+        assert_error(client.post("/healthz"), 405, "method_not_allowed")
+        assert_error(client.put("/openapi.json"), 405, "method_not_allowed")
+
+    created(ask(client, QUESTION))
+    created(ask(client, QUESTION))
+    assert_error(ask(client, QUESTION), 429, "rate_limited")
+    # A wrong method on a counted route is limited, as any other request there.
+    assert_error(client.delete("/ask"), 429, "rate_limited")
+
+
 def test_a_429s_retry_after_is_at_least_the_wait(make_app: AppFactory) -> None:
     # No database needed: /metrics is counted against the budget and reads none.
     client = make_app(UNREACHABLE_DATABASE, rate_limit="1/second").test_client()

@@ -175,8 +175,10 @@ def install_rate_limit(app: Flask, limit: str, storage_uri: str) -> Limiter | No
         storage_uri=storage_uri,
         headers_enabled=True,
         retry_after="delta-seconds",
+        # A wrong method on an uncounted route (`POST /healthz`, a 405) is not counted
+        # either: as for the token, it is that route's request.
         application_limits_exempt_when=lambda: (
-            request.endpoint in UNLIMITED_ENDPOINTS or _is_options()
+            _routed_endpoint() in UNLIMITED_ENDPOINTS or _is_options()
         ),
         storage_options=_store_options(storage_uri),
         # A rate-limit store that is down must not take the whole API with it, nor
