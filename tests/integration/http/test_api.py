@@ -721,6 +721,25 @@ def test_openapi_says_options_needs_no_token_and_answers_204_with_allow(
         assert "content" not in options["responses"]["204"], path
 
 
+@pytest.mark.parametrize(("tokens", "limit"), [(None, ""), ("tok-a", ""), (None, "5/minute")])
+def test_openapi_names_401_and_429_only_where_this_server_can_send_them(
+    make_app: AppFactory, database_url: str, tokens: str | None, limit: str
+) -> None:
+    app = make_app(database_url, api_tokens=tokens, rate_limit=limit)
+    document = app.test_client().get("/openapi.json").get_json()
+
+    statuses = {
+        (path, method): set(operation["responses"])
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+    }
+    with_401 = {where for where, sent in statuses.items() if "401" in sent}
+    with_429 = {where for where, sent in statuses.items() if "429" in sent}
+    counted = {("/ask", "post"), ("/questions", "get"), ("/questions/{id}", "get")}
+    assert with_401 == ({*counted, ("/metrics", "get")} if tokens else set())
+    assert with_429 == ({*counted, ("/metrics", "get")} if limit else set())
+
+
 def test_openapi_states_this_servers_limits(client: FlaskClient) -> None:
     document = client.get("/openapi.json").get_json()
 

@@ -380,6 +380,12 @@ def openapi_document(
     }
     for operations in document["paths"].values():
         operations["options"] = _options(operations)
+        # What this server cannot answer: 401 without tokens, 429 without a rate limit.
+        unsent = {"401"} if not auth else set()
+        unsent |= {"429"} if not rate_limited else set()
+        for operation in operations.values():
+            for status in unsent:
+                operation["responses"].pop(status, None)
     _add_common_headers(document["paths"], rate_limited=rate_limited)
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
