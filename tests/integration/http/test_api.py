@@ -740,6 +740,18 @@ def test_openapi_names_401_and_429_only_where_this_server_can_send_them(
     assert with_429 == ({*counted, ("/metrics", "get")} if limit else set())
 
 
+def test_head_answers_as_get_does_without_a_body(client: FlaskClient) -> None:
+    record = created(ask(client, QUESTION))
+    document = client.get("/openapi.json").get_json()
+    assert "answers HEAD" in document["info"]["description"]
+
+    for path in ("/healthz", "/readyz", "/questions", f"/questions/{record['id']}", "/metrics"):
+        got, head = client.get(path), client.head(path)
+        assert (head.status_code, head.mimetype) == (got.status_code, got.mimetype), path
+        assert head.data == b"", path
+    assert client.head(f"/questions/{uuid4()}").status_code == 404
+
+
 def test_openapi_states_this_servers_limits(client: FlaskClient) -> None:
     document = client.get("/openapi.json").get_json()
 

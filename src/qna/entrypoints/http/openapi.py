@@ -220,7 +220,8 @@ def openapi_document(
             "version": "1",
             "description": "Ask an LLM a question; every question, answer and failure is kept. "
             f"Bodies are JSON (at most {max_body_bytes} bytes); every error is "
-            '`{"error": {"code": ..., "message": ...}}`.',
+            '`{"error": {"code": ..., "message": ...}}`. Every GET operation also '
+            "answers HEAD, with the status and headers GET would send and no body.",
         },
         "paths": {
             "/ask": {
