@@ -384,7 +384,43 @@ def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
     assert reply.headers.get("content-type") == "application/json"
     assert reply.json()["error"]["code"] == code
     # The README: every response carries X-Request-ID.
-    assert re.fullmatch(r"[0-9a-f]{32}", reply.headers.get("x-request-id", "")), reply.headers
+    request_id = reply.headers.get("x-request-id", "")
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id), reply.headers
+    # ... and the log has a JSON line for every request, with its id to trace it by.
+    logged = _log_entries(server)
+    assert {
+        "logger": "qna.http",
+        "msg": "request",
+        "status": status,
+        "request_id": request_id,
+    }.items() <= next(
+        (entry for entry in logged if entry.get("request_id") == request_id), {}
+    ).items()
+
+
+def _log_entries(server: Server) -> list[dict[str, Any]]:
+    """Every line the server logged, each one read as JSON (the test fails on any other)."""
+    deadline = time.monotonic() + 5  # the worker writes its line after the reply
+    while True:
+        lines = server.output().splitlines()
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                pytest.fail(f"not a JSON line in the log: {line!r}")
+        if any(entry.get("msg") == "request" for entry in entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)
+
+
+def test_gunicorns_own_lines_are_json_too(server: Server) -> None:
+    entries = _log_entries(server)
+
+    assert any(
+        entry["logger"] == "gunicorn.error" and "Booting worker" in entry["msg"]
+        for entry in entries
+    )
 
 
 @pytest.mark.parametrize("server", ["gevent", "gthread"], indirect=True)

@@ -27,6 +27,7 @@ import tempfile
 import uuid
 from typing import Any
 
+from gunicorn import glogging as gunicorn_glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
@@ -34,7 +35,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
 
-from qna.adapters.structured_logging import configure_logging
+from qna.adapters.structured_logging import JsonFormatter, configure_logging
 from qna.config import Settings
 from qna.container import check_llm_settings, create_container, shutdown, upgrade_database
 from qna.domain.errors import StorageUnavailable
@@ -54,14 +55,35 @@ def _json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
         status_int, reason = 400, "Bad Request"
     code = code_for(status_int)
     body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
+    request_id = uuid.uuid4().hex
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
         "Connection: close\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
-        f"X-Request-ID: {uuid.uuid4().hex}\r\n\r\n"
+        f"X-Request-ID: {request_id}\r\n\r\n"
     ).encode("latin-1")
+    # The request's line in the log, as the app writes one for each it answers (its
+    # method and path unknown: it could not be read), so the id can be traced.
+    _request_log.info(
+        "request", extra={"status": status_int, "code": code, "request_id": request_id}
+    )
     gunicorn_util.write_nonblock(sock, head + body)
+
+
+# The app's request log (app.py), which the workers' app sends to stderr as JSON.
+_request_log = logging.getLogger("qna.http")
+
+
+class JsonLogger(gunicorn_glogging.Logger):  # type: ignore[misc]
+    """gunicorn's own log lines (starting, workers booting, a request it could not
+    read) as JSON lines, as qna's are: one stream a program can read."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            if getattr(handler, "_gunicorn", False):
+                handler.setFormatter(JsonFormatter())
 
 
 class ClosingResponse(gunicorn_wsgi.Response):  # type: ignore[misc]
@@ -336,6 +358,7 @@ def serve(
         "backlog": 2048,
         "accesslog": None,
         "errorlog": "-",
+        "logger_class": f"{__name__}.{JsonLogger.__name__}",
         "loglevel": settings.log_level.lower(),
         "proc_name": "qna",
         # gunicorn's control socket has one default path per user: two servers on
