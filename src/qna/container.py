@@ -211,6 +211,17 @@ def ask_question_for(
     return ask_question
 
 
+def interruptible_database_waits(container: Container) -> None:
+    """For the command line only (process-wide): a Ctrl-C while it waits for
+    PostgreSQL (a statement behind a lock) ends the command at once, not when the
+    statement does (`adapters/sqlalchemy/interruptible.py`)."""
+    url = container.config.database_url()
+    if url and url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
+        from qna.adapters.sqlalchemy.interruptible import make_psycopg_interruptible
+
+        make_psycopg_interruptible()
+
+
 def rebuilt(container: Container) -> Container:
     """A container of `container`'s settings, none of whose resources are built yet."""
     fresh = Container()

@@ -18,6 +18,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from sqlalchemy import Connection, text
 
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine
@@ -545,6 +546,67 @@ def test_an_interrupt_while_the_llm_thinks_closes_the_record(
     assert stdout == ""
     [row] = stored_rows(database_url)
     assert (row["status"], row["error_kind"]) == ("failed", "abandoned")
+
+
+@pytest.mark.postgres
+@EACH_INTERRUPT
+def test_an_interrupt_while_postgresql_makes_it_wait_ends_the_command_at_once(
+    fake_openai: FakeOpenAI,
+    env: dict[str, str],
+    postgres_url: str,
+    signum: int,
+    exit_code: int,
+    said: str,
+) -> None:
+    # libpq waits in C, where Python runs no signal handler: the interrupt took
+    # effect only once the statement ended, QNA_DB_STATEMENT_TIMEOUT_S later.
+    holder = create_engine(postgres_url)
+    try:
+        # Watched from another connection: within the lock's transaction, the
+        # activity view would keep showing the snapshot it first took.
+        with holder.connect() as locking, holder.connect() as watching:
+            locking.execute(text("LOCK TABLE qn_a IN ACCESS EXCLUSIVE MODE"))
+            process = subprocess.Popen(
+                [*qna_command(), "ask", QUESTION],
+                env={**env, "DATABASE_URL": postgres_url, "QNA_DB_STATEMENT_TIMEOUT_S": "60"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            _wait_until_waiting_on_a_lock(watching, process)
+            process.send_signal(signum)
+            stdout, stderr = process.communicate(timeout=5)  # not 60: at once
+            # The server stopped the statement too: nothing waits behind the lock.
+            assert _waiting_on_a_lock(watching) == 0
+            locking.rollback()
+    finally:
+        holder.dispose()
+
+    assert process.returncode == exit_code, stderr
+    assert stderr == f"qna: error: {said}\n"
+    assert stdout == ""
+    assert fake_openai.calls == 0
+    assert stored_rows(postgres_url) == []  # the insert that waited never happened
+
+
+def _waiting_on_a_lock(connection: Connection) -> int:
+    connection.rollback()  # a fresh snapshot of the activity view
+    return int(
+        connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        ).scalar_one()
+    )
+
+
+def _wait_until_waiting_on_a_lock(connection: Connection, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while _waiting_on_a_lock(connection) == 0:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "qna never reached the locked table"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("delay", [0.1, 0.2, 0.35])

@@ -305,9 +305,10 @@ class AppContext:
     def container(self, *, migrate: bool = True) -> Container:
         if self._container is None:
             with interrupts_held():
-                from qna.container import create_container
+                from qna.container import create_container, interruptible_database_waits
 
                 self._container = create_container(Settings())
+                interruptible_database_waits(self._container)
         if migrate and not self._migrated:
             from qna.container import upgrade_database
 

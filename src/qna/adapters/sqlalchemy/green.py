@@ -17,6 +17,8 @@ import psycopg2
 from psycogreen.gevent import gevent_wait_callback
 from psycopg2 import extensions
 
+from qna.adapters.sqlalchemy.interruptible import connect_timeout_of
+
 
 def make_psycopg_cooperative() -> None:
     """Install the wait callback (once gevent has monkey-patched the process)."""
@@ -27,7 +29,7 @@ def wait_cooperatively(connection: Any) -> None:
     if connection.status != extensions.STATUS_SETUP:
         gevent_wait_callback(connection)
         return
-    timeout = _connect_timeout(connection.dsn)
+    timeout = connect_timeout_of(connection.dsn)
     try:
         gevent_wait_callback(connection, timeout=timeout)
     except TimeoutError as exc:  # gevent's socket.timeout
@@ -35,11 +37,3 @@ def wait_cooperatively(connection: Any) -> None:
         raise psycopg2.OperationalError(
             f"connection to the database timed out after {timeout:g} s"
         ) from exc
-
-
-def _connect_timeout(dsn: str) -> float | None:
-    try:
-        value = float(extensions.parse_dsn(dsn).get("connect_timeout", ""))
-    except (ValueError, psycopg2.ProgrammingError):
-        return None
-    return value if value > 0 else None
