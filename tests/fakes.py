@@ -113,7 +113,7 @@ class FakeLLM:
 
 def _status_read(qna: QnA, abandoned: Abandonment | None) -> Status:
     """The status a reader is told: a pending record that is `abandoned` is failed."""
-    if abandoned is not None and qna.is_abandoned(now=abandoned.now, after=abandoned.after):
+    if abandoned is not None and qna.is_abandoned(abandoned):
         return Status.FAILED
     return qna.status
 
@@ -225,11 +225,7 @@ class FakeRepository:
         return added
 
     def list_pending(self, *, abandoned: Abandonment, limit: int) -> Sequence[QnA]:
-        pending = [
-            qna
-            for qna in self._visible().values()
-            if qna.is_abandoned(now=abandoned.now, after=abandoned.after)
-        ]
+        pending = [qna for qna in self._visible().values() if qna.is_abandoned(abandoned)]
         return copy.deepcopy(sorted(pending, key=_key)[:limit])
 
     def _wrote(self) -> None:

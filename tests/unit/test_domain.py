@@ -20,7 +20,7 @@ from qna.domain import (
     Status,
     parse_question,
 )
-from qna.domain.model import normalise_for_cache
+from qna.domain.model import Abandonment, normalise_for_cache
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=3)
@@ -407,6 +407,24 @@ def test_a_failure_is_never_cut_off() -> None:
     _fail(qna)
 
     assert not qna.is_cut_off
+
+
+def test_a_pending_record_is_abandoned_past_its_own_deadline_when_it_has_one() -> None:
+    own = QnA.ask("Q?", model="m", now=NOW, abandon_after=timedelta(minutes=3))
+    older = QnA.ask("Q?", model="m", now=NOW)  # stored before records kept a deadline
+
+    def abandoned(record: QnA, *, at: timedelta, reader_allows: timedelta) -> bool:
+        return record.is_abandoned(Abandonment(NOW + at, reader_allows))
+
+    # Its own 3 minutes, whatever the reader would allow.
+    assert not abandoned(own, at=timedelta(minutes=3), reader_allows=timedelta(seconds=1))
+    assert abandoned(own, at=timedelta(minutes=3, seconds=1), reader_allows=timedelta(hours=1))
+    # The reader's allowance for a record that does not say.
+    assert not abandoned(older, at=timedelta(minutes=5), reader_allows=timedelta(minutes=5))
+    assert abandoned(older, at=timedelta(minutes=5, seconds=1), reader_allows=timedelta(minutes=5))
+    # Never once it has an outcome.
+    _answer(own)
+    assert not abandoned(own, at=timedelta(days=1), reader_allows=timedelta(0))
 
 
 def test_abandon_marks_the_record_failed() -> None:

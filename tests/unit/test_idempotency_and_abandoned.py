@@ -15,7 +15,7 @@ from qna.domain.errors import (
     LLMUnavailable,
     StorageUnavailable,
 )
-from qna.domain.model import QnA, Status
+from qna.domain.model import Abandonment, QnA, Status
 from tests.fakes import FakeClock, FakeLLM, FakeRepository, FakeTimer, FakeUnitOfWorkFactory
 
 
@@ -438,7 +438,7 @@ def test_closing_abandoned_records_keeps_an_answer_that_landed_since_they_were_r
 
     records = [r for r in read if r is not None]
     with uow() as unit:
-        closed = _close_abandoned(unit, records, now=clock(), after=timedelta(minutes=5))
+        closed = _close_abandoned(unit, records, Abandonment(clock(), timedelta(minutes=5)))
 
     assert closed == 1
     assert [(r.status, r.answer) for r in records] == [

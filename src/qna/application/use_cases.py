@@ -221,7 +221,7 @@ class AskQuestion:
             with self._uow() as uow:
                 holder = uow.qnas.get_by_idempotency_key(key)
                 if holder is not None and self._frees_its_key(holder, qna):
-                    if holder.is_abandoned(now=qna.created_at, after=self._abandon_after):
+                    if holder.is_abandoned(Abandonment(qna.created_at, self._abandon_after)):
                         # Its asker died: close it, so the history says so — unless
                         # its answer landed after all (then the next read replays it).
                         holder.abandon(now=qna.created_at)
@@ -271,7 +271,7 @@ class AskQuestion:
         # A failed ask is retried for real; the failed record stays in the history.
         # So is one whose asker died mid-ask, leaving it pending for good.
         return holder.status is Status.FAILED or holder.is_abandoned(
-            now=asking.created_at, after=self._abandon_after
+            Abandonment(asking.created_at, self._abandon_after)
         )
 
     def _save(self, qna: QnA, *, llm_error: LLMError | None = None) -> None:
@@ -316,16 +316,16 @@ class _ReadsHistory:
         so when the database takes the write, in a unit of work of its own. The read
         does not fail for want of it: a database that takes no writes (a standby, a
         read-only file) still shows its history."""
-        now = now if now is not None else self._clock()
-        if not any(qna.is_abandoned(now=now, after=self._abandon_after) for qna in records):
+        abandoned = Abandonment(now if now is not None else self._clock(), self._abandon_after)
+        if not any(qna.is_abandoned(abandoned) for qna in records):
             return
         try:
             with self._uow() as uow:
-                _close_abandoned(uow, records, now=now, after=self._abandon_after)
+                _close_abandoned(uow, records, abandoned)
         except StorageUnavailable:
             for qna in records:
-                if qna.is_abandoned(now=now, after=self._abandon_after):
-                    qna.abandon(now=now)
+                if qna.is_abandoned(abandoned):
+                    qna.abandon(now=abandoned.now)
 
 
 class GetQnA(_ReadsHistory):
@@ -464,19 +464,15 @@ class ReapAbandoned(_ReadsHistory):
     def __call__(self) -> int:
         closed = 0
         while True:
-            now = self._clock()
+            abandoned = Abandonment(self._clock(), self._abandon_after)
             with self._uow() as uow:
-                stale = uow.qnas.list_pending(
-                    abandoned=Abandonment(now, self._abandon_after), limit=self.BATCH
-                )
-                closed += _close_abandoned(uow, stale, now=now, after=self._abandon_after)
+                stale = uow.qnas.list_pending(abandoned=abandoned, limit=self.BATCH)
+                closed += _close_abandoned(uow, stale, abandoned)
             if len(stale) < self.BATCH:
                 return closed
 
 
-def _close_abandoned(
-    uow: UnitOfWork, records: Sequence[QnA], *, now: datetime, after: timedelta
-) -> int:
+def _close_abandoned(uow: UnitOfWork, records: Sequence[QnA], abandoned: Abandonment) -> int:
     """A pending record older than any ask can last is reported, and stored, as failed.
 
     Only if it is still pending when written: an answer that landed since it was read
@@ -484,9 +480,9 @@ def _close_abandoned(
     """
     closed = 0
     for qna in records:
-        if not qna.is_abandoned(now=now, after=after):
+        if not qna.is_abandoned(abandoned):
             continue
-        qna.abandon(now=now)
+        qna.abandon(now=abandoned.now)
         if uow.qnas.close_pending(qna):
             closed += 1
             continue

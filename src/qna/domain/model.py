@@ -178,13 +178,15 @@ class QnA:
         """Answered, but not with a whole answer: the LLM stopped short (`CUT_OFF_REASONS`)."""
         return self.status is Status.ANSWERED and self.finish_reason in CUT_OFF_REASONS
 
-    def is_abandoned(self, *, now: datetime, after: timedelta) -> bool:
-        """Still pending long after its ask could have finished: its asker died.
-        `after`: how long asks may take, for a record that does not say (`abandon_at`)."""
+    def is_abandoned(self, abandonment: Abandonment) -> bool:
+        """Still pending long after its ask could have finished: its asker died. Past
+        its own `abandon_at`, or, for a record that does not say, created longer ago
+        than `abandonment.after`."""
         if self.status is not Status.PENDING:
             return False
-        abandon_at = self.abandon_at if self.abandon_at is not None else self.created_at + after
-        return abandon_at < now
+        if self.abandon_at is not None:
+            return self.abandon_at < abandonment.now
+        return self.created_at < abandonment.created_before
 
     def abandon(self, *, now: datetime) -> None:
         """Close a record whose asker died before the LLM answered."""
