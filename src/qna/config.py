@@ -113,20 +113,22 @@ def _origin(text: str) -> str:
 _ORIGIN_EXAMPLE = "https://app.example.com"
 
 
-def _refuse_lines_dotenv_passes_over(env_file: object) -> None:
+def _refuse_lines_dotenv_passes_over(env_files: object, encoding: str) -> None:
     """A .env line python-dotenv cannot read is passed over with a warning of its own
     (not qna's one line), and the settings on it silently take their defaults: an
     unclosed quote swallowed DATABASE_URL, and the records went to the default file.
-    Checked on a regular file only: a named pipe (a secrets tool's) is read once."""
-    if not isinstance(env_file, str | os.PathLike) or not Path(env_file).is_file():
-        return
-    with open(env_file, encoding="utf-8") as stream:
-        for binding in parse_stream(stream):
-            if binding.error:
-                raise ConfigurationError(
-                    f"The .env file cannot be read: line {binding.original.line} is not "
-                    "NAME=value (is a quote left open?)."
-                )
+    `env_files`: one path or several, as pydantic-settings takes them. Checked on a
+    regular file only: a named pipe (a secrets tool's) is read once."""
+    for env_file in env_files if isinstance(env_files, list | tuple) else [env_files]:
+        if not isinstance(env_file, str | os.PathLike) or not Path(env_file).is_file():
+            continue
+        with open(env_file, encoding=encoding) as stream:
+            for binding in parse_stream(stream):
+                if binding.error:
+                    raise ConfigurationError(
+                        f"The .env file cannot be read: line {binding.original.line} is not "
+                        "NAME=value (is a quote left open?)."
+                    )
 
 
 _URL_SETTINGS = frozenset({"database_url", "openai_base_url", "rate_limit_storage"})
@@ -175,16 +177,17 @@ class Settings(BaseSettings):
                 )
             # Settings built directly (`qna.Settings(...)`) refuse a value as every
             # entrypoint does: with the error a caller of qna catches, naming the variable.
+            encoding = values.get("_env_file_encoding") or "UTF-8"
             try:
-                _refuse_lines_dotenv_passes_over(values.get("_env_file", ".env"))
+                _refuse_lines_dotenv_passes_over(values.get("_env_file", ".env"), encoding)
                 super().__init__(**_by_variable(values))
             except ValidationError as exc:
                 raise ConfigurationError(describe_invalid_settings(exc)) from exc
             except UnicodeDecodeError as exc:
                 # Saved as Latin-1 (say) by an editor; unchecked, an internal error.
                 raise ConfigurationError(
-                    f"The .env file is not UTF-8 text: byte {exc.object[exc.start]:#04x} "
-                    f"at offset {exc.start}."
+                    f"The .env file is not {encoding} text: byte "
+                    f"{exc.object[exc.start]:#04x} at offset {exc.start}."
                 ) from None
             except OSError as exc:
                 # Unreadable (its permissions, a disk error): a setting to fix, not a bug.

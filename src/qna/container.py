@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -52,14 +53,21 @@ def engine_resource(
     except OSError as exc:
         # The SQLite file's directory could not be made: a file in the way, a
         # read-only disk, no permission. As unavailable as a file that cannot be
-        # opened, and no wait mends it: `qna serve` refuses to start (exit 6).
+        # opened; when no wait mends it, `qna serve` refuses to start (exit 6). A
+        # full disk, an I/O error, may pass.
         reason = (exc.strerror or str(exc)).lower()
         raise StorageUnavailable(
             f"The database is unavailable: cannot create the directory {exc.filename}: {reason}",
-            retryable=False,
+            retryable=exc.errno not in _DIRECTORY_FOR_GOOD,
         ) from exc
     yield engine
     engine.dispose()
+
+
+# Why a directory could not be made, that waiting does not change.
+_DIRECTORY_FOR_GOOD = frozenset(
+    {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS}
+)
 
 
 def llm_resource(

@@ -379,6 +379,20 @@ def test_a_dot_env_that_is_not_utf8_is_a_configuration_error(tmp_path: Path) -> 
         qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}")
 
 
+def test_settings_read_dot_env_files_in_the_encoding_they_are_given(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.env"
+    latin.write_bytes(b"QNA_MODEL=caf\xe9\n")
+    broken = tmp_path / "broken.env"
+    broken.write_bytes(b'QNA_CACHE_TTL=5\nDATABASE_URL="sqlite:///x.db\n')
+
+    assert qna.Settings(_env_file=latin, _env_file_encoding="latin-1").model == "café"
+    with pytest.raises(qna.ConfigurationError, match="not UTF-8 text: byte 0xe9"):
+        qna.Settings(_env_file=latin)
+    # The check of every line, for each of several files.
+    with pytest.raises(qna.ConfigurationError, match="line 2 is not NAME=value"):
+        qna.Settings(_env_file=[latin, broken], _env_file_encoding="latin-1")
+
+
 def test_connect_validates_overrides_and_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(qna.ConfigurationError, match="QNA_LLM_MAX_ATTEMPTS"):
         qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}", llm_max_attempts="abc")

@@ -685,8 +685,12 @@ _HALF_AN_ANSWER = (
         ),
         (b"", "closed the connection before it finished answering"),
         (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "answered with something that is not an HTTP response"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+            "answered with something that is not an HTTP response",
+        ),
     ],
-    ids=["mid-body", "mid-head", "no-answer", "not-http"],
+    ids=["mid-body", "mid-head", "no-answer", "not-http", "bad-chunk-size"],
     indirect=["broken_url"],
 )
 def test_a_connection_that_breaks_after_it_was_made_is_not_called_unreachable(
@@ -979,6 +983,28 @@ def test_goes_through_the_proxy_named_in_http_proxy(
 
     assert llm.complete("Through the proxy?").text == DEFAULT_ANSWER
     assert fake.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("broken_url", "what"),
+    [
+        (_HALF_AN_ANSWER, "closed the connection before it finished answering"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "answered with something that is not an HTTP response"),
+    ],
+    ids=["mid-body", "not-http"],
+    indirect=["broken_url"],
+)
+def test_a_proxy_that_breaks_the_exchange_is_told_as_without_one(
+    make_llm: MakeLLM, proxy_env: pytest.MonkeyPatch, broken_url: str, what: str
+) -> None:
+    # Behind a proxy the SDK sends through httpx's own transport, with its own errors.
+    proxy_env.setenv("HTTP_PROXY", broken_url.rsplit("/v1", 1)[0])
+    url = "http://llm.example.invalid/v1"
+
+    with pytest.raises(LLMUnavailable) as caught:
+        make_llm(base_url=url, max_attempts=1).complete("Q?")
+
+    assert caught.value.message == f"The LLM at {url} {what}."
 
 
 def test_no_proxy_sends_straight_to_the_server(

@@ -4,14 +4,18 @@ tests/e2e/test_cli.py and tests/integration/http/test_api.py (a wrong password).
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 import sqlite3
+from pathlib import Path
 
 import psycopg2
 import pytest
 from sqlalchemy.exc import DatabaseError, InternalError, OperationalError
 
-from qna.adapters.sqlalchemy.database import is_unavailable, storage_unavailable
+from qna.adapters.sqlalchemy.database import is_unavailable, sqlite_url, storage_unavailable
+from qna.container import engine_resource
 from qna.domain.errors import ConfigurationError, DatabaseLoginRefused, StorageUnavailable
 
 PREFIX = 'connection to server at "db.example.com" (10.0.0.5), port 5432 failed: '
@@ -212,3 +216,37 @@ def test_a_refused_login_pickles_as_itself() -> None:
 
     assert type(copy) is DatabaseLoginRefused
     assert (copy.message, copy.retryable) == (error.message, False)
+
+
+@pytest.mark.parametrize(
+    ("errno_", "retryable"),
+    [
+        (errno.ENOTDIR, False),  # a file where a directory should be
+        (errno.EACCES, False),
+        (errno.EROFS, False),
+        (errno.ENOSPC, True),  # a full disk may be cleared
+        (errno.EIO, True),
+    ],
+    ids=["not-a-directory", "no-permission", "read-only", "disk-full", "io-error"],
+)
+def test_a_sqlite_directory_that_cannot_be_made_is_waited_for_only_when_it_may_pass(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, errno_: int, retryable: bool
+) -> None:
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno_, os.strerror(errno_), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    resource = engine_resource(
+        sqlite_url(tmp_path / "sub" / "qna.db"),
+        pool_size=1,
+        connect_timeout=1,
+        statement_timeout=0,
+    )
+
+    with pytest.raises(StorageUnavailable) as caught:
+        next(resource)
+
+    assert caught.value.retryable is retryable
+    assert caught.value.message.startswith(
+        f"The database is unavailable: cannot create the directory {tmp_path / 'sub'}: "
+    )

@@ -12,7 +12,7 @@ import http.client
 import zlib
 from collections.abc import Iterator
 
-from urllib3.exceptions import DecodeError, NewConnectionError, ProtocolError
+from urllib3.exceptions import DecodeError, InvalidChunkLength, NewConnectionError, ProtocolError
 
 
 class ExchangeFailed(OSError):
@@ -52,25 +52,31 @@ _BROKEN_OFF = (
 def what_failed(exc: BaseException) -> str:
     """What became of the exchange that raised `exc`, in the words above. A failure not
     known to have happened after connecting reads as the server not being reached."""
-    connected = False
+    connected = broken_off = False
     for link in _causes(exc):
         if isinstance(link, NewConnectionError | ConnectFailed):
             return UNREACHABLE
         if isinstance(link, DecodeError | Undecodable | zlib.error):
             return UNDECODABLE
-        if isinstance(link, NotHttp):
+        if isinstance(link, NotHttp | InvalidChunkLength):
             return NOT_HTTP
         if isinstance(link, ExchangeFailed):  # any other failure of geventhttpclient's
             return BROKEN_OFF
+        if broken_off:
+            # urllib3 tells a chunk size that is no number as an IncompleteRead too,
+            # caused by int()'s ValueError.
+            if type(link) is ValueError:
+                return NOT_HTTP
+            continue
         # Before HTTPException: RemoteDisconnected is a BadStatusLine too.
         if isinstance(link, _BROKEN_OFF):
-            return BROKEN_OFF
-        if isinstance(link, http.client.HTTPException):
+            broken_off = True
+        elif isinstance(link, http.client.HTTPException):
             return NOT_HTTP
         # Raised only once a connection was made: urllib3's "Connection aborted." and
         # "Connection broken: ...".
         connected = connected or isinstance(link, ProtocolError)
-    return BROKEN_OFF if connected else UNREACHABLE
+    return BROKEN_OFF if connected or broken_off else UNREACHABLE
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

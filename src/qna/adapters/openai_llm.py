@@ -15,7 +15,13 @@ from typing import Any
 import httpx2
 import openai
 
-from qna.adapters.broken_exchanges import BROKEN_OFF, UNDECODABLE, UNREACHABLE, what_failed
+from qna.adapters.broken_exchanges import (
+    BROKEN_OFF,
+    NOT_HTTP,
+    UNDECODABLE,
+    UNREACHABLE,
+    what_failed,
+)
 from qna.adapters.chat_completions import ChatCompletionsLLM, Failure, Reply, error_message
 from qna.adapters.llm_pool import POOL_SIZE, under_gevent
 from qna.adapters.urllib3_transport import Urllib3Transport
@@ -95,7 +101,16 @@ def _what_failed(exc: openai.APIConnectionError) -> str:
         return UNDECODABLE
     if isinstance(cause, httpx2.RemoteProtocolError | httpx2.ReadError | httpx2.WriteError):
         known = what_failed(cause)
-        return known if known != UNREACHABLE else BROKEN_OFF
+        if known != UNREACHABLE:
+            return known  # ours: the transport over urllib3 or geventhttpclient
+        # httpx's own: "Server disconnected ..." or "peer closed connection ..." when
+        # the connection closed, else its parser's words for what is not HTTP
+        # ("illegal status line", ...).
+        if isinstance(cause, httpx2.RemoteProtocolError) and not str(cause).startswith(
+            ("Server disconnected", "peer closed connection")
+        ):
+            return NOT_HTTP
+        return BROKEN_OFF
     return what_failed(exc)
 
 

@@ -505,6 +505,9 @@ def cli(ctx: click.Context) -> None:
 def ask(app: AppContext, question: str, as_json: bool, fresh: bool) -> None:
     """Ask QUESTION and print the answer. Use - to read the question from stdin.
 
+    An answer the LLM cut off (its token limit, a content filter) is printed all
+    the same, with a note on stderr.
+
     \b
     Exit codes: 0 answered, 3 configuration, 4 invalid question,
     6 database unavailable (an answer it could not store is printed all the same),
@@ -717,8 +720,9 @@ def serve(
     \b
     Exit codes: 0 stopped by SIGTERM (asks in flight may finish within
     --graceful-timeout; those still running then are cut off), 3 configuration,
-    6 a database that waiting cannot mend (not a database, corrupt, a schema qna
-    does not know; one that is down is waited for), 12 cannot listen on --host
+    6 a database that waiting cannot mend (not a database, corrupt, a SQLite
+    directory that cannot be made, a schema qna does not know or whose table is
+    gone; one that is down is waited for), 12 cannot listen on --host
     and --port (in use, not this machine's address), 130 stopped by Ctrl-C and
     131 by SIGQUIT (at once: asks in flight are cut off).
     """

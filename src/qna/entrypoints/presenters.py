@@ -62,9 +62,9 @@ class QnAOut(BaseModel):
     finish_reason: str | None = Field(
         description="Why the LLM stopped, as it said: stop (the answer is whole), length "
         "(cut off at the model's token limit), content_filter (cut by the provider's "
-        "filter), or another provider's word. Null when it did not say, unless status is "
-        "answered, and in records stored before qna kept it. A cut-off answer is never "
-        "served from the cache."
+        "filter), or another provider's word. Null when status is not answered, when the "
+        "LLM did not say, and in records stored before qna kept it. A cut-off answer is "
+        "never served from the cache."
     )
     latency_ms: int | None = Field(description="Time spent waiting for the LLM, retries included.")
     created_at: datetime
