@@ -242,9 +242,16 @@ def warm_up(container: Container) -> None:
 
     dependency-injector's Resource providers do not lock: a burst of first requests
     would each build an engine and an LLM client, and only the last one would be
-    closed. A missing API key is left for the first ask to report.
+    closed. A missing API key is left for the first ask to report. So is a database
+    that may come back (a SQLite directory on a full disk, say): in `qna serve`'s
+    workers the first request builds the engine, one at a time (the app's schema
+    guard), and is told 503 until then — the worker does not die of it.
     """
-    container.engine()
+    try:
+        container.engine()
+    except StorageUnavailable as exc:
+        if not exc.retryable:
+            raise
     with contextlib.suppress(ConfigurationError):
         container.llm()
 

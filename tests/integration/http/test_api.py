@@ -7,6 +7,7 @@ played by a local OpenAI-compatible server.
 from __future__ import annotations
 
 import base64
+import errno
 import gzip
 import hashlib
 import json
@@ -562,6 +563,33 @@ def test_an_invalid_question_is_400_from_an_app_without_an_llm_setting_too(
 
     assert_error(ask(client, "   "), 400, "invalid_question")
     assert stored_rows(database_url) == []
+
+
+def test_a_sqlite_directory_on_a_full_disk_is_503_until_there_is_room(
+    make_app: AppFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker built its engine as it started, and died of a full disk (gunicorn
+    # then stopped the whole server); it now waits, as for a database that is down.
+    make_directory = Path.mkdir
+    disk_full = True
+
+    def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        if disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        make_directory(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    client = make_app(sqlite_url(tmp_path / "data" / "qna.db")).test_client()
+
+    assert client.get("/healthz").status_code == 200
+    refused = client.get("/questions")
+    error = assert_error(refused, 503, "database_unavailable")
+    assert "no space left on device" in error["message"]
+    assert int(refused.headers["Retry-After"]) >= 1
+
+    disk_full = False
+    assert client.get("/readyz").get_json() == {"status": "ready"}
+    created(ask(client, QUESTION))
 
 
 def test_a_database_migrated_by_a_newer_qna_is_503_saying_so(
