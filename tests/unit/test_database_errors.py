@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import socket
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
@@ -250,3 +252,52 @@ def test_a_sqlite_directory_that_cannot_be_made_is_waited_for_only_when_it_may_p
     assert caught.value.message.startswith(
         f"The database is unavailable: cannot create the directory {tmp_path / 'sub'}: "
     )
+
+
+@pytest.fixture
+def interruptible() -> Iterator[None]:
+    """The command line's psycopg2 wait callback, for this test only (it is global)."""
+    from psycopg2 import extensions
+
+    from qna.adapters.sqlalchemy.interruptible import make_psycopg_interruptible
+
+    assert extensions.get_wait_callback() is None
+    make_psycopg_interruptible()
+    try:
+        yield
+    finally:
+        extensions.set_wait_callback(None)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    ["host=127.0.0.1 port=1 dbname=x user=u", f"host={Path('/nonexistent-dir')} dbname=x user=u"],
+    ids=["tcp", "unix-socket"],
+)
+def test_a_failed_connect_names_the_server_as_a_blocking_one_does(
+    interruptible: None, dsn: str
+) -> None:
+    # libpq leaves "connection to server at ..." out when it connects asynchronously.
+    from psycopg2 import extensions
+
+    callback = extensions.get_wait_callback()
+    extensions.set_wait_callback(None)
+    with pytest.raises(psycopg2.OperationalError) as blocking:
+        psycopg2.connect(dsn)
+    extensions.set_wait_callback(callback)
+
+    with pytest.raises(psycopg2.OperationalError) as waited:
+        psycopg2.connect(dsn)
+
+    assert str(waited.value) == str(blocking.value)
+
+
+def test_a_connect_that_gets_no_answer_times_out_with_the_wait_callback_too(
+    interruptible: None,
+) -> None:
+    # A server that takes the TCP connection and never answers: libpq's
+    # connect_timeout applies to blocking connects only.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        with pytest.raises(psycopg2.OperationalError, match="timed out after 1 s"):
+            psycopg2.connect(host="127.0.0.1", port=port, dbname="x", user="u", connect_timeout=1)

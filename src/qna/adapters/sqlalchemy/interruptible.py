@@ -78,6 +78,10 @@ def _naming_the_server(exc: psycopg2.OperationalError, dsn: str) -> psycopg2.Ope
     parameters = extensions.parse_dsn(dsn)
     host = parameters.get("host") or parameters.get("hostaddr") or "localhost"
     port = parameters.get("port") or "5432"
+    if host.startswith("/"):  # a Unix socket's directory
+        return psycopg2.OperationalError(
+            f'connection to server on socket "{host}/.s.PGSQL.{port}" failed: {message}'
+        )
     return psycopg2.OperationalError(
         f'connection to server at "{host}", port {port} failed: {message}'
     )
