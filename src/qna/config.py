@@ -6,6 +6,7 @@ The README's settings table is this class, in words; keep them together.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib.util
@@ -506,6 +507,35 @@ def _by_variable(values: dict[str, Any]) -> dict[str, Any]:
         info = Settings.model_fields[setting_field(name, caller="Settings()")]
         renamed[str(info.validation_alias.choices[-1])] = value  # type: ignore[union-attr]
     return renamed
+
+
+# Names people give qna's settings from elsewhere: the openai SDK before 1.0 read the
+# base URL from OPENAI_API_BASE.
+_FORMER_NAMES = {"OPENAI_API_BASE": "OPENAI_BASE_URL"}
+# Only these are looked at: an environment holds every other program's variables too.
+_LOOKED_AT = ("QNA_", "OPENAI_", "DATABASE_")
+
+
+def misread_variables(env_file: object = ".env") -> list[str]:
+    """A line for each variable, in the environment or the .env file, that looks meant
+    for a setting but is not its name (QNA_API_TOKEN for QNA_API_TOKENS): qna does not
+    read it, and a typo in a token or a rate limit would leave the API open unnoticed.
+    Only close misses are told (the tools' own QNA_TEST_... are none)."""
+    known = sorted({name.upper() for name in _setting_fields() if name.upper() == name})
+    names = {name.upper() for name in os.environ}
+    if isinstance(env_file, str | os.PathLike) and Path(env_file).is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError), open(env_file) as stream:
+            names |= {b.key.upper() for b in parse_stream(stream) if b.key is not None}
+    lines = []
+    for name in sorted(names - set(known)):
+        if not name.startswith(_LOOKED_AT):
+            continue
+        meant = _FORMER_NAMES.get(name) or next(
+            iter(difflib.get_close_matches(name, known, n=1, cutoff=0.85)), None
+        )
+        if meant is not None:
+            lines.append(f"{name} is not a setting qna reads; did you mean {meant}?")
+    return lines
 
 
 def setting_field(name: str, *, caller: str) -> str:

@@ -360,6 +360,27 @@ def test_the_cache_never_serves_an_answer_cut_off(
     assert (cached["source_id"], cached["finish_reason"]) == (whole["id"], "stop")
 
 
+def test_a_variable_that_looks_meant_for_a_setting_is_warned_about(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A typo in QNA_API_TOKENS left the API open, without a word.
+    monkeypatch.setenv("QNA_API_TOKEN", "secret")
+    monkeypatch.setenv("OPENAI_API_BASE", "http://old.example/v1")  # the SDK's old name
+    monkeypatch.setenv("QNA_SOMETHING_ELSE", "x")  # no setting's near miss: not qna's
+    (tmp_path / ".env").write_text("QNA_MODLE=gpt-x\n")
+    monkeypatch.chdir(tmp_path)
+
+    result = qna("history")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "qna: warning: OPENAI_API_BASE is not a setting qna reads; did you mean OPENAI_BASE_URL?",
+        "qna: warning: QNA_API_TOKEN is not a setting qna reads; did you mean QNA_API_TOKENS?",
+        "qna: warning: QNA_MODLE is not a setting qna reads; did you mean QNA_MODEL?",
+        "No questions yet.",
+    ]
+
+
 # -- what reaches the terminal -----------------------------------------------------------------
 
 # What an LLM (or a server posing as one) may send: a window title, colours, a C1 CSI

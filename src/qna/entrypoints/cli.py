@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
 import click
 
 from qna.application.use_cases import FindQnA, InvalidArgument, ListQnA, decode_cursor
-from qna.config import ConfigurationError, Settings
+from qna.config import ConfigurationError, Settings, misread_variables
 from qna.domain.errors import (
     InvalidQuestion,
     LLMBadResponse,
@@ -309,6 +309,8 @@ class AppContext:
 
                 self._container = create_container(Settings())
                 interruptible_database_waits(self._container)
+            for line in misread_variables():
+                tell(f"qna: warning: {line}")
         if migrate and not self._migrated:
             from qna.container import upgrade_database
 

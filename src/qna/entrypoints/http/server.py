@@ -36,7 +36,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
 
 from qna.adapters.structured_logging import JsonFormatter, configure_logging
-from qna.config import Settings
+from qna.config import Settings, misread_variables
 from qna.container import check_llm_settings, create_container, shutdown, upgrade_database
 from qna.domain.errors import StorageUnavailable
 from qna.entrypoints.http.codes import code_for
@@ -248,6 +248,8 @@ def migrate_before_serving(settings: Settings) -> None:
     # The master's own lines (the database not ready, abandoned asks closed) are JSON,
     # as the workers' are; undone by the shutdown below, before the workers fork.
     container.logging.init()
+    for line in misread_variables():
+        log.warning(line)
     try:
         # A server that cannot ask anything should not start: say which setting is
         # missing now, not as a 503 on every ask. Checked, not built: the LLM client
