@@ -307,11 +307,17 @@ class Settings(BaseSettings):
             from limits import parse_many  # flask-limiter's own parser; imported late
 
             try:
-                parse_many(value)
+                limits = parse_many(value)
             except ValueError:
                 raise ValueError(
                     'not a rate limit such as "60/minute" or "10 per second; 1000/day"'
                 ) from None
+            # "0/minute" refused every request (429s for ever), where 0 elsewhere means
+            # off: a limit of nothing is a mistake, said as one.
+            if any(limit.amount < 1 for limit in limits):
+                raise ValueError(
+                    "a limit of 0 requests refuses every request; leave it empty to set no limit"
+                )
         return value
 
     @field_validator("rate_limit_storage")

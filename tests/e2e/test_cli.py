@@ -1089,6 +1089,8 @@ def test_an_api_key_is_sent_without_surrounding_whitespace(
         ("QNA_MODEL", "   "),  # asked for, and stored with every record
         ("QNA_MODEL", "gpt-5-mini\nx"),
         ("QNA_RATE_LIMIT", "abc"),
+        ("QNA_RATE_LIMIT", "0/minute"),  # refused every request, for ever
+        ("QNA_RATE_LIMIT", "100/day; 0 per second"),
         ("QNA_API_TOKENS", ","),  # no token in it: the API was open to everyone
         ("QNA_API_TOKENS", " , , "),
         ("QNA_LLM_CLIENT", "curl"),

@@ -466,6 +466,19 @@ def test_serve_refuses_an_empty_host(env: dict[str, str], host: str) -> None:
     assert completed.stdout == ""
 
 
+@pytest.mark.parametrize("host", ["http://127.0.0.1", "localhost:5152", "127.0.0.1/24"])
+def test_serve_says_a_url_or_host_and_port_is_no_host(env: dict[str, str], host: str) -> None:
+    # Told as an address that cannot be listened on (exit 12, "name or service not
+    # known"), as if the name were wrong rather than its form.
+    completed = run("serve", "--host", host, "--port", "0", "--workers", "1", env=env)
+
+    assert completed.returncode == 2
+    assert error_line(completed.stderr) == (
+        "qna: error: Invalid value for '--host': is a host name or address alone; the port "
+        "goes in --port. See 'qna serve --help'."
+    )
+
+
 def test_commands_started_together_on_a_new_sqlite_file_all_migrate_it(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -660,6 +660,10 @@ def _listen_host(_ctx: click.Context, _param: click.Parameter, value: str) -> st
     # An IPv6 address written as in a URL, [::1], is the address inside the brackets.
     if value.startswith("[") and value.endswith("]"):
         return value[1:-1]
+    # A URL or host:port (an IPv6 address has two colons or more): told as a usage
+    # error, not as an address that cannot be listened on (exit 12).
+    if "/" in value or value.count(":") == 1:
+        raise click.BadParameter("is a host name or address alone; the port goes in --port")
     return value
 
 
