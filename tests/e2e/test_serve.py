@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from qna.adapters.sqlalchemy.database import sqlite_url
 from qna.entrypoints.http.server import METRICS_PREFIX, remove_abandoned_metrics_directories
@@ -414,8 +415,16 @@ def _log_entries(server: Server) -> list[dict[str, Any]]:
         time.sleep(0.05)
 
 
-def test_gunicorns_own_lines_are_json_too(server: Server) -> None:
+def test_gunicorns_own_lines_are_json_too(server: Server, postgres_url: str) -> None:
     entries = _log_entries(server)
+
+    # Its own first line says what it serves, the database's password starred.
+    [serving] = [entry for entry in entries if entry.get("msg") == "serving"]
+    url = make_url(postgres_url)
+    assert url.password and f":{url.password}@" not in json.dumps(serving)
+    assert ":***@" in serving["database"]
+    assert serving["database"].endswith(f"@{url.host}:{url.port}/{url.database}")
+    assert (serving["auth"], serving["rate_limit"]) == ("off", "off")
 
     assert any(
         entry["logger"] == "gunicorn.error" and "Booting worker" in entry["msg"]

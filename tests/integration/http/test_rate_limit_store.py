@@ -97,3 +97,29 @@ def test_redis_gets_a_timeout_of_a_second_unless_its_url_says_otherwise(
     options = redis_client.connection_pool.connection_kwargs
     expected = (timeout_s, timeout_s) if timeout_s is not None else (2.5, 3.0)
     assert (options["socket_timeout"], options["socket_connect_timeout"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("workers", "storage", "warned"),
+    [(2, "memory://", True), (1, "memory://", False), (2, "redis://127.0.0.1:1", False)],
+    ids=["two-workers-memory", "one-worker", "shared-store"],
+)
+def test_serve_warns_when_each_worker_counts_on_its_own(
+    caplog: pytest.LogCaptureFixture, workers: int, storage: str, warned: bool
+) -> None:
+    # The default server (2 workers, memory://) let a client make twice the limit,
+    # with X-RateLimit-Remaining going up and down between the workers' counts.
+    from qna.config import Settings
+    from qna.entrypoints.http import server
+
+    settings = Settings(_env_file=None, rate_limit=LIMIT, rate_limit_storage=storage)
+
+    with caplog.at_level("INFO", logger="qna.serve"):
+        server._tell_what_it_serves(settings, workers)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warnings) is warned
+    if warned:
+        assert warnings[0].startswith(
+            "QNA_RATE_LIMIT is counted by each of the 2 workers on its own (memory://)"
+        )

@@ -34,6 +34,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
+from sqlalchemy.engine import make_url
 
 from qna.adapters.structured_logging import JsonFormatter, configure_logging
 from qna.config import Settings, misread_variables
@@ -238,7 +239,7 @@ def check_can_listen(host: str, port: int) -> None:
         raise CannotListen(f"cannot listen on {where}: {reason}") from exc
 
 
-def migrate_before_serving(settings: Settings) -> None:
+def migrate_before_serving(settings: Settings, *, workers: int = 1) -> None:
     """Migrate once, in the master, before any worker starts; a database that is down
     does not stop the server (it answers 503 until the database is back), one that
     waiting cannot mend (a file that is not a database, a schema qna does not know)
@@ -251,21 +252,58 @@ def migrate_before_serving(settings: Settings) -> None:
     for line in misread_variables():
         log.warning(line)
     try:
-        # A server that cannot ask anything should not start: say which setting is
-        # missing now, not as a 503 on every ask. Checked, not built: the LLM client
-        # and its HTTP stack must first be imported in the workers, after gevent.
-        config = container.config
-        check_llm_settings(config.llm_client(), config.openai_api_key(), config.openai_base_url())
-        upgrade_database(container)
-        closed = container.reap_abandoned()()
-        if closed:
-            log.warning("marked %d abandoned pending asks as failed", closed)
-    except StorageUnavailable as exc:
-        if not exc.retryable:
-            raise
-        log.warning("database not ready at start (migrations, abandoned asks): %s", exc.message)
+        try:
+            # A server that cannot ask anything should not start: say which setting is
+            # missing now, not as a 503 on every ask. Checked, not built: the LLM client
+            # and its HTTP stack must first be imported in the workers, after gevent.
+            config = container.config
+            check_llm_settings(
+                config.llm_client(), config.openai_api_key(), config.openai_base_url()
+            )
+            upgrade_database(container)
+            closed = container.reap_abandoned()()
+            if closed:
+                log.warning("marked %d abandoned pending asks as failed", closed)
+        except StorageUnavailable as exc:
+            if not exc.retryable:
+                raise
+            log.warning("database not ready at start (migrations, abandoned asks): %s", exc.message)
+        # Once it is known to start: a server that refuses to says one line, why.
+        _tell_what_it_serves(settings, workers)
     finally:
         shutdown(container)
+
+
+def _tell_what_it_serves(settings: Settings, workers: int) -> None:
+    """One line on how the server is set up (which database, whether a token is asked
+    for), so that whoever starts it sees what they started; and a warning when a rate
+    limit is kept per worker."""
+    limit = settings.rate_limit.strip()
+    log.info(
+        "serving",
+        extra={
+            "database": _without_password(settings.effective_database_url),
+            "model": settings.model,
+            "llm_client": settings.llm_client,
+            "auth": "tokens" if settings.tokens else "off",
+            "rate_limit": limit or "off",
+            "cache_ttl_s": settings.cache_ttl_s,
+            "workers": workers,
+        },
+    )
+    if limit and workers > 1 and settings.rate_limit_storage.startswith("memory://"):
+        log.warning(
+            "QNA_RATE_LIMIT is counted by each of the %d workers on its own (memory://): "
+            "a client may make up to %d times as many requests, and X-RateLimit-Remaining "
+            "depends on the worker that answers; set QNA_RATE_LIMIT_STORAGE to a shared "
+            "store (redis://...) to count them together",
+            workers,
+            workers,
+        )
+
+
+def _without_password(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def prepare_multiprocess_metrics(workers: int) -> None:
@@ -342,7 +380,7 @@ def serve(
     settings = Settings()
     # Before the database is touched: a server that cannot listen changes nothing.
     check_can_listen(host, port)
-    migrate_before_serving(settings)
+    migrate_before_serving(settings, workers=workers)
     # After the checks above: a server that refuses to start leaves no trace in the
     # environment of whoever called it.
     prepare_multiprocess_metrics(workers)
