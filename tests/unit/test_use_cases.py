@@ -470,7 +470,7 @@ def test_get_of_an_unknown_id_is_not_found(world: World) -> None:
         GetQnA(world.uow)(missing)
 
 
-@pytest.mark.parametrize("qna_id", ["", "nope", "123", "00000000-0000-0000-0000", "' OR 1=1"])
+@pytest.mark.parametrize("qna_id", ["", "nope", "' OR 1=1", "0000000g"])
 def test_get_of_a_malformed_id_is_not_found(world: World, qna_id: str) -> None:
     world.ask(FakeLLM())("A record that must not match")
 
@@ -478,7 +478,18 @@ def test_get_of_a_malformed_id_is_not_found(world: World, qna_id: str) -> None:
         GetQnA(world.uow)(qna_id)
 
     assert raised.value.code == "not_found"
-    assert f"id {qna_id}." in raised.value.message
+    assert raised.value.message == f"No question with id {qna_id}."
+
+
+@pytest.mark.parametrize("qna_id", ["123", "00000000-0000-0000-0000", " 3F0C2C4E "])
+def test_get_of_the_start_of_an_id_says_the_whole_id_is_needed(world: World, qna_id: str) -> None:
+    with pytest.raises(NotFound) as raised:
+        GetQnA(world.uow)(qna_id)
+
+    assert raised.value.message == (
+        f"No question with id {qna_id}: that is the start of an id at most; "
+        "give the whole id (32 hex digits, hyphens or none)."
+    )
 
 
 # --- FindQnA: by an id or a start of one ----------------------------------------------

@@ -347,6 +347,13 @@ class GetQnA(_ReadsHistory):
         """What `qna_id` names; NotFound when it names nothing."""
         key = _parse_id(qna_id)
         if key is None:
+            # A start of an id, as `qna show` takes one: said, or it reads as "no such
+            # record" of one that is there.
+            if isinstance(qna_id, str) and _id_prefix_digits(qna_id.strip()):
+                raise NotFound(
+                    f"No question with id {qna_id}: that is the start of an id at most; "
+                    "give the whole id (32 hex digits, hyphens or none)."
+                )
             raise NotFound(f"No question with id {qna_id}.")
         return key
 

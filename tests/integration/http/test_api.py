@@ -229,6 +229,19 @@ def test_a_malformed_id_is_404(client: FlaskClient, qna_id: str) -> None:
     assert_error(client.get(f"/questions/{qna_id}"), 404, "not_found")
 
 
+def test_the_start_of_an_id_is_404_saying_the_whole_id_is_needed(client: FlaskClient) -> None:
+    # `qna show` takes the start of an id; the API does not, and "No question with
+    # id 8478fd85." read as if the record were not there.
+    record = created(ask(client, QUESTION))
+
+    error = assert_error(client.get(f"/questions/{record['id'][:8]}"), 404, "not_found")
+
+    assert error["message"] == (
+        f"No question with id {record['id'][:8]}: that is the start of an id at most; "
+        "give the whole id (32 hex digits, hyphens or none)."
+    )
+
+
 def test_an_id_in_another_spelling_finds_the_same_record(client: FlaskClient) -> None:
     body = created(ask(client, QUESTION))
 
