@@ -326,6 +326,41 @@ def run_with_terminal_stderr(*args: str, env: dict[str, str]) -> tuple[int, str,
     return code, stdout, shown
 
 
+def test_ask_dash_at_a_terminal_says_how_to_end_the_question(
+    db_env: dict[str, str], fake_openai: FakeOpenAI
+) -> None:
+    # Waiting on a terminal without a word, it looked as if qna had hung.
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [*qna_command(), "ask", "-"],
+            env=db_env,
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+        )
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        deadline = time.monotonic() + 30
+        while b"Ctrl-D" not in shown:
+            assert time.monotonic() < deadline, f"no prompt; the terminal shows {shown!r}"
+            if select.select([controller], [], [], 0.1)[0]:
+                shown += os.read(controller, 4096)
+        os.write(controller, b"What is 2+2?\n\x04")
+        stdout, _ = process.communicate(timeout=30)
+    finally:
+        os.close(controller)
+        if terminal != -1:
+            os.close(terminal)
+
+    assert process.returncode == 0
+    assert shown.decode().startswith("Type the question; end it with Ctrl-D on a line of its own.")
+    assert stdout == DEFAULT_ANSWER + "\n"
+    assert fake_openai.requests[0]["messages"][0]["content"] == "What is 2+2?"
+
+
 def _read_until_closed(fd: int, *, deadline: float) -> str:
     """Everything written to the terminal until the process closes it (EIO on Linux)."""
     shown = b""

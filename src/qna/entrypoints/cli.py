@@ -759,6 +759,9 @@ def read_question(argument: str, *, max_length: int) -> str:
         if sys.stdin is None:  # `<&-`
             raise InvalidQuestion("There is no standard input to read the question from.")
         encoding = sys.stdin.encoding
+        if sys.stdin.isatty():
+            # Typed at the terminal: without a word it looked as if qna had hung.
+            tell("Type the question; end it with Ctrl-D on a line of its own.")
         # Room for the longest question (4 bytes a character at most) and blank lines
         # around it. Past that it is too long, whatever follows: reading on, `yes |
         # qna ask -` ran until memory did.
