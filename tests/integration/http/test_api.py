@@ -733,7 +733,7 @@ def template(path: str) -> str:
 def test_openapi_lists_every_route(app: Flask) -> None:
     document = app.test_client().get("/openapi.json").get_json()
     # The description, not the API it describes.
-    served_only = {"/openapi.json", "/docs", "/docs/swagger-ui/<version>/<name>"}
+    served_only = {"/openapi.json", "/docs", "/docs/", "/docs/swagger-ui/<version>/<name>"}
 
     routes: dict[str, set[str]] = {}
     for rule in app.url_map.iter_rules():
@@ -1780,6 +1780,22 @@ def test_any_configured_token_is_let_in(secured: FlaskClient, token: str) -> Non
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/openapi.json", "/docs", *DOCS_ASSETS])
 def test_probes_and_docs_need_no_token(secured: FlaskClient, path: str) -> None:
     assert secured.get(path).status_code == 200
+
+
+def test_docs_with_a_trailing_slash_is_sent_to_the_page(
+    make_app: AppFactory, database_url: str
+) -> None:
+    # Without a token or rate budget, as the page itself; and under a prefix, to it.
+    app = make_app(database_url, api_tokens="tok-a", rate_limit="1/minute")
+    client = app.test_client()
+
+    for _ in range(2):
+        response = client.get("/docs/")
+        assert response.status_code == 308
+        assert response.headers["Location"] == "/docs"
+    mounted = client.get("/docs/", environ_overrides={"SCRIPT_NAME": "/api"})
+    assert mounted.headers["Location"] == "/api/docs"
+    assert client.get("/docs", follow_redirects=True).status_code == 200
 
 
 def test_a_file_the_docs_do_not_have_is_404_without_a_token(secured: FlaskClient) -> None:

@@ -18,13 +18,27 @@ from qna.entrypoints.http.errors import ApiError, retry_after_header
 
 # Open without a token: probes, and the description of the API itself.
 PUBLIC_ENDPOINTS = frozenset(
-    {"qna.healthz", "qna.readyz", "qna.docs", "qna.docs_asset", "qna.openapi_json"}
+    {
+        "qna.healthz",
+        "qna.readyz",
+        "qna.docs",
+        "qna.docs_with_a_slash",
+        "qna.docs_asset",
+        "qna.openapi_json",
+    }
 )
 # Never rate-limited: orchestrators poll the probes, and reading how to call the API
 # (/docs fetches its files and /openapi.json on every load) must not use up the budget
 # for calling it.
 UNLIMITED_ENDPOINTS = frozenset(
-    {"qna.healthz", "qna.readyz", "qna.docs", "qna.docs_asset", "qna.openapi_json"}
+    {
+        "qna.healthz",
+        "qna.readyz",
+        "qna.docs",
+        "qna.docs_with_a_slash",
+        "qna.docs_asset",
+        "qna.openapi_json",
+    }
 )
 
 

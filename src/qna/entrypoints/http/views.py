@@ -9,8 +9,20 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
-from flask import Blueprint, Response, abort, current_app, g, jsonify, request, send_file
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    request,
+    send_file,
+    url_for,
+)
 from pydantic import ValidationError
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from qna.adapters.llm_pool import under_gevent
 from qna.application.ports import UnitOfWorkFactory
@@ -353,6 +365,13 @@ def docs() -> Response:
     response = Response(swagger_ui.DOCS_PAGE, content_type="text/html; charset=utf-8")
     response.headers["Content-Security-Policy"] = swagger_ui.DOCS_CONTENT_SECURITY_POLICY
     return response
+
+
+@bp.get("/docs/")
+def docs_with_a_slash() -> WerkzeugResponse:
+    # Typed as a directory's address: sent on to the page (its files are found from
+    # /docs, not from /docs/).
+    return redirect(url_for("qna.docs"), code=308)
 
 
 @bp.get("/docs/swagger-ui/<version>/<name>")
