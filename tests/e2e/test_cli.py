@@ -451,7 +451,8 @@ def test_history_and_show_escape_the_control_characters_of_a_record(
     history = qna("history")
 
     assert "question: Title\\x1b]0;owned\\x07?\n" in show.stdout
-    assert f"answer:   {HOSTILE_SHOWN}\n" in show.stdout
+    indented = HOSTILE_SHOWN.replace("\n", "\n" + " " * 10)  # under its label
+    assert f"answer:   {indented}\n" in show.stdout
     assert "Title\\x1b]0;owned\\x07?" in history.stdout
     assert "Paris\\x1b]0;owned\\x07 is \\x1b[31mred" in history.stdout
     for output in (show.stdout, history.stdout):
@@ -681,6 +682,31 @@ def test_show_tells_only_the_token_counts_the_llm_reported(fake: FakeOpenAI) -> 
 
     assert "tokens:   5 completion\n" in shown
     assert "None" not in shown
+
+
+def test_show_keeps_a_multi_line_answer_under_its_label(fake: FakeOpenAI) -> None:
+    fake.script(Reply(text="First line.\nSecond line.\n\n  Indented."))
+    asked = qna_json("ask", "Line one\nline two?")
+
+    shown = qna("show", asked["id"]).stdout
+
+    assert "question: Line one\n          line two?\n" in shown
+    assert (
+        "answer:   First line.\n          Second line.\n          \n            Indented.\n"
+    ) in shown
+
+
+def test_history_marks_an_answer_from_the_cache(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QNA_CACHE_TTL", "3600")
+    qna("ask", QUESTION)
+    qna("ask", QUESTION)
+
+    lines = qna("history").stdout.splitlines()
+
+    assert lines[1] == f"    [cached] {DEFAULT_ANSWER}"  # the newer, from the cache
+    assert lines[3] == f"    {DEFAULT_ANSWER}"
 
 
 def test_show_names_the_record_a_cached_answer_came_from(

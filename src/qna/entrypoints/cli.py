@@ -588,7 +588,8 @@ def history(
         # Stored and shown in UTC; said so, or it reads as the local time.
         stamp = qna.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
         say(f"{qna.id}  {stamp}  {qna.status.value:<8}  {_one_line(qna.question, 60)}")
-        say(f"    {_one_line(describe(qna), 100)}")
+        cached = "[cached] " if qna.source_id is not None else ""
+        say(f"    {_one_line(cached + describe(qna), 100)}")
     if page.next_cursor:
         # The same page size as this one: following the hint should read on, not re-page.
         size = f"-n {limit} " if limit != ListQnA.DEFAULT_LIMIT else ""
@@ -629,8 +630,8 @@ def show(app: AppContext, qna_id: str, as_json: bool) -> None:
         say(f"finish:   {qna.finish_reason}")
     if qna.source_id is not None:
         say(f"source:   the cache (the answer of {qna.source_id})")
-    say(f"question: {qna.question}")
-    say(f"answer:   {describe(qna)}")
+    say(f"question: {_indented(qna.question)}")
+    say(f"answer:   {_indented(describe(qna))}")
 
 
 @cli.group()
@@ -783,6 +784,11 @@ def read_question(argument: str, *, max_length: int) -> str:
             f"The question is not valid {name} text: byte {raw[exc.start]:#04x} "
             f"at offset {exc.start}."
         ) from None
+
+
+def _indented(text: str) -> str:
+    """`text`'s second line on, under the first (after a label such as "answer:   ")."""
+    return text.replace("\n", "\n" + " " * 10)
 
 
 def _one_line(text: str, width: int) -> str:
