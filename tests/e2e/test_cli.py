@@ -360,6 +360,30 @@ def test_the_cache_never_serves_an_answer_cut_off(
     assert (cached["source_id"], cached["finish_reason"]) == (whole["id"], "stop")
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ("ask", "What", "is", "2+2?"),
+            "Got unexpected extra arguments (is 2+2?); put the whole question in quotes.",
+        ),
+        (
+            ("ask", "-5 squared?"),
+            "No such option '-5'; to ask a question that starts with \"-\", put -- before it.",
+        ),
+    ],
+    ids=["not-quoted", "starts-with-a-dash"],
+)
+def test_a_question_given_as_the_shell_splits_it_says_how_to_give_it(
+    fake: FakeOpenAI, args: tuple[str, ...], said: str
+) -> None:
+    result = qna(*args)
+
+    assert result.exit_code == 2
+    assert result.stderr == f"qna: error: {said} See 'qna ask --help'.\n"
+    assert fake.calls == 0
+
+
 def test_a_variable_that_looks_meant_for_a_setting_is_warned_about(
     fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -220,7 +220,23 @@ class QnACommand(click.Command):
             # flag given one), and the error line could not name the command's --help.
             if exc.ctx is None:
                 exc.ctx = ctx
+            hint = _how_to_give_a_question(exc) if self.name == "ask" else ""
+            if hint:
+                raise OneLineUsageError(f"{exc.format_message().rstrip('.')}{hint}", ctx) from None
             raise
+
+
+def _how_to_give_a_question(error: click.UsageError) -> str:
+    """What to do instead, when `qna ask`'s arguments read as a question not quoted
+    (`qna ask What is 2+2`) or one that starts with "-" (`qna ask "-5 squared?"`)."""
+    if isinstance(error, click.NoSuchOption):
+        # `ask` has no short option but -h: "-5 ..." is a question, not a typo.
+        if not error.option_name.startswith("--"):
+            return '; to ask a question that starts with "-", put -- before it'
+        return ""
+    if error.message.startswith("Got unexpected extra argument"):
+        return "; put the whole question in quotes"
+    return ""
 
 
 class QnAGroup(QnACommand, click.Group):
