@@ -324,7 +324,8 @@ class AppContext:
                 from qna.container import create_container, interruptible_database_waits
 
                 self._container = create_container(Settings())
-                interruptible_database_waits(self._container)
+                if _own_process:
+                    interruptible_database_waits(self._container)
             for line in misread_variables():
                 tell(f"qna: warning: {line}")
         if migrate and not self._migrated:
@@ -812,6 +813,12 @@ def _one_line(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+#: Set by `main`: the command runs as a process of its own, whose psycopg2 it may set
+#: up (a wait callback is process-wide); not when `cli` is called inside another
+#: program (a test's CliRunner).
+_own_process = False
+
+
 def main() -> None:
     # The text output is for a person: a character the output's encoding lacks is
     # shown as "?", instead of the stored question it is in ending the command.
@@ -820,6 +827,8 @@ def main() -> None:
     # Here, not in the command group: the tests run the commands inside pytest, whose
     # own SIGTERM must stay as it is. `qna serve`'s gunicorn sets its own handlers.
     signal.signal(signal.SIGTERM, _terminate)
+    global _own_process
+    _own_process = True
     try:
         sys.exit(_run_cli())
     finally:
