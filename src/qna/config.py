@@ -135,7 +135,7 @@ def _refuse_lines_dotenv_passes_over(env_files: object, encoding: str) -> None:
 _URL_SETTINGS = frozenset({"database_url", "openai_base_url", "rate_limit_storage"})
 
 
-def _without_secrets(url: str) -> str:
+def without_secrets(url: str) -> str:
     """`url` with its password, and its query (where gateways take keys), starred."""
     parts = urlsplit(url)
     if parts.password is None and not parts.query:
@@ -411,7 +411,7 @@ class Settings(BaseSettings):
         # LLM gateway's key in a query) are shown as the keys and tokens are, starred.
         for name, value in super().__repr_args__():
             if name in _URL_SETTINGS and isinstance(value, str):
-                value = _without_secrets(value)
+                value = without_secrets(value)
             yield name, value
 
     @field_validator(
@@ -518,15 +518,17 @@ def _by_variable(values: dict[str, Any]) -> dict[str, Any]:
 # Names people give qna's settings from elsewhere: the openai SDK before 1.0 read the
 # base URL from OPENAI_API_BASE.
 _FORMER_NAMES = {"OPENAI_API_BASE": "OPENAI_BASE_URL"}
-# Only these are looked at: an environment holds every other program's variables too.
-_LOOKED_AT = ("QNA_", "OPENAI_", "DATABASE_")
 
 
 def misread_variables(env_file: object = ".env") -> list[str]:
     """A line for each variable, in the environment or the .env file, that looks meant
     for a setting but is not its name (QNA_API_TOKEN for QNA_API_TOKENS): qna does not
     read it, and a typo in a token or a rate limit would leave the API open unnoticed.
-    Only close misses are told (the tools' own QNA_TEST_... are none)."""
+
+    Only QNA_ names are matched for near misses (the tools' own QNA_TEST_... are
+    none): OPENAI_ and DATABASE_ ones are other programs' too (the SDK's
+    OPENAI_ADMIN_KEY, a compose file's DATABASE_USER). Nothing is said of a name whose
+    setting is set as well: a tool that reads the other name needs both."""
     known = sorted({name.upper() for name in _setting_fields() if name.upper() == name})
     names = {name.upper() for name in os.environ}
     if isinstance(env_file, str | os.PathLike) and Path(env_file).is_file():
@@ -534,12 +536,10 @@ def misread_variables(env_file: object = ".env") -> list[str]:
             names |= {b.key.upper() for b in parse_stream(stream) if b.key is not None}
     lines = []
     for name in sorted(names - set(known)):
-        if not name.startswith(_LOOKED_AT):
-            continue
-        meant = _FORMER_NAMES.get(name) or next(
-            iter(difflib.get_close_matches(name, known, n=1, cutoff=0.85)), None
-        )
-        if meant is not None:
+        meant = _FORMER_NAMES.get(name)
+        if meant is None and name.startswith("QNA_"):
+            meant = next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.85)), None)
+        if meant is not None and meant not in names:
             lines.append(f"{name} is not a setting qna reads; did you mean {meant}?")
     return lines
 

@@ -384,13 +384,30 @@ def test_a_question_given_as_the_shell_splits_it_says_how_to_give_it(
     assert fake.calls == 0
 
 
+@pytest.mark.parametrize(
+    "args", [("ask", "What is 2+2?", "-v"), ("ask", "-json", "hi")], ids=["after", "mistyped"]
+)
+def test_an_unknown_option_beside_a_question_gets_no_question_hint(
+    fake: FakeOpenAI, args: tuple[str, ...]
+) -> None:
+    result = qna(*args)
+
+    assert result.exit_code == 2
+    assert "--" not in result.stderr.split("See")[0]  # no "put -- before it"
+    assert "quotes" not in result.stderr
+
+
 def test_a_variable_that_looks_meant_for_a_setting_is_warned_about(
     fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # A typo in QNA_API_TOKENS left the API open, without a word.
     monkeypatch.setenv("QNA_API_TOKEN", "secret")
-    monkeypatch.setenv("OPENAI_API_BASE", "http://old.example/v1")  # the SDK's old name
     monkeypatch.setenv("QNA_SOMETHING_ELSE", "x")  # no setting's near miss: not qna's
+    # Other programs' names: the SDK's own, a compose file's; and the SDK's old name
+    # for the base URL, set beside the new one (fake's) for a tool that reads it.
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", "x")
+    monkeypatch.setenv("DATABASE_USER", "app")
+    monkeypatch.setenv("OPENAI_API_BASE", "http://old.example/v1")
     (tmp_path / ".env").write_text("QNA_MODLE=gpt-x\n")
     monkeypatch.chdir(tmp_path)
 
@@ -398,10 +415,22 @@ def test_a_variable_that_looks_meant_for_a_setting_is_warned_about(
 
     assert result.exit_code == 0, result.stderr
     assert result.stderr.splitlines() == [
-        "qna: warning: OPENAI_API_BASE is not a setting qna reads; did you mean OPENAI_BASE_URL?",
         "qna: warning: QNA_API_TOKEN is not a setting qna reads; did you mean QNA_API_TOKENS?",
         "qna: warning: QNA_MODLE is not a setting qna reads; did you mean QNA_MODEL?",
         "No questions yet.",
+    ]
+
+
+def test_the_sdks_old_name_for_the_base_url_alone_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qna.config import misread_variables
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_BASE", "http://localhost:11434/v1")
+
+    assert misread_variables(tmp_path / "no.env") == [
+        "OPENAI_API_BASE is not a setting qna reads; did you mean OPENAI_BASE_URL?"
     ]
 
 

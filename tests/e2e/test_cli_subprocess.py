@@ -501,7 +501,9 @@ def test_serve_refuses_an_empty_host(env: dict[str, str], host: str) -> None:
     assert completed.stdout == ""
 
 
-@pytest.mark.parametrize("host", ["http://127.0.0.1", "localhost:5152", "127.0.0.1/24"])
+@pytest.mark.parametrize(
+    "host", ["http://127.0.0.1", "localhost:5152", "127.0.0.1/24", "[::1]:5000"]
+)
 def test_serve_says_a_url_or_host_and_port_is_no_host(env: dict[str, str], host: str) -> None:
     # Told as an address that cannot be listened on (exit 12, "name or service not
     # known"), as if the name were wrong rather than its form.

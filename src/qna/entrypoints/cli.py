@@ -213,6 +213,7 @@ class QnACommand(click.Command):
         return option
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given = list(args)  # click's parser takes them off the list as it reads them
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
@@ -220,18 +221,20 @@ class QnACommand(click.Command):
             # flag given one), and the error line could not name the command's --help.
             if exc.ctx is None:
                 exc.ctx = ctx
-            hint = _how_to_give_a_question(exc) if self.name == "ask" else ""
+            hint = _how_to_give_a_question(exc, given) if self.name == "ask" else ""
             if hint:
                 raise OneLineUsageError(f"{exc.format_message().rstrip('.')}{hint}", ctx) from None
             raise
 
 
-def _how_to_give_a_question(error: click.UsageError) -> str:
+def _how_to_give_a_question(error: click.UsageError, args: list[str]) -> str:
     """What to do instead, when `qna ask`'s arguments read as a question not quoted
     (`qna ask What is 2+2`) or one that starts with "-" (`qna ask "-5 squared?"`)."""
     if isinstance(error, click.NoSuchOption):
-        # `ask` has no short option but -h: "-5 ..." is a question, not a typo.
-        if not error.option_name.startswith("--"):
+        # A lone argument "-5 ..." is a question (`ask` has no short option but -h);
+        # among others, "-v" or "-json" may well be a mistyped option.
+        alone = len(args) == 1 and args[0].startswith(error.option_name)
+        if alone and not error.option_name.startswith("--"):
             return '; to ask a question that starts with "-", put -- before it'
         return ""
     if error.message.startswith("Got unexpected extra argument"):
@@ -678,9 +681,9 @@ def _listen_host(_ctx: click.Context, _param: click.Parameter, value: str) -> st
     # An IPv6 address written as in a URL, [::1], is the address inside the brackets.
     if value.startswith("[") and value.endswith("]"):
         return value[1:-1]
-    # A URL or host:port (an IPv6 address has two colons or more): told as a usage
-    # error, not as an address that cannot be listened on (exit 12).
-    if "/" in value or value.count(":") == 1:
+    # A URL or host:port ([::1]:5000 too; an IPv6 address alone has two colons or
+    # more): told as a usage error, not as an address that cannot be listened on.
+    if "/" in value or value.count(":") == 1 or (value.startswith("[") and "]:" in value):
         raise click.BadParameter("is a host name or address alone; the port goes in --port")
     return value
 
@@ -777,8 +780,9 @@ def read_question(argument: str, *, max_length: int) -> str:
         if sys.stdin is None:  # `<&-`
             raise InvalidQuestion("There is no standard input to read the question from.")
         encoding = sys.stdin.encoding
-        if sys.stdin.isatty():
-            # Typed at the terminal: without a word it looked as if qna had hung.
+        if sys.stdin.isatty() and sys.stderr is not None and sys.stderr.isatty():
+            # Typed at the terminal: without a word it looked as if qna had hung. Only
+            # to a person's terminal, as the spinner: not into a log (`2>log`).
             tell("Type the question; end it with Ctrl-D on a line of its own.")
         # Room for the longest question (4 bytes a character at most) and blank lines
         # around it. Past that it is too long, whatever follows: reading on, `yes |

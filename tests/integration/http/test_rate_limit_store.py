@@ -101,8 +101,13 @@ def test_redis_gets_a_timeout_of_a_second_unless_its_url_says_otherwise(
 
 @pytest.mark.parametrize(
     ("workers", "storage", "warned"),
-    [(2, "memory://", True), (1, "memory://", False), (2, "redis://127.0.0.1:1", False)],
-    ids=["two-workers-memory", "one-worker", "shared-store"],
+    [
+        (2, "memory://", True),
+        (2, " Memory:", True),  # as flask-limiter reads it too
+        (1, "memory://", False),
+        (2, "redis://127.0.0.1:1", False),
+    ],
+    ids=["two-workers-memory", "memory-spelt-otherwise", "one-worker", "shared-store"],
 )
 def test_serve_warns_when_each_worker_counts_on_its_own(
     caplog: pytest.LogCaptureFixture, workers: int, storage: str, warned: bool
@@ -123,3 +128,22 @@ def test_serve_warns_when_each_worker_counts_on_its_own(
         assert warnings[0].startswith(
             "QNA_RATE_LIMIT is counted by each of the 2 workers on its own (memory://)"
         )
+
+
+def test_the_serving_line_stars_a_password_wherever_the_url_holds_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from qna.config import Settings
+    from qna.entrypoints.http import server
+
+    for url in (
+        "postgresql://qna:hunter2@db.example/qna",
+        "postgresql://qna@db.example/qna?password=hunter2",  # as libpq takes it too
+    ):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="qna.serve"):
+            server._tell_what_it_serves(Settings(_env_file=None, database_url=url), 1)
+
+        [serving] = [r for r in caplog.records if r.getMessage() == "serving"]
+        assert "hunter2" not in serving.database  # type: ignore[attr-defined]
+        assert serving.database.startswith("postgresql")  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ import socket
 import tempfile
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from gunicorn import glogging as gunicorn_glogging
 from gunicorn import util as gunicorn_util
@@ -34,10 +35,9 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
-from sqlalchemy.engine import make_url
 
 from qna.adapters.structured_logging import JsonFormatter, configure_logging
-from qna.config import Settings, misread_variables
+from qna.config import Settings, misread_variables, without_secrets
 from qna.container import check_llm_settings, create_container, shutdown, upgrade_database
 from qna.domain.errors import StorageUnavailable
 from qna.entrypoints.http.codes import code_for
@@ -282,7 +282,7 @@ def _tell_what_it_serves(settings: Settings, workers: int) -> None:
     log.info(
         "serving",
         extra={
-            "database": _without_password(settings.effective_database_url),
+            "database": without_secrets(settings.effective_database_url),
             "model": settings.model,
             "llm_client": settings.llm_client,
             "auth": "tokens" if settings.tokens else "off",
@@ -291,7 +291,8 @@ def _tell_what_it_serves(settings: Settings, workers: int) -> None:
             "workers": workers,
         },
     )
-    if limit and workers > 1 and settings.rate_limit_storage.startswith("memory://"):
+    in_memory = urlsplit(settings.rate_limit_storage.strip()).scheme.lower() == "memory"
+    if limit and workers > 1 and in_memory:
         log.warning(
             "QNA_RATE_LIMIT is counted by each of the %d workers on its own (memory://): "
             "a client may make up to %d times as many requests, and X-RateLimit-Remaining "
@@ -300,10 +301,6 @@ def _tell_what_it_serves(settings: Settings, workers: int) -> None:
             workers,
             workers,
         )
-
-
-def _without_password(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def prepare_multiprocess_metrics(workers: int) -> None:
