@@ -114,12 +114,15 @@ def _origin(text: str) -> str:
 _ORIGIN_EXAMPLE = "https://app.example.com"
 
 
-def _refuse_lines_dotenv_passes_over(env_files: object, encoding: str) -> None:
-    """A .env line python-dotenv cannot read is passed over with a warning of its own
-    (not qna's one line), and the settings on it silently take their defaults: an
-    unclosed quote swallowed DATABASE_URL, and the records went to the default file.
-    `env_files`: one path or several, as pydantic-settings takes them. Checked on a
-    regular file only: a named pipe (a secrets tool's) is read once."""
+def _dotenv_names(env_files: object, encoding: str) -> frozenset[str]:
+    """The names set in the .env file(s), upper-cased (for `misread_variables`), once
+    each line is known to be one python-dotenv reads. A line it cannot read is passed
+    over with a warning of its own (not qna's one line), and the settings on it
+    silently take their defaults: an unclosed quote swallowed DATABASE_URL, and the
+    records went to the default file. `env_files`: one path or several, as
+    pydantic-settings takes them. Read from a regular file only: a named pipe (a
+    secrets tool's) is read once."""
+    names: set[str] = set()
     for env_file in env_files if isinstance(env_files, list | tuple) else [env_files]:
         if not isinstance(env_file, str | os.PathLike) or not Path(env_file).is_file():
             continue
@@ -130,6 +133,9 @@ def _refuse_lines_dotenv_passes_over(env_files: object, encoding: str) -> None:
                         f"The .env file cannot be read: line {binding.original.line} is not "
                         "NAME=value (is a quote left open?)."
                     )
+                if binding.key is not None:
+                    names.add(binding.key.upper())
+    return frozenset(names)
 
 
 _URL_SETTINGS = frozenset({"database_url", "openai_base_url", "rate_limit_storage"})
@@ -180,7 +186,7 @@ class Settings(BaseSettings):
             # entrypoint does: with the error a caller of qna catches, naming the variable.
             encoding = values.get("_env_file_encoding") or "UTF-8"
             try:
-                _refuse_lines_dotenv_passes_over(values.get("_env_file", ".env"), encoding)
+                _dotenv_names(values.get("_env_file", ".env"), encoding)  # its lines checked
                 super().__init__(**_by_variable(values))
             except ValidationError as exc:
                 raise ConfigurationError(describe_invalid_settings(exc)) from exc
@@ -531,9 +537,10 @@ def misread_variables(env_file: object = ".env") -> list[str]:
     setting is set as well: a tool that reads the other name needs both."""
     known = sorted({name.upper() for name in _setting_fields() if name.upper() == name})
     names = {name.upper() for name in os.environ}
-    if isinstance(env_file, str | os.PathLike) and Path(env_file).is_file():
-        with contextlib.suppress(OSError, UnicodeDecodeError), open(env_file) as stream:
-            names |= {b.key.upper() for b in parse_stream(stream) if b.key is not None}
+    # Settings() read and checked the file already; a file that failed that check
+    # stopped the command before this is asked.
+    with contextlib.suppress(ConfigurationError, OSError, UnicodeDecodeError):
+        names |= _dotenv_names(env_file, "UTF-8")
     lines = []
     for name in sorted(names - set(known)):
         meant = _FORMER_NAMES.get(name)
