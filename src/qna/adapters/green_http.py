@@ -157,8 +157,8 @@ class GreenHttp:
     ) -> Response:
         """One request, its answer read whole within `timeout` seconds (else
         TimeoutError; None: no limit); ExchangeFailed (ConnectFailed, NotHttp) for any
-        other failure. `headers`
-        are sent as given, with Host and Content-Length added when not among them."""
+        other failure. `headers` are sent as given, with Host and Content-Length added
+        when not among them."""
         lines = [f"{method} {target} HTTP/1.1"]
         names = set()
         for name, value in headers:

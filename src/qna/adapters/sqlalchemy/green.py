@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg2
 from psycogreen.gevent import gevent_wait_callback
 from psycopg2 import extensions
 
-from qna.adapters.sqlalchemy.interruptible import connect_timeout_of
+from qna.adapters.sqlalchemy.interruptible import connect_timed_out, connect_timeout_of
 
 
 def make_psycopg_cooperative() -> None:
@@ -34,6 +33,4 @@ def wait_cooperatively(connection: Any) -> None:
         gevent_wait_callback(connection, timeout=timeout)
     except TimeoutError as exc:  # gevent's socket.timeout
         connection.close()
-        raise psycopg2.OperationalError(
-            f"connection to the database timed out after {timeout:g} s"
-        ) from exc
+        raise connect_timed_out(timeout) from exc

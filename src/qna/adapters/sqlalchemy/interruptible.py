@@ -49,9 +49,7 @@ def wait_interruptibly(connection: Any) -> None:
             left = None if give_up_at is None else give_up_at - time.monotonic()
             if left is not None and left <= 0:
                 connection.close()
-                raise psycopg2.OperationalError(
-                    f"connection to the database timed out after {timeout:g} s"
-                )
+                raise connect_timed_out(timeout)
             fd = connection.fileno()
             if state == extensions.POLL_READ:
                 select.select([fd], [], [], left)
@@ -85,6 +83,11 @@ def _naming_the_server(exc: psycopg2.OperationalError, dsn: str) -> psycopg2.Ope
     return psycopg2.OperationalError(
         f'connection to server at "{host}", port {port} failed: {message}'
     )
+
+
+def connect_timed_out(timeout: float | None) -> psycopg2.OperationalError:
+    """What a connect that ran out of `connect_timeout` under a wait callback raises."""
+    return psycopg2.OperationalError(f"connection to the database timed out after {timeout:g} s")
 
 
 def connect_timeout_of(dsn: str) -> float | None:
