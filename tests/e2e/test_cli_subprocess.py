@@ -237,6 +237,18 @@ def test_serve_on_an_address_not_this_machines_is_exit_12(env: dict[str, str]) -
     assert "cannot listen on 192.0.2.1:5000" in error_line(completed.stderr)
 
 
+@pytest.mark.parametrize("host", ["fe80::1", "fe80::1%lo"])
+def test_serve_on_a_link_local_address_says_why_it_cannot(env: dict[str, str], host: str) -> None:
+    # The kernel needs such an address's interface; gunicorn cannot pass one, so the
+    # bind fails with a bare "invalid argument".
+    completed = run("serve", "--host", host, "--workers", "1", env=env)
+
+    assert completed.returncode == 12
+    line = error_line(completed.stderr)
+    assert f"cannot listen on [{host}]:5000: a link-local address (fe80::/10)" in line
+    assert "use --host ::" in line
+
+
 def test_an_unreachable_database_exits_6(fake_openai: FakeOpenAI, env: dict[str, str]) -> None:
     env["DATABASE_URL"] = "postgresql://u:p@127.0.0.1:1/x"
 

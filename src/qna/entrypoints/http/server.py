@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import fcntl
 import glob
+import ipaddress
 import json
 import logging
 import os
@@ -236,7 +237,22 @@ def check_can_listen(host: str, port: int) -> None:
             probe.bind((host, port))
     except OSError as exc:  # in use, not this machine's address, a privileged port, ...
         reason = (exc.strerror or str(exc)).lower()
+        if _is_link_local(host):
+            # bind() takes the interface of a link-local address only as a scope id,
+            # which gunicorn's (host, port) cannot carry: it fails as this probe does,
+            # with an "invalid argument" that says nothing of why.
+            reason = (
+                "a link-local address (fe80::/10) needs its network interface, which "
+                "gunicorn cannot be given; use --host :: to listen on every address"
+            )
         raise CannotListen(f"cannot listen on {where}: {reason}") from exc
+
+
+def _is_link_local(host: str) -> bool:
+    try:
+        return ipaddress.IPv6Address(host).is_link_local  # takes a %scope too
+    except ValueError:
+        return False
 
 
 def migrate_before_serving(settings: Settings, *, workers: int = 1) -> None:
