@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import platformdirs
@@ -168,39 +168,38 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    if not TYPE_CHECKING:  # mypy keeps the pydantic plugin's typed __init__
-
-        def __init__(self, **values: Any) -> None:
-            # A name that is no setting is a TypeError, as for any Python function:
-            # ignored, a misspelt `database_url` would send the records to the default
-            # database. (`extra="ignore"` is for .env files: they hold other programs'
-            # variables too.) pydantic-settings' own arguments start with "_".
-            given = [setting_field(n, caller="Settings()") for n in values if n[:1] != "_"]
-            # One of two names for a setting (model=, QNA_MODEL=) was silently dropped.
-            twice = sorted({field for field in given if given.count(field) > 1})
-            if twice:
-                raise TypeError(
-                    f"Settings() got the setting {twice[0]!r} twice, by two of its names"
-                )
-            # Settings built directly (`qna.Settings(...)`) refuse a value as every
-            # entrypoint does: with the error a caller of qna catches, naming the variable.
-            encoding = values.get("_env_file_encoding") or "UTF-8"
-            try:
-                _dotenv_names(values.get("_env_file", ".env"), encoding)  # its lines checked
-                super().__init__(**_by_variable(values))
-            except ValidationError as exc:
-                raise ConfigurationError(describe_invalid_settings(exc)) from exc
-            except UnicodeDecodeError as exc:
-                # Saved as Latin-1 (say) by an editor; unchecked, an internal error.
-                raise ConfigurationError(
-                    f"The .env file is not {encoding} text: byte "
-                    f"{exc.object[exc.start]:#04x} at offset {exc.start}."
-                ) from None
-            except OSError as exc:
-                # Unreadable (its permissions, a disk error): a setting to fix, not a bug.
-                raise ConfigurationError(
-                    f"The .env file cannot be read: {exc.strerror or exc}."
-                ) from None
+    # Seen by type checkers too: the settings' variable names (DATABASE_URL=) and their
+    # own in any case are all taken, which no signature of fields can say; a name that
+    # is none of them is a TypeError when called.
+    def __init__(self, **values: Any) -> None:
+        # A name that is no setting is a TypeError, as for any Python function:
+        # ignored, a misspelt `database_url` would send the records to the default
+        # database. (`extra="ignore"` is for .env files: they hold other programs'
+        # variables too.) pydantic-settings' own arguments start with "_".
+        given = [setting_field(n, caller="Settings()") for n in values if n[:1] != "_"]
+        # One of two names for a setting (model=, QNA_MODEL=) was silently dropped.
+        twice = sorted({field for field in given if given.count(field) > 1})
+        if twice:
+            raise TypeError(f"Settings() got the setting {twice[0]!r} twice, by two of its names")
+        # Settings built directly (`qna.Settings(...)`) refuse a value as every
+        # entrypoint does: with the error a caller of qna catches, naming the variable.
+        encoding = values.get("_env_file_encoding") or "UTF-8"
+        try:
+            _dotenv_names(values.get("_env_file", ".env"), encoding)  # its lines checked
+            super().__init__(**_by_variable(values))
+        except ValidationError as exc:
+            raise ConfigurationError(describe_invalid_settings(exc)) from exc
+        except UnicodeDecodeError as exc:
+            # Saved as Latin-1 (say) by an editor; unchecked, an internal error.
+            raise ConfigurationError(
+                f"The .env file is not {encoding} text: byte "
+                f"{exc.object[exc.start]:#04x} at offset {exc.start}."
+            ) from None
+        except OSError as exc:
+            # Unreadable (its permissions, a disk error): a setting to fix, not a bug.
+            raise ConfigurationError(
+                f"The .env file cannot be read: {exc.strerror or exc}."
+            ) from None
 
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     db_pool_size: int = Field(10, ge=1, le=200, validation_alias=_env("QNA_DB_POOL_SIZE"))
@@ -567,12 +566,11 @@ def load_settings(base: Settings | None = None, **overrides: object) -> Settings
     """Settings from the environment (or `base`) with `overrides`, all validated;
     a wrong value is a ConfigurationError that names its variable."""
     if base is None:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    # model_validate does not go through Settings.__init__, which words the error.
-    try:
-        return Settings.model_validate(_by_variable({**base.model_dump(), **overrides}))
-    except ValidationError as exc:
-        raise ConfigurationError(describe_invalid_settings(exc)) from exc
+        return Settings(**overrides)
+    # Every value is given, so no .env file is read again: `base` may have been built
+    # without one (`_env_file=None`), and a broken one in the working directory then
+    # stopped connect(). (The environment is read, but every value given wins over it.)
+    return Settings(_env_file=None, **{**base.model_dump(), **overrides})
 
 
 def _split_tokens(tokens: SecretStr) -> list[str]:

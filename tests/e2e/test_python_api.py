@@ -224,6 +224,26 @@ def test_connect_takes_a_settings_object(fake_openai: FakeOpenAI, database_url: 
     assert fake_openai.requests[0]["model"] == "from-override"
 
 
+def test_connect_reads_no_dot_env_for_a_settings_object_built_without_one(
+    fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not UTF-8: refused whenever it is read. connect() merged the object's values
+    # with the overrides by building Settings again, which read the working
+    # directory's .env the caller had opted out of.
+    (tmp_path / ".env").write_bytes(b"QNA_MODEL=caf\xe9\n")
+    monkeypatch.chdir(tmp_path)
+    settings = qna.Settings(
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path / 'x.db'}",
+        openai_base_url=fake_openai.base_url,
+    )
+
+    with qna.connect(settings, model="from-override") as client:
+        record = client.ask(QUESTION)
+
+    assert record.model == "from-override"
+
+
 # The Client a forked child inherits: a module's global, as a program's would be.
 inherited: qna.Client | None = None
 
