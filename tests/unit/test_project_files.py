@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,32 @@ def test_dockerfile_runs_the_same_command_as_compose() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
     assert cmd == compose["services"]["app"]["command"]
+
+
+def test_a_program_using_the_readme_api_passes_mypy_strict_without_pydantics_plugin(
+    tmp_path: Path,
+) -> None:
+    # qna ships py.typed; a user's type checker has no pydantic plugin, and every
+    # qna.Settings(...) call failed there ("Missing named argument" for each setting).
+    program = tmp_path / "program.py"
+    program.write_text(
+        "import qna\n"
+        "\n"
+        "settings = qna.Settings(database_url='sqlite:///qna.db', QNA_MODEL='m')\n"
+        "with qna.connect(settings, llm_max_attempts=2) as client:\n"
+        "    record: qna.QnA = client.ask('What is 2+2?', fresh=True)\n"
+        "    page: qna.Page = client.history(limit=10, status=qna.Status.ANSWERED)\n"
+        "    same: qna.QnA = client.get(record.id)\n"
+        "    answer: str | None = same.answer\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(program)],
+        cwd=tmp_path,
+        env={**os.environ, "MYPYPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stdout
+    assert "Success: no issues found in 1 source file" in completed.stdout
