@@ -158,6 +158,10 @@ def _env(name: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
+    """qna's settings: from keyword arguments (by a setting's name, `database_url=`, or
+    its variable's, `DATABASE_URL=`), else the environment, else `.env`, else defaults.
+    A wrong value is a `qna.ConfigurationError` naming its variable."""
+
     model_config = SettingsConfigDict(
         env_file=".env",
         env_file_encoding="utf-8",

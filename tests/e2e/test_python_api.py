@@ -603,6 +603,15 @@ def test_help_and_dir_show_everything_qna_exports() -> None:
         assert name in text
 
 
+@pytest.mark.parametrize("name", qna.__all__)
+def test_every_exported_name_has_a_docstring_of_its_own(name: str) -> None:
+    # help(qna.Settings) showed pydantic's "Base class for settings...", and
+    # help(qna.NotFound) its base class's "Base of every error the core raises".
+    exported = getattr(qna, name)
+    own = vars(exported).get("__doc__") if isinstance(exported, type) else exported.__doc__
+    assert own and own.strip()
+
+
 def test_a_database_migrated_by_a_newer_qna_is_storage_unavailable(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     qna.connect(database_url=url, openai_base_url="http://127.0.0.1:1/v1").close()

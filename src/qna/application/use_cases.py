@@ -58,6 +58,8 @@ class InvalidArgument(QnAError):
 
 
 class InvalidCursor(InvalidArgument):
+    """The cursor is not one a page of history gave out."""
+
     code = "invalid_cursor"
 
 
@@ -414,6 +416,8 @@ class FindQnA(GetQnA):
 
 @dataclass(frozen=True)
 class Page:
+    """One page of history, newest first."""
+
     items: Sequence[QnA]
     #: Pass back as `cursor` to get the next (older) page; None on the last page.
     next_cursor: str | None

@@ -42,10 +42,14 @@ class ConfigurationError(QnAError):
 
 
 class InvalidQuestion(QnAError):
+    """The question is empty, too long, or has control characters; nothing is stored."""
+
     code = "invalid_question"
 
 
 class NotFound(QnAError):
+    """No stored record has this id."""
+
     code = "not_found"
 
 
@@ -142,10 +146,14 @@ class LLMUnavailable(LLMError):
 
 
 class LLMTimeout(LLMError):
+    """The provider did not answer in time, and retries within the deadline did not help."""
+
     code = "llm_timeout"
 
 
 class LLMRateLimited(LLMError):
+    """The provider rate-limited the request (429), and retries did not get through."""
+
     code = "llm_rate_limited"
 
 

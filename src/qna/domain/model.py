@@ -28,6 +28,8 @@ _ALLOWED_CONTROLS = frozenset("\n\t")
 
 
 class Status(enum.StrEnum):
+    """Where a record is: asked and waiting for the LLM, answered, or failed."""
+
     PENDING = "pending"
     ANSWERED = "answered"
     FAILED = "failed"
