@@ -603,6 +603,25 @@ def test_help_and_dir_show_everything_qna_exports() -> None:
         assert name in text
 
 
+def test_connect_warns_of_a_variable_that_looks_meant_for_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command line and `qna serve` named it; a program was told nothing, and
+    # its model was the default.
+    monkeypatch.setenv("QNA_API_TOKEN", "secret")
+    (tmp_path / ".env").write_text("QNA_MODLE=gpt-4o\n")
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.warns(UserWarning) as warned:
+        qna.connect(database_url=f"sqlite:///{tmp_path / 'x.db'}").close()
+
+    assert [str(w.message) for w in warned] == [
+        "QNA_API_TOKEN is not a setting qna reads; did you mean QNA_API_TOKENS?",
+        "QNA_MODLE is not a setting qna reads; did you mean QNA_MODEL?",
+    ]
+    assert warned[0].filename == __file__  # the caller's line, not qna's
+
+
 @pytest.mark.parametrize("name", qna.__all__)
 def test_every_exported_name_has_a_docstring_of_its_own(name: str) -> None:
     # help(qna.Settings) showed pydantic's "Base class for settings...", and

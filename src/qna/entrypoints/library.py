@@ -12,12 +12,13 @@ with qna.connect() as client:           # settings from the environment / .env
 from __future__ import annotations
 
 import os
+import warnings
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
 from qna.application.use_cases import ListQnA, Page
-from qna.config import Settings, load_settings, setting_field
+from qna.config import Settings, load_settings, misread_variables, setting_field
 from qna.container import (
     Container,
     ask_question_for,
@@ -126,8 +127,14 @@ def connect(settings: Settings | None = None, /, **overrides: Any) -> Client:
     `connect(database_url="sqlite:///qna.db", openai_base_url="http://localhost:11434/v1")`.
 
     A name that is not a setting is a TypeError, as for any Python function: ignored,
-    a misspelt `database_url` would send the records to the default database.
+    a misspelt `database_url` would send the records to the default database. A
+    variable that looks meant for a setting but is not its name (`QNA_MODLE`) is
+    named in a UserWarning, as the command line names it on stderr.
     """
+    # The .env file only when connect() reads the settings: a Settings object was
+    # built with a file of its own choosing, or none.
+    for line in misread_variables(".env" if settings is None else None):
+        warnings.warn(line, UserWarning, stacklevel=2)
     container = create_container(load_settings(settings, **_by_field(settings, overrides)))
     try:
         upgrade_database(container)
