@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from qna.config import Settings
     from qna.domain import (
         ConfigurationError,
+        IdempotencyKeyInFlight,
+        IdempotencyKeyReused,
         InvalidQuestion,
         LLMBadResponse,
         LLMError,
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Client",
     "ConfigurationError",
+    "IdempotencyKeyInFlight",
+    "IdempotencyKeyReused",
     "InvalidArgument",
     "InvalidCursor",
     "InvalidQuestion",
@@ -75,6 +79,8 @@ _LAZY = {
         name: "qna.domain"
         for name in (
             "ConfigurationError",
+            "IdempotencyKeyInFlight",
+            "IdempotencyKeyReused",
             "InvalidQuestion",
             "LLMBadResponse",
             "LLMError",

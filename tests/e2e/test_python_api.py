@@ -8,7 +8,7 @@ import pydoc
 import sqlite3
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from uuid import uuid4
 
@@ -91,6 +91,76 @@ def test_history_by_status(client: qna.Client, fake_openai: FakeOpenAI) -> None:
     assert list(client.history(status="pending").items) == []
     with pytest.raises(qna.InvalidArgument, match="status must be one of"):
         client.history(status="FAILED")
+
+
+def test_an_idempotency_key_asks_the_llm_once_and_replays_the_stored_record(
+    client: qna.Client, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    # A batch run again with the same keys pays for no answer twice; there was no way
+    # to say so from Python.
+    first = client.ask(QUESTION, idempotency_key="batch-7:row-1")
+    again = client.ask(QUESTION, idempotency_key="batch-7:row-1")
+
+    assert again == first
+    assert first.idempotency_key == "batch-7:row-1"
+    assert fake_openai.calls == 1
+    assert [row["id"] for row in stored_rows(database_url)] == [first.id]
+    with pytest.raises(qna.IdempotencyKeyReused) as reused:
+        client.ask("Another question?", idempotency_key="batch-7:row-1")
+    assert reused.value.code == "idempotency_key_reused"
+    assert fake_openai.calls == 1
+
+
+def test_a_failed_ask_frees_its_idempotency_key(
+    client: qna.Client, fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    fake_openai.script(Status(503))
+    with pytest.raises(qna.LLMUnavailable) as failed:
+        client.ask(QUESTION, idempotency_key="k1")
+
+    retried = client.ask(QUESTION, idempotency_key="k1")
+
+    assert retried.status is qna.Status.ANSWERED
+    assert retried.id != failed.value.qna_id
+    assert fake_openai.calls == 2
+    statuses = {row["id"]: row["status"] for row in stored_rows(database_url)}
+    assert statuses == {failed.value.qna_id: "failed", retried.id: "answered"}
+
+
+def test_an_ask_whose_key_is_still_being_answered_raises_in_flight(
+    fake_openai: FakeOpenAI, database_url: str
+) -> None:
+    fake_openai.script(Delay(1.0))
+    with (
+        qna.connect(database_url=database_url, openai_base_url=fake_openai.base_url) as first,
+        qna.connect(
+            database_url=database_url,
+            openai_base_url=fake_openai.base_url,
+            idempotency_wait_s=0,
+        ) as second,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        answering = pool.submit(first.ask, QUESTION, idempotency_key="k1")
+        while not stored_rows(database_url):  # the first ask holds the key
+            time.sleep(0.01)
+        with pytest.raises(qna.IdempotencyKeyInFlight) as in_flight:
+            second.ask(QUESTION, idempotency_key="k1")
+        answered = answering.result()
+
+    assert in_flight.value.retry_after is not None and in_flight.value.retry_after > 0
+    assert answered.status is qna.Status.ANSWERED
+    assert fake_openai.calls == 1
+
+
+@pytest.mark.parametrize("key", ["", "has space", "a,b", "x" * 201, "caf\u00e9", 7])
+def test_a_malformed_idempotency_key_raises_invalid_argument_and_stores_nothing(
+    client: qna.Client, fake_openai: FakeOpenAI, database_url: str, key: object
+) -> None:
+    with pytest.raises(qna.InvalidArgument, match="idempotency_key must be one key of 1 to 200"):
+        client.ask(QUESTION, idempotency_key=key)  # type: ignore[arg-type]
+
+    assert stored_rows(database_url) == []
+    assert fake_openai.calls == 0
 
 
 @pytest.mark.parametrize("question", ["", "   ", "a\x00b", "x" * 4001])

@@ -7,6 +7,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,24 @@ class Asked:
     #: True when the record is an earlier request's with the same idempotency key,
     #: answered before (a replay): nothing new was asked or stored.
     replayed: bool = False
+
+
+#: An idempotency key as a caller gives it: visible ASCII (no space) but the comma, which
+#: a WSGI server puts between two header lines of one name (RFC 9110, section 5.3):
+#: their join would be a third key. One rule for the header and the library's argument.
+IDEMPOTENCY_KEY_PATTERN = r"[\x21-\x2b\x2d-\x7e]{1,200}"
+_SANE_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+
+
+def parse_idempotency_key(key: object, *, name: str) -> str:
+    """`key` if it is one a caller may give (the entrypoint scopes it); else
+    InvalidArgument, naming the key by `name` as the caller gave it."""
+    if not isinstance(key, str) or not _SANE_KEY.fullmatch(key):
+        raise InvalidArgument(
+            f"{name} must be one key of 1 to 200 visible ASCII characters, "
+            "without spaces or commas."
+        )
+    return key
 
 
 def parse_ask(question: str, *, fresh: object, max_length: int) -> str:

@@ -2,6 +2,8 @@
 
 from qna.domain.errors import (
     ConfigurationError,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
     InvalidQuestion,
     LLMBadResponse,
     LLMError,
@@ -19,6 +21,8 @@ from qna.domain.model import DEFAULT_MAX_QUESTION_LENGTH, QnA, Status, parse_que
 __all__ = [
     "DEFAULT_MAX_QUESTION_LENGTH",
     "ConfigurationError",
+    "IdempotencyKeyInFlight",
+    "IdempotencyKeyReused",
     "InvalidQuestion",
     "LLMBadResponse",
     "LLMError",

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
-from qna.application.use_cases import ListQnA, Page
+from qna.application.use_cases import ListQnA, Page, parse_idempotency_key
 from qna.config import Settings, load_settings, misread_variables, setting_field
 from qna.container import (
     Container,
@@ -48,16 +48,28 @@ class Client:
         #: The process whose connections the container's pools hold.
         self._pid = os.getpid()
 
-    def ask(self, question: str, *, fresh: bool = False) -> QnA:
+    def ask(self, question: str, *, fresh: bool = False, idempotency_key: str | None = None) -> QnA:
         """Ask, store and return the answered record.
 
+        With an `idempotency_key` (as HTTP's Idempotency-Key header), asking again with
+        the same key and question returns the stored answer and asks the LLM once,
+        also from another process at the same moment: a batch run again pays for
+        nothing twice. A failed ask frees its key.
+
         Raises `qna.InvalidQuestion`, or `qna.InvalidArgument` for a `fresh` that is
-        not a bool, before anything is stored; a subclass of `qna.LLMError` (after
-        the failure is stored) when the LLM does not answer;
-        `qna.OutcomeNotStored` carries the answer the database would not take.
+        not a bool or a malformed key, before anything is stored; a subclass of
+        `qna.LLMError` (after the failure is stored) when the LLM does not answer;
+        `qna.IdempotencyKeyReused` when the key was used with another question, and
+        `qna.IdempotencyKeyInFlight` when its first ask is still being answered after
+        QNA_IDEMPOTENCY_WAIT_S; `qna.OutcomeNotStored` carries the answer the
+        database would not take.
         """
+        container = self._open()
+        if idempotency_key is not None:
+            parse_idempotency_key(idempotency_key, name="idempotency_key")
         # No API key: an invalid question is still said first, as `qna ask` says it.
-        return ask_question_for(self._open(), question, fresh=fresh)(question, fresh=fresh)
+        ask_question = ask_question_for(container, question, fresh=fresh)
+        return ask_question(question, fresh=fresh, idempotency_key=idempotency_key)
 
     def get(self, qna_id: UUID | str) -> QnA:
         """One stored record, by its full id; raises `qna.NotFound`."""

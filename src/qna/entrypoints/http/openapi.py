@@ -8,15 +8,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from qna.application.use_cases import ListQnA
+from qna.application.use_cases import IDEMPOTENCY_KEY_PATTERN, ListQnA
 from qna.domain.model import Status
 from qna.entrypoints.presenters import AskRequest, ErrorResponse, Health, QnAOut, QnAPage
 
 REF = "#/components/schemas/{model}"
-
-# An Idempotency-Key: visible ASCII (no space) but the comma, which a WSGI server puts between
-# two header lines of one name (RFC 9110, section 5.3): their join would be a third key.
-IDEMPOTENCY_KEY_PATTERN = r"[\x21-\x2b\x2d-\x7e]{1,200}"
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
