@@ -141,8 +141,23 @@ def _dotenv_names(env_files: object, encoding: str) -> frozenset[str]:
 _URL_SETTINGS = frozenset({"database_url", "openai_base_url", "rate_limit_storage"})
 
 
-def without_secrets(url: str) -> str:
-    """`url` with its password, and its query (where gateways take keys), starred."""
+def without_secrets(url: str, *, database: bool = False) -> str:
+    """`url` with its password, and its query (where gateways take keys), starred.
+
+    A `database` URL is split as SQLAlchemy splits it, not as a web URL: it takes a
+    password with an unencoded "#", "/" or "?" (`postgresql://u:s3cr#t/pw@db/qna`
+    works), which urlsplit read as the end of the host, and the password was shown.
+    """
+    if database:
+        from sqlalchemy.engine import make_url  # imported when asked: the CLI starts fast
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            return "(not a database URL)"  # nothing of it is known not to be a secret
+        shown = parsed.set(query={}).render_as_string(hide_password=True)
+        return f"{shown}?***" if parsed.query else shown
     parts = urlsplit(url)
     if parts.password is None and not parts.query:
         return url
@@ -420,7 +435,7 @@ class Settings(BaseSettings):
         # LLM gateway's key in a query) are shown as the keys and tokens are, starred.
         for name, value in super().__repr_args__():
             if name in _URL_SETTINGS and isinstance(value, str):
-                value = without_secrets(value)
+                value = without_secrets(value, database=name == "database_url")
             yield name, value
 
     @field_validator(

@@ -522,6 +522,22 @@ def test_settings_show_no_password_or_key_in_their_repr_or_str(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # SQLAlchemy takes these unencoded in a password; urlsplit ended the host there.
+        ("postgresql://qna:s3cr#t/pw@db:5432/qna", "postgresql://qna:***@db:5432/qna"),
+        ("postgresql://qna:pa?ss@db/qna", "postgresql://qna:***@db/qna"),
+        ("postgresql://qna@db/qna?password=Sup3rSecret", "postgresql://qna@db/qna?***"),
+        ("sqlite:////var/lib/qna/qna.db", "sqlite:////var/lib/qna/qna.db"),
+    ],
+)
+def test_a_database_urls_password_is_starred_however_it_is_written(url: str, shown: str) -> None:
+    settings = qna.Settings(_env_file=None, database_url=url)
+
+    assert f"database_url='{shown}'" in repr(settings)
+
+
+@pytest.mark.parametrize(
     ("setting", "variable"),
     [("llm_max_attempts", "QNA_LLM_MAX_ATTEMPTS"), ("cache_ttl_s", "QNA_CACHE_TTL")],
 )

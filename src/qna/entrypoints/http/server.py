@@ -298,7 +298,7 @@ def _tell_what_it_serves(settings: Settings, workers: int) -> None:
     log.info(
         "serving",
         extra={
-            "database": without_secrets(settings.effective_database_url),
+            "database": without_secrets(settings.effective_database_url, database=True),
             "model": settings.model,
             "llm_client": settings.llm_client,
             "auth": "tokens" if settings.tokens else "off",
