@@ -25,9 +25,11 @@ class Sleeper:
     def __init__(self, timer: FakeTimer) -> None:
         self.timer = timer
         self.calls = 0
+        self.waits: list[float] = []
 
     def __call__(self, seconds: float) -> None:
         self.calls += 1
+        self.waits.append(seconds)
         self.timer.advance(seconds)
 
 
@@ -164,14 +166,19 @@ def test_a_key_still_in_flight_waits_then_gives_409(
         clock=clock,
         timer=timer,
         sleep=sleeper,
-        in_flight_wait=timedelta(seconds=1),
+        in_flight_wait=timedelta(seconds=30),
     )
 
     with pytest.raises(IdempotencyKeyInFlight):
         ask("Slow?", idempotency_key="k")
 
-    # It polled for the whole wait (float steps may need one more), then gave up.
-    assert round(1 / AskQuestion.POLL_S) <= sleeper.calls <= round(1 / AskQuestion.POLL_S) + 1
+    # It looked for the whole wait, then gave up: soon at first, then less and less
+    # often, up to once a second; not every 50 ms (600 reads in the 30 s).
+    assert sum(sleeper.waits) == pytest.approx(30)
+    assert sleeper.waits[0] == AskQuestion.POLL_S
+    assert sleeper.waits[:-1] == sorted(sleeper.waits[:-1])
+    assert max(sleeper.waits) == AskQuestion.MAX_POLL_S
+    assert sleeper.calls < 40
     assert len(uow.committed_records()) == 1
     # By reading: one insert found the key held, and none was tried again (on
     # PostgreSQL each would leave a dead row and spend a transaction id).

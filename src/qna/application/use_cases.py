@@ -120,8 +120,12 @@ class AskQuestion:
     and return it. A failed or expired record frees its key for a new ask.
     """
 
-    #: How often a request waits for the one that holds its key.
+    #: How long a request waits for the one that holds its key before it looks again:
+    #: soon at first (most asks are short), then each wait half again as long as the
+    #: last, up to a second. Many retries waiting on one slow ask each read the database
+    #: 20 times a second when every wait was the first one.
     POLL_S = 0.05
+    MAX_POLL_S = 1.0
 
     def __init__(
         self,
@@ -238,6 +242,7 @@ class AskQuestion:
         """
         key = qna.idempotency_key
         assert key is not None
+        poll = self.POLL_S
         while True:
             with self._uow() as uow:
                 holder = uow.qnas.get_by_idempotency_key(key)
@@ -260,7 +265,8 @@ class AskQuestion:
                     "A request with this Idempotency-Key is still being answered; retry later.",
                     retry_after=self._when_to_retry(holder),
                 )
-            self._sleep(self.POLL_S)
+            self._sleep(min(poll, give_up_at - self._timer()))
+            poll = min(poll * 1.5, self.MAX_POLL_S)
             # Expiry and abandonment are judged as of now.
             qna.restamp(self._clock(), abandon_after=self._abandon_after)
 
