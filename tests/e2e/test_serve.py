@@ -399,6 +399,15 @@ def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
     ).items()
 
 
+def test_a_local_clients_script_name_header_changes_no_path(server: Server) -> None:
+    # gunicorn's default took SCRIPT_NAME from any client on 127.0.0.1: a prefix was
+    # stripped (/x/questions answered 200), and a malformed one made a 500.
+    assert server.request("GET", "/x/questions", headers={"SCRIPT_NAME": "/x"}).status == 404
+    reply = server.request("GET", "/openapi.json", headers={"SCRIPT_NAME": '/"><svg>'})
+    assert reply.status == 200
+    assert reply.json()["servers"] == [{"url": "/"}]
+
+
 def _log_entries(server: Server) -> list[dict[str, Any]]:
     """Every line the server logged, each one read as JSON (the test fails on any other)."""
     deadline = time.monotonic() + 5  # the worker writes its line after the reply

@@ -406,6 +406,11 @@ def serve(
         "timeout": 0,
         "graceful_timeout": graceful_timeout,
         "keepalive": 5,
+        # gunicorn takes SCRIPT_NAME and PATH_INFO from request headers of local
+        # clients by default: any of them could strip a path prefix past a proxy's
+        # rules, point Location and the OpenAPI servers elsewhere, or make a 500.
+        # qna is served at the root; a proxy that mounts it elsewhere rewrites paths.
+        "forwarder_headers": "",
         # gevent: asks one worker holds at once; gthread: connections it keeps open.
         "worker_connections": connections if worker_class == "gevent" else max(1000, threads * 4),
         "backlog": 2048,
