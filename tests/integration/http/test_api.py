@@ -208,6 +208,30 @@ def test_every_response_gets_a_fresh_request_id(client: FlaskClient) -> None:
     assert len(ids) == 3
 
 
+def test_records_and_errors_are_neither_sniffed_nor_cached(client: FlaskClient) -> None:
+    # They echo what an LLM or a client wrote (an error message with "<script>"), and
+    # are one caller's questions: no browser reads them as HTML, no shared cache keeps them.
+    created = client.post("/ask", json={"question": "<script>alert(1)</script>?"})
+    for response in (
+        created,
+        client.get(created.headers["Location"]),
+        client.get("/questions"),
+        client.get("/questions?limit=0"),
+        client.post("/ask", json={}),
+    ):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Cache-Control"] == "no-store"
+    docs = client.get("/docs")
+    assert docs.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Cache-Control" not in docs.headers  # the same page for everyone
+
+
+def test_flask_serves_no_static_folder(client: FlaskClient) -> None:
+    # qna has none; Flask's default /static/<path> route answered for it all the same.
+    assert "static" not in {rule.endpoint for rule in client.application.url_map.iter_rules()}
+    assert client.get("/static/app.js").json["error"]["code"] == "not_found"
+
+
 def test_get_one_record(client: FlaskClient) -> None:
     body = created(ask(client, QUESTION))
 

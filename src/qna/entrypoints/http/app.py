@@ -41,7 +41,8 @@ def create_app(container: Container | None = None, settings: Settings | None = N
     or from the environment and `.env`)."""
     if container is None:
         container = create_container(settings)
-    app = QnAFlask("qna")
+    # No static folder: qna has none, and Flask's /static/<path> route answered for it.
+    app = QnAFlask("qna", static_folder=None)
     # Werkzeug answers a path with doubled slashes with a 308 and an HTML page; this
     # API's paths are exact (a trailing slash is a 404 too), and never answered in HTML.
     # Leading slashes aside: werkzeug's request reads `//ask` as `/ask` before routing.
@@ -128,6 +129,11 @@ def _install_request_log(app: Flask) -> None:
     def finish(response: Response) -> Response:
         request_id = g.get("request_id") or uuid.uuid4().hex
         response.headers["X-Request-ID"] = request_id
+        # Records echo what LLMs and clients wrote: never sniffed as HTML by a browser,
+        # and never kept by a shared cache (they are one caller's questions).
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if response.mimetype == "application/json":
+            response.headers.setdefault("Cache-Control", "no-store")
         started = g.get("started")
         duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
         # Never the question or the body: they are the users' data, not operations data.
