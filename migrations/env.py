@@ -16,6 +16,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from qna.adapters.sqlalchemy.database import create_engine
+from qna.adapters.sqlalchemy.migrate import migrating
 from qna.adapters.sqlalchemy.tables import metadata
 
 target_metadata = metadata
@@ -42,9 +43,11 @@ def run_migrations_online() -> None:
     if not url:
         raise SystemExit("Set DATABASE_URL to run the alembic command directly.")
     engine = create_engine(url)
-    with engine.begin() as connection:
-        run_migrations(connection)
-    engine.dispose()
+    try:
+        with migrating(engine) as connection:  # qna's lock, SQLite's foreign keys kept
+            run_migrations(connection)
+    finally:
+        engine.dispose()
 
 
 if context.is_offline_mode():

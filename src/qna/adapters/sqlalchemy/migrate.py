@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,28 +76,72 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def _upgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            # No statement timeout here: waiting for another process's upgrade, or
-            # building an index over a large table, may rightly take minutes.
-            connection.execute(text("SET LOCAL statement_timeout = 0"))
-            # Held until this transaction ends; a second process waits, then finds
-            # the schema already at head and does nothing.
-            connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
-            )
-        elif connection.dialect.name == "sqlite" and _revision(connection) != head_revision():
-            # The same for SQLite, when there is anything to do: its write lock, taken
-            # before the schema is read again. Without it, processes started together
-            # on a new file each found no schema, and all but one failed creating
-            # alembic_version (exit 6). A second process waits for the lock (the busy
-            # timeout), then finds the schema at head.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+    with migrating(engine, lambda c: _revision(c) != head_revision()) as connection:
         current = _revision(connection)
         _refuse_an_unknown_schema(current)
         if current is None:
             _refuse_an_unversioned_table(connection)
         command.upgrade(alembic_config(connection), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Back to `revision` (no command offers it: for tests, and an operator's rollback
+    from Python), under the same lock and with SQLite's foreign keys kept whole."""
+    from alembic import command
+
+    with unavailable_as_storage_error(), migrating(engine) as connection:
+        command.downgrade(alembic_config(connection), revision)
+
+
+@contextlib.contextmanager
+def migrating(
+    engine: Engine, work_to_do: Callable[[Connection], bool] = lambda _: True
+) -> Iterator[Connection]:
+    """A transaction to migrate in, once no other process migrates (on SQLite, when
+    `work_to_do`: else it only reads)."""
+    with engine.connect() as connection:
+        sqlite_work = False
+        try:
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    # No statement timeout here: waiting for another process's upgrade,
+                    # or building an index over a large table, may rightly take minutes.
+                    connection.execute(text("SET LOCAL statement_timeout = 0"))
+                    # Held until this transaction ends; a second process waits, then
+                    # finds the schema already at head and does nothing.
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                    )
+                elif connection.dialect.name == "sqlite" and work_to_do(connection):
+                    sqlite_work = True
+                    # A batch migration rebuilds a table (copy it, DROP it, rename the
+                    # copy). With foreign keys on, SQLite deletes the rows of a dropped
+                    # table first, and ON DELETE SET NULL cleared every cached record's
+                    # source_id in the copy. Off only outside a transaction: before BEGIN.
+                    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                    # The same lock for SQLite, when there is anything to do: its write
+                    # lock, taken before the schema is read again. Without it, processes
+                    # started together on a new file each found no schema, and all but
+                    # one failed creating alembic_version (exit 6). A second process
+                    # waits for the lock (the busy timeout), then finds the schema at head.
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                yield connection
+                if sqlite_work:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
+                    if broken is not None:  # rolled back: what was there stays
+                        raise RuntimeError(f"a migration broke a foreign key: {tuple(broken)}")
+        finally:
+            if sqlite_work:
+                _foreign_keys_back_on(connection)
+
+
+def _foreign_keys_back_on(connection: Connection) -> None:
+    try:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+    except Exception:
+        # Never back in the pool without them (a cached record's source could be
+        # deleted from under it); and not raised over what the migration raised.
+        connection.invalidate()
 
 
 def _refuse_an_unversioned_table(connection: Connection) -> None:
