@@ -224,6 +224,10 @@ def test_any_text_with_an_inner_control_character_is_refused(
         ("What is the answer?", "  what IS   the\tanswer?\n"),
         ("straße", "STRASSE"),  # casefold, not lower
         ("a\u3000b", "a b"),
+        # One text, composed (as typed on Windows or Linux) and decomposed (macOS).
+        ("Qu\u00e9 es un caf\u00e9?", "Que\u0301 es un cafe\u0301?"),
+        ("\u1e9e", "SS"),  # capital sharp s, composed or not, folds to ss
+        ("\u212b", "\u00e5"),  # the angstrom sign is canonically a with ring above
     ],
 )
 def test_normalise_ignores_case_and_spacing(left: str, right: str) -> None:
@@ -244,6 +248,18 @@ def test_normalise_keeps_everything_but_case_and_spacing(left: str, right: str) 
 
 def test_normalise_result_is_single_spaced_lower_case() -> None:
     assert normalise_for_cache("\n  Hello \t\t WORLD  \n") == "hello world"
+
+
+@given(st.text())
+def test_text_typed_in_nfc_keeps_the_key_it_had_before_unicode_forms_counted(
+    text: str,
+) -> None:
+    # Keys stored before are casefold-and-split of the text; the cache finds those
+    # answers still, for the text nearly everyone sends.
+    text = unicodedata.normalize("NFC", text)
+    before = " ".join(text.casefold().split())
+    if unicodedata.is_normalized("NFC", before):
+        assert normalise_for_cache(text) == before
 
 
 WORD = st.text(alphabet=string.ascii_letters + string.digits + string.punctuation, min_size=1)

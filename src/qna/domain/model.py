@@ -77,8 +77,12 @@ def _is_visible(char: str) -> bool:
 
 
 def normalise_for_cache(question: str) -> str:
-    """The form under which two questions count as the same: case and spacing ignored."""
-    return " ".join(question.casefold().split())
+    """The form under which two questions count as the same: case and spacing ignored,
+    and the ways Unicode has of writing one letter (é as one code point, or as e and a
+    combining accent, as macOS may send it): Unicode's canonical caseless match. In
+    NFC, so that text typed in NFC (nearly all) keeps the key it had before."""
+    folded = unicodedata.normalize("NFD", question).casefold()
+    return " ".join(unicodedata.normalize("NFC", folded).split())
 
 
 @dataclass
