@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 #: The newest migration's revision, so that finding the schema at it takes one
 #: query, without Alembic. A migration added without updating it is caught by a
 #: test that compares it with the scripts' head.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 # An arbitrary constant: the key of the PostgreSQL advisory lock that serialises
 # concurrent upgrades (several workers or CLI processes starting at once).

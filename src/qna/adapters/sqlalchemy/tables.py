@@ -121,10 +121,13 @@ qn_a = Table(
         postgresql_where=text(_CACHEABLE),
         sqlite_where=text(_CACHEABLE),
     ),
-    # Sweeping records whose asker died mid-call (partial: pending rows are few).
+    # Sweeping records whose asker died mid-call, and the pending (or abandoned) part
+    # of a page of history, newest first (partial: pending rows are few; with `id`,
+    # as SQLite needs a page's whole order from one index; 0005).
     Index(
-        "ix_qn_a_pending_created_at",
+        "ix_qn_a_pending_created_at_id",
         "created_at",
+        "id",
         postgresql_where=text(_PENDING),
         sqlite_where=text(_PENDING),
     ),
