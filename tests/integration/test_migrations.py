@@ -111,6 +111,49 @@ def test_records_stored_before_a_new_column_keep_through_it_and_back(
         engine.dispose()
 
 
+def test_a_migration_stuck_behind_a_transaction_gives_way_instead_of_waiting_forever(
+    empty_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ALTER TABLE waits for every transaction that read qn_a (a pg_dump, an analyst's
+    # psql session), and every later query on qn_a queued behind it: all of qna's
+    # traffic stopped for as long as the other transaction lasted.
+    from alembic import command
+
+    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(migrate, "LOCK_ATTEMPTS", 3)
+    monkeypatch.setattr(migrate, "LOCK_RETRY_PAUSE_S", 0.1)
+    engine = create_engine(empty_postgres_url)
+    outcome: list[BaseException | None] = []
+
+    def upgrade() -> None:
+        try:
+            migrate.upgrade(engine)
+            outcome.append(None)
+        except BaseException as exc:  # told to the test's thread
+            outcome.append(exc)
+
+    try:
+        with engine.begin() as connection:
+            command.upgrade(migrate.alembic_config(connection), "0003")
+        with engine.connect() as reader:
+            reader.execute(text("SELECT count(*) FROM qn_a"))  # holds its lock till rollback
+            upgrading = threading.Thread(target=upgrade)
+            upgrading.start()
+            upgrading.join(timeout=30)
+            reader.rollback()
+        upgrading.join(timeout=30)
+
+        [error] = outcome
+        assert isinstance(error, StorageUnavailable), error
+        assert "could not lock the table qn_a: another transaction holds it" in str(error)
+        assert error.retryable
+        assert migrate.current_revision(engine) == "0003"  # nothing half done
+        migrate.upgrade(engine)  # once the other transaction is over
+        assert migrate.is_at_head(engine)
+    finally:
+        engine.dispose()
+
+
 def test_installed_wheel_migrates_an_empty_database(
     tmp_path: Path, empty_postgres_url: str
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,12 +59,23 @@ def alembic_config(connection: Connection | None = None) -> Config:
 _SCHEMA_REFUSED = frozenset({"42501", "25006", "3F000"})
 
 
+#: How long one migration attempt waits for its lock on qn_a (an ALTER TABLE, a
+#: CREATE INDEX), and how many are made, a pause apart. While DDL waits for its
+#: lock, every later query on the table queues behind it: a transaction left open on
+#: qn_a (a pg_dump, an analyst's psql session) stopped all of qna's traffic for as
+#: long as it lasted. Now each attempt gives up soon and lets the queue through.
+LOCK_TIMEOUT_S = 2.0
+LOCK_ATTEMPTS = 5
+LOCK_RETRY_PAUSE_S = 1.0
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     with unavailable_as_storage_error():
         try:
             if revision == "head" and _stored_revision(engine) == HEAD_REVISION:
                 return
-            _upgrade(engine, revision)
+            _upgrade_when_locked(engine, revision)
         except DBAPIError as exc:
             # Not a fault in qna: the same database always refuses. It was an
             # internal error carrying the SQL of the CREATE TABLE.
@@ -71,6 +83,24 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                 raise
             reason = str(exc.orig).strip().splitlines()[0]
             raise StorageUnavailable(f"The database refused qna's tables: {reason}") from exc
+
+
+def _upgrade_when_locked(engine: Engine, revision: str) -> None:
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            _upgrade(engine, revision)
+            return
+        except DBAPIError as exc:
+            if getattr(exc.orig, "pgcode", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            if attempt == LOCK_ATTEMPTS:
+                raise StorageUnavailable(
+                    "The migration could not lock the table qn_a: another transaction "
+                    f"holds it (see pg_stat_activity). Tried {LOCK_ATTEMPTS} times, "
+                    f"{LOCK_TIMEOUT_S:g} s each, so as not to hold up qna's queries "
+                    "queued behind it; it is tried again with the next start or request."
+                ) from exc
+            time.sleep(LOCK_RETRY_PAUSE_S)
 
 
 def _upgrade(engine: Engine, revision: str) -> None:
@@ -112,6 +142,10 @@ def migrating(
                     connection.execute(
                         text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
                     )
+                    # After the advisory lock, which may rightly wait for another
+                    # process's whole upgrade: a bound on the DDL's waits (above).
+                    milliseconds = round(LOCK_TIMEOUT_S * 1000)
+                    connection.execute(text(f"SET LOCAL lock_timeout = {milliseconds}"))
                 elif connection.dialect.name == "sqlite" and work_to_do(connection):
                     sqlite_work = True
                     # A batch migration rebuilds a table (copy it, DROP it, rename the
