@@ -283,6 +283,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, le=3600, allow_inf_nan=False, validation_alias=_env("QNA_BODY_TIMEOUT_S")
     )
+    send_timeout_s: float = Field(
+        30.0, gt=0, le=3600, allow_inf_nan=False, validation_alias=_env("QNA_SEND_TIMEOUT_S")
+    )
     api_tokens: SecretStr | None = Field(None, validation_alias=_env("QNA_API_TOKENS"))
     rate_limit: str = Field("", validation_alias=_env("QNA_RATE_LIMIT"))
     rate_limit_storage: str = Field("memory://", validation_alias=_env("QNA_RATE_LIMIT_STORAGE"))

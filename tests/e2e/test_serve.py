@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from qna.adapters.sqlalchemy.database import sqlite_url
+from qna.entrypoints.http import swagger_ui
 from qna.entrypoints.http.server import METRICS_PREFIX, remove_abandoned_metrics_directories
 from tests.e2e.helpers import settings_free_environ
 from tests.support.databases import (
@@ -149,6 +150,8 @@ def server(
         # Shorter than Server.connect's 10 s: a body that stops arriving is answered.
         "QNA_BODY_TIMEOUT_S": "2",
     }
+    marker = request.node.get_closest_marker("serve_env")
+    env.update(marker.kwargs if marker else {})
     log = tmp_path / "serve.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
@@ -406,6 +409,27 @@ def test_a_local_clients_script_name_header_changes_no_path(server: Server) -> N
     reply = server.request("GET", "/openapi.json", headers={"SCRIPT_NAME": '/"><svg>'})
     assert reply.status == 200
     assert reply.json()["servers"] == [{"url": "/"}]
+
+
+@pytest.mark.serve_env(QNA_SEND_TIMEOUT_S="1")
+def test_a_client_that_stops_reading_loses_its_connection(server: Server) -> None:
+    # It held the connection (one of the worker's --connections) for as long as it
+    # liked: a few hundred such, asking for /docs' largest file, took a worker down.
+    asset = f"/docs/swagger-ui/{swagger_ui.VERSION}/swagger-ui-bundle.js"
+    size = len(server.request("GET", asset).body)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f"GET {asset} HTTP/1.1\r\nHost: qna\r\n\r\n".encode() * 10)
+        time.sleep(3)  # reading nothing, past QNA_SEND_TIMEOUT_S
+        sock.settimeout(10)
+        received = 0
+        while chunk := sock.recv(1 << 20):  # an EOF: the server closed it
+            received += len(chunk)
+
+    # What the kernels' buffers held when it was closed, not the ten responses.
+    assert 0 < received < 10 * size
+    assert server.request("GET", "/healthz").status == 200
 
 
 def _log_entries(server: Server) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import glob
 import ipaddress
@@ -110,10 +111,46 @@ class ClosingResponse(gunicorn_wsgi.Response):  # type: ignore[misc]
         )
 
 
-def _adapt_gunicorn() -> None:
+class ReadOrLeave:
+    """A client's socket whose `sendall` gives up once the client has read nothing for
+    `stall_s` (QNA_SEND_TIMEOUT_S, set before the workers fork): a client that asks
+    and never reads held its connection (one of the worker's --connections) for ever,
+    and a few hundred such took a worker down.
+    Not gevent's own socket timeout: that bounds a whole `sendall`, which a slow
+    client reading a large page may rightly outlast."""
+
+    stall_s = 30.0
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        import gevent
+
+        view = memoryview(data).cast("B")
+        while view:
+            # EPIPE, as for a client that went away: gunicorn closes the connection
+            # and logs nothing (it is the client's doing, not the server's).
+            stalled = BrokenPipeError(errno.EPIPE, f"no read for {self.stall_s:g} s")
+            with gevent.Timeout(self.stall_s, stalled):
+                sent = self._sock.send(view, flags)
+            view = view[sent:]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class GreenResponse(ClosingResponse):
+    """ClosingResponse, written to a client that must go on reading (ReadOrLeave)."""
+
+    def __init__(self, req: Any, sock: socket.socket, cfg: Any) -> None:
+        super().__init__(req, ReadOrLeave(sock), cfg)
+
+
+def _adapt_gunicorn(response: type[ClosingResponse] = ClosingResponse) -> None:
     # In each worker, before it serves: wsgi.create builds gunicorn's Response by name.
     gunicorn_util.write_error = _json_error
-    gunicorn_wsgi.Response = ClosingResponse
+    gunicorn_wsgi.Response = response
 
 
 class JsonErrorThreadWorker(ThreadWorker):  # type: ignore[misc]
@@ -135,7 +172,7 @@ class JsonErrorGeventWorker(GeventWorker):  # type: ignore[misc]
         make_psycopg_cooperative()
 
     def init_process(self) -> None:
-        _adapt_gunicorn()
+        _adapt_gunicorn(GreenResponse)
         super().init_process()
 
 
@@ -397,6 +434,7 @@ def serve(
     # After the checks above: a server that refuses to start leaves no trace in the
     # environment of whoever called it.
     prepare_multiprocess_metrics(workers)
+    ReadOrLeave.stall_s = settings.send_timeout_s  # the workers inherit it
     options: dict[str, Any] = {
         "bind": _address(host, port),
         "workers": workers,
@@ -406,6 +444,9 @@ def serve(
         "timeout": 0,
         "graceful_timeout": graceful_timeout,
         "keepalive": 5,
+        # A file (the /docs assets) is written through ReadOrLeave too, not handed to
+        # the kernel's sendfile(), which no stall limit would reach.
+        "sendfile": False,
         # gunicorn takes SCRIPT_NAME and PATH_INFO from request headers of local
         # clients by default: any of them could strip a path prefix past a proxy's
         # rules, point Location and the OpenAPI servers elsewhere, or make a 500.
