@@ -11,6 +11,7 @@ import errno
 import gzip
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -457,6 +458,32 @@ def test_without_a_database_readyz_is_503_and_healthz_200(make_app: AppFactory) 
     # As every other 503 a wait can mend (the README's table).
     assert int(response.headers["Retry-After"]) >= 1
     assert client.get("/healthz").status_code == 200
+
+
+def test_with_tokens_on_readyz_tells_the_log_not_anyone_why_the_database_fails(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The probe asks for no token: the driver's words (a host name, a user or database
+    # name, the server's address) were anyone's to read. The routes that need a token
+    # still tell their callers.
+    url = "postgresql://qna@db-primary.corp.invalid:5432/qna"
+    client = make_app(url, api_tokens="t0ken").test_client()
+    logger = logging.getLogger("qna.http")  # its lines go to qna's own handler only
+    logger.addHandler(caplog.handler)
+    try:
+        response = client.get("/readyz")
+    finally:
+        logger.removeHandler(caplog.handler)
+    asked = client.get("/questions", headers={"Authorization": "Bearer t0ken"})
+
+    assert_error(response, 503, "database_unavailable")
+    assert "db-primary" not in response.get_data(as_text=True)
+    assert response.get_json()["error"]["message"] == (
+        "The database cannot be used; the server's log says why."
+    )
+    assert any("db-primary.corp.invalid" in r.getMessage() for r in caplog.records)
+    assert_error(asked, 503, "database_unavailable")
+    assert "db-primary.corp.invalid" in asked.get_json()["error"]["message"]
 
 
 def test_without_a_database_asking_is_503_and_the_llm_is_not_asked(

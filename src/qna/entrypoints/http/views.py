@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,7 @@ from qna.entrypoints.http.errors import ApiError, database_retry_after, error_re
 from qna.entrypoints.presenters import AskRequest, QnAOut, QnAPage
 
 bp = Blueprint("qna", __name__)
+log = logging.getLogger("qna.http")
 
 # application/json, or a type with the +json suffix (RFC 6839) and a name before it.
 _TOKEN = r"[a-z0-9!#$&^_.-]+"
@@ -324,16 +326,32 @@ def readyz() -> Response:
         ready = _container().schema_ready()
     except ConfigurationError as exc:
         # The database refused DATABASE_URL's login: a setting to fix, as on every route.
-        return error_response(503, "misconfigured", exc.message)
+        return error_response(503, "misconfigured", _told_to_anyone(exc.message))
     except StorageUnavailable as exc:
         # Not through the error handler: a probe's failure is not a request's, for the
         # logs and the database error count. Retry-After as on every other 503.
-        return error_response(503, "database_unavailable", exc.message, database_retry_after(exc))
+        return error_response(
+            503,
+            "database_unavailable",
+            _told_to_anyone(exc.message),
+            database_retry_after(exc),
+        )
     if not ready:
         return error_response(
             503, "migrations_pending", "The database schema is not at the newest migration."
         )
     return jsonify({"status": "ready"})
+
+
+def _told_to_anyone(detail: str) -> str:
+    """What the public probe says of a database it cannot use. With tokens on, not the
+    driver's words (a host name, a database or user name, the server's address): the
+    probe asks for no token, and the routes that do keep them for their callers. The
+    log has them; without tokens, every route tells them anyway."""
+    if not _container().config.api_tokens():
+        return detail
+    log.warning("not ready: %s", detail)
+    return "The database cannot be used; the server's log says why."
 
 
 @bp.get("/metrics")
