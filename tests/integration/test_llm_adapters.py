@@ -25,6 +25,7 @@ from typing import Any
 import gevent
 import pytest
 
+from qna.adapters import chat_completions
 from qna.adapters.chat_completions import ChatCompletionsLLM
 from qna.adapters.http_llm import HttpLLM
 from qna.adapters.openai_llm import OpenAILLM
@@ -950,6 +951,27 @@ def test_a_malformed_answer_is_a_bad_response(
     assert fake.calls == 1
     assert fake_time.sleeps == []
     assert caught.value.message.startswith(f"The LLM at {fake.base_url} ")
+
+
+def test_an_answer_larger_than_qna_takes_is_a_bad_response(
+    fake: FakeOpenAI, make_llm: MakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 100 MB from a broken gateway was stored whole, and sent back with every page of
+    # history holding it.
+    monkeypatch.setattr(chat_completions, "MAX_REPLY_BYTES", 4096)
+    body = json.dumps(
+        {"choices": [{"message": {"role": "assistant", "content": "x" * 5000}}]}
+    ).encode()
+    fake.script(Raw(200, body))
+
+    with pytest.raises(LLMBadResponse) as caught:
+        make_llm().complete("Q?")
+
+    assert caught.value.message == (
+        f"The LLM at {fake.base_url} answered with {len(body):,} bytes, "
+        "more than qna takes from an LLM (4,096)."
+    )
+    assert fake.calls == 1  # not retried: it would send the same again
 
 
 def test_the_default_sleep_is_time_sleep_as_it_is_when_called(

@@ -36,6 +36,12 @@ from qna.domain.model import MAX_FINISH_REASON_LENGTH, MAX_MODEL_LENGTH, MAX_TOK
 # Provider messages can carry whole request echoes; an error message needs the gist.
 _DETAIL_LIMIT = 300
 
+#: The most a chat completion's body may be. The longest answers models write (some
+#: 100,000 tokens) come to well under a megabyte; a server that sends more (a broken
+#: or hostile gateway's 100 MB, in a review) had it stored whole, and sent back with
+#: every page of history that holds it.
+MAX_REPLY_BYTES = 8 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -226,6 +232,13 @@ class ChatCompletionsLLM(ABC):
 
     def _read_reply(self, body: bytes) -> Reply | Failure:
         """A 2xx response's body: the chat completion in it, or why it is not one."""
+        if len(body) > MAX_REPLY_BYTES:
+            return Failure(
+                LLMBadResponse,
+                f"answered with {len(body):,} bytes, more than qna takes from an LLM "
+                f"({MAX_REPLY_BYTES:,})",
+                retryable=False,
+            )
         try:
             parsed = json.loads(body)
         # Not JSON, not UTF-8, or nested deeper than the parser recurses ([[[[...]]]]).
