@@ -475,6 +475,23 @@ def test_a_short_placeholder_key_is_starred_only_where_it_stands_alone(
     assert "Context length exceeded (key ***): max 4096" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    "echo", ["Authorization: Bearer%20{key}", "key={key}_x", "{key}{key}", "tok:{key}."]
+)
+def test_a_real_key_is_starred_wherever_a_provider_echoes_it(
+    fake: FakeOpenAI, make_llm: MakeLLM, echo: str
+) -> None:
+    # Only a whole word was starred: next to other letters the key was stored as it was.
+    key = "sk-proj-4f9a0c1e7b2d8f3a6c5e"
+    fake.script(Status(400, body={"error": {"message": "Bad header " + echo.format(key=key)}}))
+
+    with pytest.raises(LLMRefused) as caught:
+        make_llm(api_key=key, max_attempts=1).complete("Q?")
+
+    assert key not in caught.value.message
+    assert "***" in caught.value.message
+
+
 @pytest.mark.parametrize("status", [400, 403, 404, 422])
 def test_other_client_errors_are_refused_at_once(
     fake: FakeOpenAI, make_llm: MakeLLM, status: int

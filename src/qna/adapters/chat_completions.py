@@ -35,6 +35,8 @@ from qna.domain.model import MAX_FINISH_REASON_LENGTH, MAX_MODEL_LENGTH, MAX_TOK
 
 # Provider messages can carry whole request echoes; an error message needs the gist.
 _DETAIL_LIMIT = 300
+#: A key this long is starred wherever it appears, not only as a whole word.
+_SECRET_LENGTH = 16
 
 #: The most a chat completion's body may be. The longest answers models write (some
 #: 100,000 tokens) come to well under a megabyte; a server that sends more (a broken
@@ -108,11 +110,17 @@ class ChatCompletionsLLM(ABC):
             raise ValueError("An API key is needed to use the OpenAI API.")
         self._model = model
         self._api_key = api_key or ""
-        # The key as a whole token only: a placeholder key such as "x" or "test" (a
-        # local server needs none) would otherwise be starred out of every word that
-        # holds it, and those words are stored ("mi***tral-8***7b").
+        # A short key as a whole token only: a placeholder key such as "x" or "test"
+        # (a local server needs none) would otherwise be starred out of every word
+        # that holds it, and those words are stored ("mi***tral-8***7b"). A key long
+        # enough to be a secret wherever it appears: a provider's echo of it next to
+        # other letters ("Bearer%20sk-...", "sk-..._x") was stored as it was.
+        escaped = re.escape(self._api_key)
+        whole_token = rf"(?<![\w-]){escaped}(?![\w-])"
         self._key_in_text = (
-            re.compile(rf"(?<![\w-]){re.escape(self._api_key)}(?![\w-])") if api_key else None
+            re.compile(escaped if len(self._api_key) >= _SECRET_LENGTH else whole_token)
+            if api_key
+            else None
         )
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
