@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import functools
 import importlib.util
+import ipaddress
 import os
 import re
 from collections.abc import Iterator
@@ -77,6 +78,14 @@ def _http_url_problem(url: str) -> str | None:
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_NAME = re.compile(r"[a-z0-9._-]+")
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _origin(text: str) -> str:
@@ -290,6 +299,7 @@ class Settings(BaseSettings):
     rate_limit: str = Field("", validation_alias=_env("QNA_RATE_LIMIT"))
     rate_limit_storage: str = Field("memory://", validation_alias=_env("QNA_RATE_LIMIT_STORAGE"))
     cors_origins: str = Field("", validation_alias=_env("QNA_CORS_ORIGINS"))
+    allowed_hosts: str = Field("", validation_alias=_env("QNA_ALLOWED_HOSTS"))
     log_level: str = Field("INFO", validation_alias=_env("QNA_LOG_LEVEL"))
 
     @field_validator("*", mode="before")
@@ -392,6 +402,23 @@ class Settings(BaseSettings):
         if "*" in origins and len(origins) > 1:
             raise ValueError("* allows every origin: give it alone, or list exact origins")
         return ",".join(dict.fromkeys(origins))
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        names = [item.strip().lower().rstrip(".") for item in value.split(",") if item.strip()]
+        if names == ["*"] or not value.strip():
+            return ",".join(names)
+        if not names:
+            raise ValueError("lists no name; expected e.g. qna.example.com, or *")
+        for name in names:
+            bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+            if not (_HOST_NAME.fullmatch(bare) or _is_ip_address(bare)):
+                raise ValueError(
+                    f"{name!r} is not a host name (no scheme, port or pattern; * alone "
+                    "answers to any)"
+                )
+        return ",".join(dict.fromkeys(n.strip("[]") for n in names))
 
     @field_validator("openai_base_url")
     @classmethod

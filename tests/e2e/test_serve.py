@@ -402,6 +402,15 @@ def test_what_gunicorn_refuses_itself_is_json_with_a_request_id(
     ).items()
 
 
+def test_serve_on_loopback_answers_only_to_its_own_names(server: Server) -> None:
+    # The default --host, 127.0.0.1: a web page that rebinds its own name to it would
+    # otherwise read the history and ask the LLM, past CORS.
+    refused = server.request("GET", "/questions", headers={"Host": "rebind.example:80"})
+    assert refused.status == 421
+    assert refused.json()["error"]["code"] == "unknown_host"
+    assert server.request("GET", "/questions", headers={"Host": "localhost"}).status == 200
+
+
 def test_a_local_clients_script_name_header_changes_no_path(server: Server) -> None:
     # gunicorn's default took SCRIPT_NAME from any client on 127.0.0.1: a prefix was
     # stripped (/x/questions answered 200), and a malformed one made a 500.

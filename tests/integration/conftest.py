@@ -28,7 +28,9 @@ def make_app(fake_openai: FakeOpenAI) -> Iterator[AppFactory]:
     """Build apps over the fake LLM; each container is shut down afterwards."""
     containers: list[Container] = []
 
-    def build(database_url: str, **overrides: Any) -> Flask:
+    def build(
+        database_url: str, *, allowed_hosts: frozenset[str] | None = None, **overrides: Any
+    ) -> Flask:
         values: dict[str, Any] = {
             "database_url": database_url,
             "openai_base_url": fake_openai.base_url,
@@ -45,7 +47,7 @@ def make_app(fake_openai: FakeOpenAI) -> Iterator[AppFactory]:
         settings = Settings(_env_file=None, **{**values, **overrides})  # type: ignore[call-arg]
         container = create_container(settings)
         containers.append(container)
-        return create_app(container)
+        return create_app(container, allowed_hosts=allowed_hosts)
 
     yield build
     for container in reversed(containers):

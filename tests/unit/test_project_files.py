@@ -51,7 +51,13 @@ def test_every_exit_code_is_in_the_readme() -> None:
 
 
 def test_every_error_code_the_openapi_document_names_is_in_the_readme() -> None:
-    document = openapi_document(max_question_length=10, max_body_bytes=1024, auth=True)
+    document = openapi_document(
+        max_question_length=10,
+        max_body_bytes=1024,
+        auth=True,
+        rate_limited=True,
+        host_checked=True,
+    )
     named = {
         code
         for operations in document["paths"].values()

@@ -694,7 +694,8 @@ def _listen_host(_ctx: click.Context, _param: click.Parameter, value: str) -> st
     default="127.0.0.1",
     show_default=True,
     callback=_listen_host,
-    help="Address to listen on; 0.0.0.0 or :: for every address.",
+    help="Address to listen on; 0.0.0.0 or :: for every address. On a loopback one, only "
+    "this machine's names are answered (and QNA_ALLOWED_HOSTS').",
 )
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(

@@ -16,6 +16,7 @@ from qna.container import Container, create_container, upgrade_database, warm_up
 from qna.entrypoints.http import views
 from qna.entrypoints.http.cors import install_cors
 from qna.entrypoints.http.errors import register_error_handlers
+from qna.entrypoints.http.hosts import install_host_check
 from qna.entrypoints.http.openapi import openapi_document
 from qna.entrypoints.http.security import install_access
 
@@ -36,9 +37,15 @@ class QnAFlask(Flask):
         return response
 
 
-def create_app(container: Container | None = None, settings: Settings | None = None) -> Flask:
+def create_app(
+    container: Container | None = None,
+    settings: Settings | None = None,
+    *,
+    allowed_hosts: frozenset[str] | None = None,
+) -> Flask:
     """Build the HTTP application over `container` (default: built from `settings`,
-    or from the environment and `.env`)."""
+    or from the environment and `.env`). With `allowed_hosts`, it answers only to
+    those names and this machine's loopback (`hosts.py`; `qna serve` decides)."""
     if container is None:
         container = create_container(settings)
     # No static folder: qna has none, and Flask's /static/<path> route answered for it.
@@ -57,12 +64,15 @@ def create_app(container: Container | None = None, settings: Settings | None = N
         max_body_bytes=container.config.max_body_bytes(),
         auth=bool(container.config.api_tokens()),
         rate_limited=bool(container.config.rate_limit().strip()),
+        host_checked=allowed_hosts is not None,
     )
     container.logging.init()
     warm_up(container)
     app.register_blueprint(views.bp)
     register_error_handlers(app)
     _install_request_log(app)
+    if allowed_hosts is not None:  # first: a misdirected request costs nothing more
+        install_host_check(app, allowed_hosts)
     # Tokens and rate limits before anything that touches the database: a request
     # without a valid token is turned away (and counted) before it costs more, and is
     # told 401 even while the database is down.

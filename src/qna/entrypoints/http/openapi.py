@@ -56,6 +56,9 @@ ERROR_TEXTS = {
     "charset other than UTF-8, or is compressed (a Content-Encoding other than identity) "
     "(`unsupported_media_type`).",
     422: "This Idempotency-Key was used with a different body (`idempotency_key_reused`).",
+    421: "The request's Host names neither this machine's loopback nor a name in "
+    "QNA_ALLOWED_HOSTS (`unknown_host`): a server on the loopback address answers only to "
+    "its own names, against DNS rebinding.",
     429: "Too many requests; see Retry-After (`rate_limited`).",
     500: "An unexpected error (`internal_error`).",
     502: "The LLM refused the request (`llm_refused`) or gave an unusable answer "
@@ -189,7 +192,12 @@ def _options(operations: dict[str, Any]) -> dict[str, Any]:
 
 
 def openapi_document(
-    *, max_question_length: int, max_body_bytes: int, auth: bool, rate_limited: bool = False
+    *,
+    max_question_length: int,
+    max_body_bytes: int,
+    auth: bool,
+    rate_limited: bool = False,
+    host_checked: bool = False,
 ) -> dict[str, Any]:
     _, top = models_json_schema(
         [
@@ -207,7 +215,7 @@ def openapi_document(
     schemas["AskRequest"]["properties"]["question"]["description"] += (
         f" This server's limit: {max_question_length} characters."
     )
-    common = _errors(500)
+    common = _errors(421, 500) if host_checked else _errors(500)
     secured: list[dict[str, list[str]]] = [{"bearer": []}] if auth else []
     document: dict[str, Any] = {
         "openapi": "3.1.0",

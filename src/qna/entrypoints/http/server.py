@@ -43,6 +43,7 @@ from qna.config import Settings, misread_variables, without_secrets
 from qna.container import check_llm_settings, create_container, shutdown, upgrade_database
 from qna.domain.errors import StorageUnavailable
 from qna.entrypoints.http.codes import code_for
+from qna.entrypoints.http.hosts import is_loopback
 
 log = logging.getLogger("qna.serve")
 
@@ -217,8 +218,11 @@ class QnAArbiter(Arbiter):  # type: ignore[misc]
 
 
 class QnAServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(
+        self, options: dict[str, Any], allowed_hosts: frozenset[str] | None = None
+    ) -> None:
         self._options = options
+        self._allowed_hosts = allowed_hosts
         super().__init__()
 
     def run(self) -> None:
@@ -241,7 +245,7 @@ class QnAServer(BaseApplication):  # type: ignore[misc]
         # engine and LLM client; nothing with a socket is shared across processes.
         from qna.entrypoints.http.app import create_app
 
-        return create_app()
+        return create_app(allowed_hosts=self._allowed_hosts)
 
 
 def _child_exit(_server: Any, worker: Any) -> None:
@@ -257,6 +261,16 @@ def _address(host: str, port: int) -> str:
 
 class CannotListen(Exception):
     """The address `qna serve` was told to listen on cannot be had."""
+
+
+def allowed_hosts(settings: Settings, host: str) -> frozenset[str] | None:
+    """The names the server answers to, besides this machine's loopback ones; None for
+    any. On a loopback --host (the default) only those, unless QNA_ALLOWED_HOSTS adds
+    some (or is *); elsewhere any, unless QNA_ALLOWED_HOSTS lists some (hosts.py)."""
+    names = [name for name in settings.allowed_hosts.split(",") if name]
+    if names == ["*"] or (not names and not is_loopback(host)):
+        return None
+    return frozenset(names)
 
 
 def check_can_listen(host: str, port: int) -> None:
@@ -465,4 +479,6 @@ def serve(
         "control_socket_disable": True,
         "child_exit": _child_exit if workers > 1 else None,
     }
-    QnAServer({k: v for k, v in options.items() if v is not None}).run()
+    QnAServer(
+        {k: v for k, v in options.items() if v is not None}, allowed_hosts(settings, host)
+    ).run()
