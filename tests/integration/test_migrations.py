@@ -111,6 +111,32 @@ def test_records_stored_before_a_new_column_keep_through_it_and_back(
         engine.dispose()
 
 
+def test_a_sqlite_file_with_a_reference_broken_before_still_migrates(tmp_path: Path) -> None:
+    # The sqlite3 shell keeps foreign keys off: a cached answer's source deleted there
+    # leaves its source_id pointing at nothing. The check that a migration broke no
+    # reference refused such a file for good, and every command with it.
+    from alembic import command
+
+    path = tmp_path / "qna.db"
+    engine = create_engine(sqlite_url(path))
+    try:
+        with engine.begin() as connection:
+            command.upgrade(migrate.alembic_config(connection), "0004")
+        with sqlite3.connect(path) as shell:  # foreign keys off, as the shell's are
+            shell.execute(
+                "INSERT INTO qn_a (id, question, question_key, model, status, created_at,"
+                " source_id) VALUES ('00000000000000000000000000000002', 'q?', 'k', 'm',"
+                " 'answered', '2026-01-01 00:00:01', '00000000000000000000000000000001')"
+            )
+        migrate.upgrade(engine)
+
+        assert migrate.is_at_head(engine)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM qn_a")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
 def test_a_migration_stuck_behind_a_transaction_gives_way_instead_of_waiting_forever(
     empty_postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
