@@ -11,6 +11,7 @@ sends: they are refused.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,14 +23,29 @@ if TYPE_CHECKING:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address, as --host or Host: gives it) is this
-    machine's loopback: localhost (and its subdomains, RFC 6761), 127.0.0.0/8, ::1."""
+    """Whether `host` (a name or an address, as a Host header gives it) is this
+    machine's loopback: localhost (and its subdomains, RFC 6761), 127.0.0.0/8, ::1,
+    ::ffff:127.0.0.1."""
+    host = host.lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def binds_loopback(host: str) -> bool:
+    """Whether listening on `host` (as --host gives it) listens on the loopback: as
+    the system resolves it, so that 127.1, LOCALHOST or /etc/hosts' ip6-localhost
+    count as 127.0.0.1 does."""
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return is_loopback(host)
+    return any(is_loopback(str(info[4][0])) for info in found)
 
 
 def host_name(header: str) -> str:

@@ -215,7 +215,7 @@ def openapi_document(
     schemas["AskRequest"]["properties"]["question"]["description"] += (
         f" This server's limit: {max_question_length} characters."
     )
-    common = _errors(421, 500) if host_checked else _errors(500)
+    common = _errors(500)
     secured: list[dict[str, list[str]]] = [{"bearer": []}] if auth else []
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -391,6 +391,8 @@ def openapi_document(
         for operation in operations.values():
             for status in unsent:
                 operation["responses"].pop(status, None)
+            if host_checked:  # before anything else, on every route and method
+                operation["responses"].update(_errors(421))
     _add_common_headers(document["paths"], rate_limited=rate_limited)
     if auth:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

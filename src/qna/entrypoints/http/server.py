@@ -43,7 +43,7 @@ from qna.config import Settings, misread_variables, without_secrets
 from qna.container import check_llm_settings, create_container, shutdown, upgrade_database
 from qna.domain.errors import StorageUnavailable
 from qna.entrypoints.http.codes import code_for
-from qna.entrypoints.http.hosts import is_loopback
+from qna.entrypoints.http.hosts import binds_loopback
 
 log = logging.getLogger("qna.serve")
 
@@ -268,7 +268,7 @@ def allowed_hosts(settings: Settings, host: str) -> frozenset[str] | None:
     any. On a loopback --host (the default) only those, unless QNA_ALLOWED_HOSTS adds
     some (or is *); elsewhere any, unless QNA_ALLOWED_HOSTS lists some (hosts.py)."""
     names = [name for name in settings.allowed_hosts.split(",") if name]
-    if names == ["*"] or (not names and not is_loopback(host)):
+    if names == ["*"] or (not names and not binds_loopback(host)):
         return None
     return frozenset(names)
 
