@@ -256,9 +256,13 @@ def warm_up(container: Container) -> None:
         container.llm()
 
 
-def upgrade_database(container: Container) -> None:
-    """Bring the schema to the newest migration (safe to call from many processes)."""
-    migrate.upgrade(container.engine())
+MigrationLockBusy = migrate.MigrationLockBusy
+
+
+def upgrade_database(container: Container, *, patient: bool = True) -> None:
+    """Bring the schema to the newest migration (safe to call from many processes).
+    Not `patient`: one try for a lock on the table, not several (a request waits)."""
+    migrate.upgrade(container.engine(), lock_attempts=None if patient else 1)
 
 
 def shutdown(container: Container) -> None:

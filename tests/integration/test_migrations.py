@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 
 from qna.adapters.sqlalchemy import migrate
 from qna.adapters.sqlalchemy.database import create_engine, sqlite_url
@@ -25,6 +26,7 @@ from qna.adapters.sqlalchemy.repository import SqlAlchemyUnitOfWork
 from qna.adapters.sqlalchemy.tables import metadata
 from qna.domain.errors import StorageUnavailable
 from qna.domain.model import QnA
+from tests.integration.conftest import AppFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,6 +177,49 @@ def test_a_migration_stuck_behind_a_transaction_gives_way_instead_of_waiting_for
         assert error.retryable
         assert migrate.current_revision(engine) == "0003"  # nothing half done
         migrate.upgrade(engine)  # once the other transaction is over
+        assert migrate.is_at_head(engine)
+    finally:
+        engine.dispose()
+
+
+def test_requests_to_a_server_whose_migration_waits_for_a_lock_get_503_at_once(
+    empty_postgres_url: str, make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each request ran the migration's five tries (14 s) while holding the app's lock,
+    # the next ones queued behind it, and each try queued the table's queries anew.
+    from alembic import command
+
+    from qna.entrypoints.http import app as http_app
+
+    monkeypatch.setattr(migrate, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(http_app, "SCHEMA_RETRY_S", 0.5)
+    tries: list[str] = []
+    upgrade_once = migrate._upgrade
+
+    def upgrade(engine: Engine, revision: str) -> None:
+        tries.append(revision)
+        upgrade_once(engine, revision)
+
+    monkeypatch.setattr(migrate, "_upgrade", upgrade)
+    engine = create_engine(empty_postgres_url)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(migrate.alembic_config(connection), "0003")
+        client = make_app(empty_postgres_url).test_client()
+        with engine.connect() as reader:
+            reader.execute(text("SELECT count(*) FROM qn_a"))  # holds its lock till rollback
+            first = client.get("/questions")
+            at_once = client.get("/readyz")
+            reader.rollback()
+
+        for response in (first, at_once):
+            assert response.status_code == 503
+            assert response.get_json()["error"]["code"] == "database_unavailable"
+        assert "could not lock the table qn_a" in first.get_json()["error"]["message"]
+        assert tries == ["head"]  # one try, and none for the probe that came after it
+        time.sleep(0.6)  # SCHEMA_RETRY_S, after which a request tries again
+        assert client.get("/questions").status_code == 200
+        assert tries == ["head", "head"]
         assert migrate.is_at_head(engine)
     finally:
         engine.dispose()

@@ -70,12 +70,19 @@ LOCK_RETRY_PAUSE_S = 1.0
 _LOCK_NOT_AVAILABLE = "55P03"
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+class MigrationLockBusy(StorageUnavailable):
+    """A migration gave up waiting for its lock on the table: another transaction holds
+    it. Retryable: once that transaction ends, the next try gets it."""
+
+
+def upgrade(engine: Engine, revision: str = "head", *, lock_attempts: int | None = None) -> None:
+    """To `revision`; on PostgreSQL, trying `lock_attempts` (default LOCK_ATTEMPTS) times
+    for a lock on the table, each for at most LOCK_TIMEOUT_S."""
     with unavailable_as_storage_error():
         try:
             if revision == "head" and _stored_revision(engine) == HEAD_REVISION:
                 return
-            _upgrade_when_locked(engine, revision)
+            _upgrade_when_locked(engine, revision, lock_attempts or LOCK_ATTEMPTS)
         except DBAPIError as exc:
             # Not a fault in qna: the same database always refuses. It was an
             # internal error carrying the SQL of the CREATE TABLE.
@@ -85,20 +92,25 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             raise StorageUnavailable(f"The database refused qna's tables: {reason}") from exc
 
 
-def _upgrade_when_locked(engine: Engine, revision: str) -> None:
-    for attempt in range(1, LOCK_ATTEMPTS + 1):
+def _upgrade_when_locked(engine: Engine, revision: str, attempts: int) -> None:
+    for attempt in range(1, attempts + 1):
         try:
             _upgrade(engine, revision)
             return
         except DBAPIError as exc:
             if getattr(exc.orig, "pgcode", None) != _LOCK_NOT_AVAILABLE:
                 raise
-            if attempt == LOCK_ATTEMPTS:
-                raise StorageUnavailable(
+            if attempt == attempts:
+                tries = (
+                    f"Tried {attempts} times, {LOCK_TIMEOUT_S:g} s each"
+                    if attempts > 1
+                    else (f"Waited {LOCK_TIMEOUT_S:g} s")
+                )
+                raise MigrationLockBusy(
                     "The migration could not lock the table qn_a: another transaction "
-                    f"holds it (see pg_stat_activity). Tried {LOCK_ATTEMPTS} times, "
-                    f"{LOCK_TIMEOUT_S:g} s each, so as not to hold up qna's queries "
-                    "queued behind it; it is tried again with the next start or request."
+                    f"holds it (see pg_stat_activity). {tries}, so as not to hold up "
+                    "qna's queries queued behind it; it is tried again with the next "
+                    "start or request."
                 ) from exc
             time.sleep(LOCK_RETRY_PAUSE_S)
 

@@ -12,7 +12,14 @@ from flask import Flask, Response, g, request
 
 from qna.application.ports import UnitOfWork
 from qna.config import Settings
-from qna.container import Container, create_container, upgrade_database, warm_up
+from qna.container import (
+    Container,
+    MigrationLockBusy,
+    create_container,
+    upgrade_database,
+    warm_up,
+)
+from qna.domain.errors import StorageUnavailable
 from qna.entrypoints.http import views
 from qna.entrypoints.http.cors import install_cors
 from qna.entrypoints.http.errors import register_error_handlers
@@ -87,6 +94,12 @@ def create_app(
     return app
 
 
+#: How long a request waits for another one's migration before it is told 503.
+SCHEMA_WAIT_S = 1.0
+#: How long after a migration found the table locked requests are told 503 at once.
+SCHEMA_RETRY_S = 10.0
+
+
 def _install_schema_guard(app: Flask, container: Container) -> None:
     """Migrate before the first unit of work a request opens, if start-up could not.
 
@@ -103,14 +116,34 @@ def _install_schema_guard(app: Flask, container: Container) -> None:
     """
     ready = threading.Event()
     lock = threading.Lock()
+    busy_until = [0.0]  # after a try that found the table locked: no new try till then
     open_unit_of_work = container.unit_of_work
 
     def ensure_schema() -> None:
-        with lock:
-            if not ready.is_set():
+        # A request that finds another one migrating waits for it only a moment, and
+        # a try waits for the table's lock only once (LOCK_TIMEOUT_S): a probe gets
+        # its 503 within its own timeout. They queued behind one another, 14 s each,
+        # while another transaction held the table.
+        if not lock.acquire(timeout=SCHEMA_WAIT_S):
+            raise StorageUnavailable("The database schema is being brought up to date.")
+        try:
+            if ready.is_set():
+                return
+            if time.monotonic() < busy_until[0]:
+                # Each try queues every query on the table behind it while it waits.
+                raise MigrationLockBusy(
+                    "The migration could not lock the table qn_a: another transaction "
+                    "holds it (see pg_stat_activity); it is tried again shortly."
+                )
+            try:
                 if not container.schema_ready():
-                    upgrade_database(container)
-                ready.set()
+                    upgrade_database(container, patient=False)
+            except MigrationLockBusy:
+                busy_until[0] = time.monotonic() + SCHEMA_RETRY_S
+                raise
+            ready.set()
+        finally:
+            lock.release()
 
     def unit_of_work(*, autocommit: bool = False) -> UnitOfWork:
         if not ready.is_set():  # once ready, this check is all it costs
