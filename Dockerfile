@@ -17,4 +17,5 @@ EXPOSE 5000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/healthz', timeout=2)"
 # The same command the tests run; it migrates the database before serving.
-CMD ["qna", "serve", "--host", "0.0.0.0", "--port", "5000"]
+# --graceful-timeout above QNA_LLM_DEADLINE_S: run it with `docker stop -t 130`.
+CMD ["qna", "serve", "--host", "0.0.0.0", "--port", "5000", "--graceful-timeout", "125"]

@@ -89,7 +89,11 @@ def test_compose_runs_the_tested_serve_command_after_a_healthy_postgres() -> Non
 
     assert app["command"][:2] == ["qna", "serve"]
     assert app["depends_on"]["db"]["condition"] == "service_healthy"
-    assert "5000:5000" in app["ports"]
+    assert "127.0.0.1:5000:5000" in app["ports"]  # this machine only: no tokens set
+    assert app["environment"]["QNA_ALLOWED_HOSTS"]  # 0.0.0.0 in the container
+    # Docker kills after stop_grace_period: after qna's own drain, not in the middle.
+    graceful = int(app["command"][app["command"].index("--graceful-timeout") + 1])
+    assert graceful < int(app["stop_grace_period"].rstrip("s"))
     assert app["environment"]["DATABASE_URL"].startswith("postgresql://")
     assert db["image"] == "postgres:16"
     assert "pg_isready" in " ".join(db["healthcheck"]["test"])
