@@ -300,6 +300,7 @@ class Settings(BaseSettings):
     rate_limit_storage: str = Field("memory://", validation_alias=_env("QNA_RATE_LIMIT_STORAGE"))
     cors_origins: str = Field("", validation_alias=_env("QNA_CORS_ORIGINS"))
     allowed_hosts: str = Field("", validation_alias=_env("QNA_ALLOWED_HOSTS"))
+    trusted_proxies: int = Field(0, ge=0, le=10, validation_alias=_env("QNA_TRUSTED_PROXIES"))
     log_level: str = Field("INFO", validation_alias=_env("QNA_LOG_LEVEL"))
 
     @field_validator("*", mode="before")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -195,7 +196,7 @@ def test_serve_answers_keeps_history_and_stops_on_sigterm(
     assert asked.headers["x-request-id"] == "e2e-1"
     assert fake_openai.calls == 1
 
-    assert server.request("GET", asked.headers["location"]).json() == record
+    assert server.request("GET", urljoin("/ask", asked.headers["location"])).json() == record
     history = server.request("GET", "/questions?limit=5")
     assert history.status == 200
     assert history.json()["items"][0] == record

@@ -166,9 +166,13 @@ def test_ask_answers_stores_and_links_the_record(
     assert fake_openai.calls == 1
     assert fake_openai.requests[0]["messages"][-1]["content"] == QUESTION
 
+    # Relative (RFC 9110): right at the root and under a proxy's prefix alike.
     location = response.headers["Location"]
-    assert location.endswith(f"/questions/{body['id']}")
-    fetched = client.get(location)
+    assert location == f"questions/{body['id']}"
+    assert urljoin("http://qna.example/qna/ask", location) == (
+        f"http://qna.example/qna/questions/{body['id']}"
+    )
+    fetched = client.get(urljoin("/ask", location))
     assert fetched.status_code == 200
     assert fetched.get_json() == body
 
@@ -215,7 +219,7 @@ def test_records_and_errors_are_neither_sniffed_nor_cached(client: FlaskClient) 
     created = client.post("/ask", json={"question": "<script>alert(1)</script>?"})
     for response in (
         created,
-        client.get(created.headers["Location"]),
+        client.get(urljoin("/ask", created.headers["Location"])),
         client.get("/questions"),
         client.get("/questions?limit=0"),
         client.post("/ask", json={}),
@@ -1843,9 +1847,9 @@ def test_docs_with_a_trailing_slash_is_sent_to_the_page(
     for _ in range(2):
         response = client.get("/docs/")
         assert response.status_code == 308
-        assert response.headers["Location"] == "/docs"
-    mounted = client.get("/docs/", environ_overrides={"SCRIPT_NAME": "/api"})
-    assert mounted.headers["Location"] == "/api/docs"
+        assert urljoin("/docs/", response.headers["Location"]) == "/docs"
+    # Under a prefix a proxy strips, too: relative, it stays there.
+    assert urljoin("/api/docs/", response.headers["Location"]) == "/api/docs"
     assert client.get("/docs", follow_redirects=True).status_code == 200
 
 
@@ -1881,6 +1885,26 @@ def test_over_the_rate_limit_is_429_with_retry_after(
     for _ in range(5):
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("proxies", [0, 1])
+def test_behind_trusted_proxies_each_client_has_its_own_rate_budget(
+    make_app: AppFactory, database_url: str, proxies: int
+) -> None:
+    # Behind nginx every client was the proxy's address: one used up all's budget.
+    client = make_app(database_url, rate_limit="2/minute", trusted_proxies=proxies).test_client()
+
+    def seen_from(address: str) -> int:
+        # As one nginx appends it; a client's own header before it is not believed.
+        forwarded = {"X-Forwarded-For": f"6.6.6.6, {address}"}
+        return client.get("/questions", headers=forwarded).status_code
+
+    first = [seen_from("10.0.0.1") for _ in range(3)]
+    other = seen_from("10.0.0.2")
+
+    assert first == [200, 200, 429]
+    # Without trusted proxies the header is anyone's to write, and not read.
+    assert other == (200 if proxies else 429)
 
 
 @pytest.mark.parametrize("path", ["/openapi.json", "/docs", *DOCS_ASSETS])

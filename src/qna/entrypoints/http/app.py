@@ -9,6 +9,7 @@ import time
 import uuid
 
 from flask import Flask, Response, g, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from qna.application.ports import UnitOfWork
 from qna.config import Settings
@@ -91,6 +92,12 @@ def create_app(
     )
     install_cors(app, container.config.cors_origins() or [])
     _install_schema_guard(app, container)
+    proxies = container.config.trusted_proxies()
+    if proxies:
+        # Behind `proxies` proxies, the client is the address the nearest one saw, in
+        # X-Forwarded-For: else every client is the proxy, and shares one rate-limit
+        # bucket. Only that header: scheme, host and prefix stay the request's own.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=0, x_host=0)  # type: ignore[method-assign]
     return app
 
 

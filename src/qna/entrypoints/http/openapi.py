@@ -256,7 +256,8 @@ def openapi_document(
                             "Answered and stored (also when served from the cache).",
                             headers={
                                 "Location": {
-                                    "description": "The stored record.",
+                                    "description": "The stored record, relative to this "
+                                    "request's URL: questions/<id>.",
                                     "schema": {"type": "string"},
                                 },
                             },

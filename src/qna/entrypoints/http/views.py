@@ -20,7 +20,6 @@ from flask import (
     redirect,
     request,
     send_file,
-    url_for,
 )
 from pydantic import ValidationError
 from werkzeug.wrappers import Response as WerkzeugResponse
@@ -266,9 +265,11 @@ def ask() -> Response:
     if not asked.replayed:  # a replay asked nothing: counting it again would inflate
         metrics.record_ask(qna)
     response = _record_response(qna, status=201)
-    # Built by hand (url_for costs more than the rest of the view); script_root keeps
-    # it right when the app is mounted under a prefix.
-    response.headers["Location"] = f"{request.script_root}/questions/{qna.id}"
+    # Relative to this request's URL (RFC 9110 allows it): /questions/<id> at the root,
+    # and under a prefix a proxy strips (/qna/ask -> /qna/questions/<id>), which an
+    # absolute path left; the app cannot know that prefix. Built by hand: url_for
+    # costs more than the rest of the view.
+    response.headers["Location"] = f"questions/{qna.id}"
     return response
 
 
@@ -380,8 +381,8 @@ def docs() -> Response:
 @bp.get("/docs/")
 def docs_with_a_slash() -> WerkzeugResponse:
     # Typed as a directory's address: sent on to the page (its files are found from
-    # /docs, not from /docs/).
-    return redirect(url_for("qna.docs"), code=308)
+    # /docs, not from /docs/). Relative, as /ask's Location is, to stay under a prefix.
+    return redirect("../docs", code=308)
 
 
 @bp.get("/docs/swagger-ui/<version>/<name>")
