@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
 # Flask (and the error module, with the metrics) are imported where they are used:
-# `serve` asks `is_loopback` in the gunicorn master, which must import neither before
+# `serve` asks `binds_loopback` in the gunicorn master, which must import neither before
 # the metrics directory is set (codes.py).
 
 
