@@ -30,6 +30,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
+import gevent
 from gunicorn import glogging as gunicorn_glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
@@ -126,13 +127,11 @@ class ReadOrLeave:
         self._sock = sock
 
     def sendall(self, data: bytes, flags: int = 0) -> None:
-        import gevent
-
+        # EPIPE, as for a client that went away: gunicorn closes the connection and
+        # logs nothing (it is the client's doing, not the server's).
+        stalled = BrokenPipeError(errno.EPIPE, f"no read for {self.stall_s:g} s")
         view = memoryview(data).cast("B")
         while view:
-            # EPIPE, as for a client that went away: gunicorn closes the connection
-            # and logs nothing (it is the client's doing, not the server's).
-            stalled = BrokenPipeError(errno.EPIPE, f"no read for {self.stall_s:g} s")
             with gevent.Timeout(self.stall_s, stalled):
                 sent = self._sock.send(view, flags)
             view = view[sent:]
