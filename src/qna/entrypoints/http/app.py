@@ -123,7 +123,9 @@ def _install_schema_guard(app: Flask, container: Container) -> None:
     """
     ready = threading.Event()
     lock = threading.Lock()
-    busy_until = [0.0]  # after a try that found the table locked: no new try till then
+    # After a try that found the table locked: until when no new try is made, and
+    # what that try was told, told again meanwhile.
+    busy: list[tuple[float, MigrationLockBusy]] = []
     open_unit_of_work = container.unit_of_work
 
     def ensure_schema() -> None:
@@ -136,17 +138,14 @@ def _install_schema_guard(app: Flask, container: Container) -> None:
         try:
             if ready.is_set():
                 return
-            if time.monotonic() < busy_until[0]:
+            if busy and time.monotonic() < busy[0][0]:
                 # Each try queues every query on the table behind it while it waits.
-                raise MigrationLockBusy(
-                    "The migration could not lock the table qn_a: another transaction "
-                    "holds it (see pg_stat_activity); it is tried again shortly."
-                )
+                raise MigrationLockBusy(busy[0][1].message)
             try:
                 if not container.schema_ready():
                     upgrade_database(container, patient=False)
-            except MigrationLockBusy:
-                busy_until[0] = time.monotonic() + SCHEMA_RETRY_S
+            except MigrationLockBusy as exc:
+                busy[:] = [(time.monotonic() + SCHEMA_RETRY_S, exc)]
                 raise
             ready.set()
         finally:
